@@ -1,0 +1,68 @@
+"""Defaults shared by every experiment; each preset file starts from `base_config()` and overrides.
+
+Every key that exists is listed here, so this file is also the config reference (see docs/config.md).
+A key that is not here is rejected at start-up with the list of valid keys.
+"""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Returns the full default config: a tiny model on the bundled Shakespeare corpus, one device."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.vocab_size = 2048          # must equal the tokenizer's vocabulary size
+  c.model.d_model = 128              # residual stream width (embed)
+  c.model.num_layers = 2
+  c.model.num_heads = 4              # query heads
+  c.model.num_kv_heads = 4           # key/value heads; < num_heads gives grouped-query attention
+  c.model.head_dim = 32              # per-head width; d_model need not equal num_heads * head_dim
+  c.model.mlp_dim = 512              # SwiGLU hidden width
+  c.model.max_seq_len = 128          # longest sequence rotary tables and the KV cache are sized for
+  c.model.rope_theta = 10_000.0
+  c.model.norm_eps = 1e-5
+  c.model.tie_embeddings = True      # output projection shares the input embedding matrix
+  c.model.dtype = "float32"          # compute dtype of matmuls ("bfloat16" on accelerators)
+  c.model.param_dtype = "float32"    # storage dtype of parameters
+  c.model.remat = "none"             # none | full | dots | dots_no_batch | save_qkv_mlp | offload_qkv_mlp
+  c.model.scan_unroll = 1            # layers per scan iteration
+
+  c.data = ml_collections.ConfigDict()
+  c.data.corpus = "shakespeare"      # the bundled corpus (data/shakespeare)
+  c.data.data_dir = "runs/data"      # prepared tfds shards and the tokenizer are cached here
+  c.data.tokenizer = "sentencepiece" # sentencepiece (trained on the train split) | byte
+  c.data.seq_len = 128               # tokens per training example
+  c.data.shuffle_buffer_docs = True  # shuffle documents each epoch before packing
+  c.data.num_workers = 0             # grain worker processes (0: in the main process)
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 100
+  c.train.global_batch_size = 16     # sequences per optimizer step, over all devices and accumulation
+  c.train.grad_accum_steps = 1       # micro-batches per step; global_batch_size must divide evenly
+  c.train.learning_rate = 3e-3
+  c.train.warmup_steps = 10
+  c.train.min_lr_ratio = 0.1         # cosine decays to learning_rate * min_lr_ratio
+  c.train.weight_decay = 0.1
+  c.train.b1 = 0.9
+  c.train.b2 = 0.95
+  c.train.eps = 1e-8
+  c.train.clip_grad_norm = 1.0       # 0 disables clipping
+  c.train.log_every = 10
+  c.train.eval_every = 0             # 0: evaluate only at the end
+  c.train.eval_batches = 8           # validation batches per evaluation (0: the whole split)
+  c.train.tensorboard = True
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.save_every = 50       # steps between checkpoints (the last step is always saved)
+  c.checkpoint.keep = 3              # newest checkpoints kept on disk
+  c.checkpoint.async_save = True
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1                   # -1 absorbs the devices the other axes leave
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  c.mesh.rules = "dp"                # logical-axis rule table: dp | fsdp | tp | fsdp_tp | dp_fsdp_tp
+  c.mesh.num_devices = 0             # 0: all visible devices; n: the first n (for single-device references)
+  return c

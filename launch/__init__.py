@@ -1,0 +1,1 @@
+"""Entry points (train, eval, generate, demo) and the training machinery they share."""

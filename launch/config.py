@@ -1,0 +1,187 @@
+"""Validation at the edge: a raw `ConfigDict` becomes a frozen, typed `Config` before anything compiles.
+
+Every error names the key, the bad value and what to do instead.
+"""
+
+import dataclasses
+from typing import Any
+
+import ml_collections
+
+from configs.base import base_config
+from lm.config import ModelConfig
+from sharding.mesh import MESH_AXES
+from sharding.remat import REMAT_POLICIES
+from sharding.rules import RULE_PRESETS
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  corpus: str
+  data_dir: str
+  tokenizer: str
+  seq_len: int
+  shuffle_buffer_docs: bool
+  num_workers: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  steps: int
+  global_batch_size: int
+  grad_accum_steps: int
+  learning_rate: float
+  warmup_steps: int
+  min_lr_ratio: float
+  weight_decay: float
+  b1: float
+  b2: float
+  eps: float
+  clip_grad_norm: float
+  log_every: int
+  eval_every: int
+  eval_batches: int
+  tensorboard: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  save_every: int
+  keep: int
+  async_save: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  data: int
+  fsdp: int
+  tensor: int
+  rules: str
+  num_devices: int
+
+  def requested_shape(self) -> dict[str, int]:
+    return {name: getattr(self, name) for name in MESH_AXES}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  seed: int
+  model: ModelConfig
+  data: DataConfig
+  train: TrainConfig
+  checkpoint: CheckpointConfig
+  mesh: MeshConfig
+
+  def to_dict(self) -> dict[str, Any]:
+    """Returns the config as nested plain dicts (what checkpoints store)."""
+    return dataclasses.asdict(self)
+
+
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
+             "checkpoint": CheckpointConfig, "mesh": MeshConfig}
+_CORPORA = ("shakespeare",)
+_TOKENIZERS = ("sentencepiece", "byte")
+
+
+def _check_keys(raw: dict, reference: dict, prefix: str = "") -> None:
+  """Raises ValueError for keys in `raw` that the reference (configs/base.py) does not have."""
+  for key, value in raw.items():
+    path = f"{prefix}{key}"
+    if key not in reference:
+      known = ", ".join(sorted(reference))
+      raise ValueError(f"Unknown config key '{path}'. Known keys here: {known}. "
+                       "Check the spelling; every key is listed in configs/base.py.")
+    if isinstance(reference[key], dict) != isinstance(value, dict):
+      raise ValueError(f"Config key '{path}' must be {'a section' if isinstance(reference[key], dict) else 'a value'}.")
+    if isinstance(value, dict):
+      _check_keys(value, reference[key], path + ".")
+  for key in reference:
+    if key not in raw:
+      raise ValueError(f"Config key '{prefix}{key}' is missing; start the config from "
+                       "configs.base.base_config() so every key has a default.")
+
+
+def _typed(section: str, cls, values: dict):
+  """Builds dataclass `cls` from `values`, converting ints to floats and checking bool/int/str types."""
+  kwargs = {}
+  for field in dataclasses.fields(cls):
+    value = values[field.name]
+    expected = field.type if isinstance(field.type, type) else eval(field.type)  # noqa: S307
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+      value = float(value)
+    if expected is int and isinstance(value, float) and value.is_integer():
+      value = int(value)
+    ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+    if not ok:
+      raise ValueError(f"{section}.{field.name}={value!r} has type {type(value).__name__}; "
+                       f"it must be {expected.__name__}.")
+    kwargs[field.name] = value
+  return cls(**kwargs)
+
+
+def validate(raw: ml_collections.ConfigDict | dict) -> Config:
+  """Checks a raw config completely and returns the frozen `Config`; raises ValueError on any problem."""
+  raw_dict = raw.to_dict() if isinstance(raw, ml_collections.ConfigDict) else dict(raw)
+  _check_keys(raw_dict, base_config().to_dict())
+  sections = {name: _typed(name, cls, raw_dict[name]) for name, cls in _SECTIONS.items()}
+  seed = raw_dict["seed"]
+  if not isinstance(seed, int):
+    raise ValueError(f"seed={seed!r} must be an integer.")
+  cfg = Config(seed=seed, **sections)
+  errors = _cross_checks(cfg)
+  if errors:
+    raise ValueError("Invalid config:\n  " + "\n  ".join(errors))
+  return cfg
+
+
+def _cross_checks(cfg: Config) -> list[str]:
+  """Returns messages for values that are fine alone but impossible together."""
+  errors = []
+  m, d, t, c, mesh = cfg.model, cfg.data, cfg.train, cfg.checkpoint, cfg.mesh
+  if m.remat not in REMAT_POLICIES:
+    errors.append(f"model.remat={m.remat!r}: choose one of {sorted(REMAT_POLICIES)}.")
+  if d.corpus not in _CORPORA:
+    errors.append(f"data.corpus={d.corpus!r}: choose one of {list(_CORPORA)}.")
+  if d.tokenizer not in _TOKENIZERS:
+    errors.append(f"data.tokenizer={d.tokenizer!r}: choose one of {list(_TOKENIZERS)}.")
+  if d.seq_len < 2:
+    errors.append(f"data.seq_len={d.seq_len}: must be at least 2.")
+  if d.seq_len > m.max_seq_len:
+    errors.append(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}; "
+                  "raise model.max_seq_len or shorten data.seq_len.")
+  for key in ("steps", "global_batch_size", "grad_accum_steps", "log_every"):
+    if getattr(t, key) < 1:
+      errors.append(f"train.{key}={getattr(t, key)}: must be at least 1.")
+  for key in ("warmup_steps", "eval_every", "eval_batches"):
+    if getattr(t, key) < 0:
+      errors.append(f"train.{key}={getattr(t, key)}: must be >= 0.")
+  if t.global_batch_size % max(t.grad_accum_steps, 1):
+    errors.append(f"train.global_batch_size={t.global_batch_size} is not divisible by "
+                  f"train.grad_accum_steps={t.grad_accum_steps}.")
+  if t.learning_rate <= 0:
+    errors.append(f"train.learning_rate={t.learning_rate}: must be positive.")
+  if not 0 <= t.min_lr_ratio <= 1:
+    errors.append(f"train.min_lr_ratio={t.min_lr_ratio}: must be in [0, 1].")
+  if not (0 <= t.b1 < 1 and 0 <= t.b2 < 1):
+    errors.append(f"train.b1={t.b1}, train.b2={t.b2}: Adam betas must be in [0, 1).")
+  if t.clip_grad_norm < 0 or t.weight_decay < 0:
+    errors.append("train.clip_grad_norm and train.weight_decay must be >= 0.")
+  if c.save_every < 1 or c.keep < 1:
+    errors.append(f"checkpoint.save_every={c.save_every}, checkpoint.keep={c.keep}: both must be >= 1.")
+  if mesh.rules not in RULE_PRESETS:
+    errors.append(f"mesh.rules={mesh.rules!r}: choose one of {sorted(RULE_PRESETS)}.")
+  if mesh.num_devices < 0:
+    errors.append(f"mesh.num_devices={mesh.num_devices}: use 0 for all devices or a positive count.")
+  return errors
+
+
+def check_against_mesh(cfg: Config, mesh_shape: dict[str, int]) -> None:
+  """Raises ValueError if the batch cannot be split over the mesh's data axes."""
+  batch_shards = mesh_shape["data"] * mesh_shape["fsdp"]
+  micro = cfg.train.global_batch_size // cfg.train.grad_accum_steps
+  if micro % batch_shards:
+    raise ValueError(
+        f"train.global_batch_size={cfg.train.global_batch_size} / train.grad_accum_steps="
+        f"{cfg.train.grad_accum_steps} = {micro} sequences per micro-batch, which is not divisible by "
+        f"mesh.data x mesh.fsdp = {mesh_shape['data']} x {mesh_shape['fsdp']} = {batch_shards}; "
+        f"use a global batch that is a multiple of {batch_shards * cfg.train.grad_accum_steps}.")

@@ -1,0 +1,58 @@
+"""Everything a run derives from its Config before compiling: mesh, rules, model definition, optimizer.
+
+All checks that can fail (mesh vs devices, batch vs data axes, rules vs shapes, remat vs backend)
+run here, so a bad config stops before any compile or write.
+"""
+
+import dataclasses
+
+import jax
+import optax
+from jax.sharding import Mesh
+
+from launch import optimizer as optimizer_lib
+from launch import train_state as ts
+from launch.config import Config, check_against_mesh
+from sharding import mesh as mesh_lib
+from sharding import remat as remat_lib
+from sharding import rules as rules_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class RunContext:
+  cfg: Config
+  mesh: Mesh
+  rules: rules_lib.Rules
+  mdef: ts.ModelDef
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  shardings: ts.TrainState   # NamedSharding per leaf of the TrainState
+
+  @property
+  def num_devices(self) -> int:
+    return self.mesh.devices.size
+
+
+def select_devices(cfg: Config) -> list:
+  """The devices the run uses: all, or the first mesh.num_devices."""
+  devices = jax.devices()
+  if cfg.mesh.num_devices:
+    if cfg.mesh.num_devices > len(devices):
+      raise ValueError(f"mesh.num_devices={cfg.mesh.num_devices} but only {len(devices)} devices exist.")
+    devices = devices[:cfg.mesh.num_devices]
+  return devices
+
+
+def build_context(cfg: Config, devices: list | None = None) -> RunContext:
+  """Validates `cfg` against the devices and returns the run's static pieces; raises ValueError early."""
+  devices = devices or select_devices(cfg)
+  shape = mesh_lib.resolve_mesh_shape(cfg.mesh.requested_shape(), len(devices))
+  check_against_mesh(cfg, shape)
+  remat_lib.check_remat_supported(cfg.model.remat, devices[0].platform)
+  mesh = mesh_lib.make_mesh(shape, devices)
+  rules = rules_lib.get_rules(cfg.mesh.rules)
+  mdef = ts.model_def(cfg.model)
+  tx = optimizer_lib.make_optimizer(cfg.train)
+  schedule = optimizer_lib.learning_rate_schedule(cfg.train)
+  shardings = ts.state_shardings(mdef, tx, mesh, rules)
+  return RunContext(cfg, mesh, rules, mdef, tx, schedule, shardings)

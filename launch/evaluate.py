@@ -1,0 +1,27 @@
+"""Held-out evaluation: mean next-token cross-entropy over the validation split."""
+
+import jax
+import numpy as np
+
+from lm.data import loader
+
+
+def evaluate(eval_fn, params, cfg, tokenizer, data_sharding) -> float:
+  """Returns the validation loss (nats/token) over cfg.train.eval_batches batches (0: the whole split).
+
+  `eval_fn(params, batch)` returns {"loss_sum", "tokens"}; sums are combined exactly across batches.
+  """
+  loss_sum, tokens = 0.0, 0.0
+  batches = loader.eval_batches(
+      cfg.data.data_dir, tokenizer, seq_len=cfg.data.seq_len, global_batch_size=cfg.train.global_batch_size,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      max_batches=cfg.train.eval_batches)
+  for local in batches:
+    batch = {k: jax.make_array_from_process_local_data(data_sharding, np.asarray(v)) for k, v in local.items()}
+    out = jax.device_get(eval_fn(params, batch))
+    loss_sum += float(out["loss_sum"])
+    tokens += float(out["tokens"])
+  if tokens == 0:
+    raise ValueError("The validation split produced no full batch; lower train.global_batch_size or "
+                     "data.seq_len.")
+  return loss_sum / tokens

@@ -1,0 +1,69 @@
+"""Peak FLOP/s of the machine, the denominator of MFU: a table of known chips, or a measured matmul on CPU."""
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Dense peak TFLOP/s per chip from the vendors' spec sheets (no sparsity). fp32 on GPUs is the
+# non-tensor-core rate; TPUs run fp32 matmuls through bf16 passes, so no fp32 entry is given.
+PEAK_TFLOPS: dict[str, dict[str, float]] = {
+    "TPU v4": {"bfloat16": 275.0},
+    "TPU v5 lite": {"bfloat16": 197.0},   # v5e
+    "TPU v5e": {"bfloat16": 197.0},
+    "TPU v5": {"bfloat16": 459.0},        # v5p
+    "TPU v5p": {"bfloat16": 459.0},
+    "TPU v6 lite": {"bfloat16": 918.0},   # v6e (Trillium)
+    "TPU v6e": {"bfloat16": 918.0},
+    "NVIDIA A100-SXM4-40GB": {"bfloat16": 312.0, "float32": 19.5},
+    "NVIDIA A100-SXM4-80GB": {"bfloat16": 312.0, "float32": 19.5},
+    "NVIDIA H100 80GB HBM3": {"bfloat16": 989.0, "float32": 67.0},
+    "NVIDIA H100": {"bfloat16": 989.0, "float32": 67.0},
+    "NVIDIA H200": {"bfloat16": 989.0, "float32": 67.0},
+}
+
+
+def table_peak_flops(device_kind: str, dtype: str) -> float | None:
+  """Returns the per-chip peak FLOP/s for `device_kind` in `dtype`, or None if the chip is not listed."""
+  for kind in sorted(PEAK_TFLOPS, key=len, reverse=True):  # longest (most specific) match first
+    if device_kind.startswith(kind) and dtype in PEAK_TFLOPS[kind]:
+      return PEAK_TFLOPS[kind][dtype] * 1e12
+  return None
+
+
+def measure_matmul_flops(m: int, k: int, n: int, dtype: str = "float32", repeats: int = 10,
+                         device=None) -> float:
+  """Measures FLOP/s of an [m, k] x [k, n] matmul in `dtype` (float32 accumulation) on one device.
+
+  Takes the best of `repeats` timed calls after a warm-up; on CPU the one device uses every core, so
+  this is the whole host's matmul rate.
+  """
+  device = device or jax.devices()[0]
+  rng = np.random.default_rng(0)
+  a = jax.device_put(jnp.asarray(rng.standard_normal((m, k)), dtype), device)
+  b = jax.device_put(jnp.asarray(rng.standard_normal((k, n)), dtype), device)
+  matmul = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
+  matmul(a, b).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a, b).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2.0 * m * k * n / best
+
+
+def peak_flops(dtype: str, matmul_shape: tuple[int, int, int], devices=None) -> tuple[float, str]:
+  """Returns (peak FLOP/s of all `devices` together, where the number came from).
+
+  Accelerators: the spec-sheet table times the device count. CPU (or an unknown chip): a matmul of
+  `matmul_shape` measured now; simulated CPU devices share one host, so it is not multiplied.
+  """
+  devices = devices or jax.devices()
+  kind = devices[0].device_kind
+  per_chip = table_peak_flops(kind, dtype)
+  if per_chip is not None and devices[0].platform != "cpu":
+    return per_chip * len(devices), f"{kind} spec sheet x {len(devices)}"
+  measured = measure_matmul_flops(*matmul_shape, dtype=dtype, device=devices[0])
+  m, k, n = matmul_shape
+  return measured, f"measured {m}x{k}x{n} {dtype} matmul on {devices[0].platform}"

@@ -1,0 +1,91 @@
+"""The training state, and creating it directly in its sharded layout (never whole on one device)."""
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from lm.config import ModelConfig
+from lm.transformer import Transformer
+from sharding import remat as remat_lib
+from sharding import rules as rules_lib
+
+Params = dict[str, Any]
+
+# Logical names live on the Param variables; sharding is decided by rule tables, never at creation.
+nnx.use_eager_sharding(False)
+
+
+class TrainState(struct.PyTreeNode):
+  """Everything a step updates: step counter, parameters (a nested dict) and optimizer state."""
+  step: jax.Array
+  params: Params
+  opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDef:
+  """The model's static structure: graphdef to rebuild it, parameter shapes and logical names."""
+  cfg: ModelConfig
+  graphdef: Any
+  abstract_params: Params      # tree of jax.ShapeDtypeStruct
+  logical_names: Params        # same tree, leaves are tuples of logical axis names
+
+  def bind(self, params: Params) -> Transformer:
+    """Returns a Transformer module whose parameters are `params` (usable inside jit)."""
+    return nnx.merge(self.graphdef, params)
+
+
+def model_def(cfg: ModelConfig, remat: str | None = None) -> ModelDef:
+  """Traces the model's shapes without allocating; `remat` (default cfg.remat) picks the remat policy."""
+  wrapper = remat_lib.remat_wrapper(cfg.remat if remat is None else remat)
+  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), remat_wrapper=wrapper))
+  graphdef, state = nnx.split(abstract)
+  specs = nnx.to_pure_dict(nnx.get_partition_spec(state))
+  is_spec = lambda x: isinstance(x, PartitionSpec)
+  names = jax.tree.map(lambda s: tuple(s), specs, is_leaf=is_spec)
+  shapes = nnx.to_pure_dict(state)
+  return ModelDef(cfg, graphdef, shapes, names)
+
+
+def init_params(mdef: ModelDef, rng: jax.Array) -> Params:
+  """Creates fresh parameters (a nested dict) from `rng`; call inside jit to place them sharded."""
+  model = Transformer(mdef.cfg, rngs=nnx.Rngs(params=rng))
+  return nnx.to_pure_dict(nnx.state(model))
+
+
+def param_shardings(mdef: ModelDef, mesh: Mesh, rules: rules_lib.Rules) -> Params:
+  """Returns a NamedSharding per parameter from the rule table; raises ValueError if one does not divide."""
+  return rules_lib.tree_shardings(mdef.logical_names, mdef.abstract_params, mesh, rules)
+
+
+def state_shardings(mdef: ModelDef, tx: optax.GradientTransformation, mesh: Mesh,
+                    rules: rules_lib.Rules) -> TrainState:
+  """Shardings of the whole TrainState: optimizer moments follow their parameter, scalars replicate."""
+  p_shard = param_shardings(mdef, mesh, rules)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  abstract_opt = jax.eval_shape(tx.init, mdef.abstract_params)
+  opt_shard = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, p_shard,
+                                    transform_non_params=lambda _: replicated)
+  return TrainState(step=replicated, params=p_shard, opt_state=opt_shard)
+
+
+def abstract_state(mdef: ModelDef, tx: optax.GradientTransformation, shardings: TrainState) -> TrainState:
+  """The TrainState as jax.ShapeDtypeStructs carrying their shardings (a restore target)."""
+  shapes = jax.eval_shape(lambda: TrainState(jnp.zeros((), jnp.int32), mdef.abstract_params,
+                                             tx.init(mdef.abstract_params)))
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                      shapes, shardings)
+
+
+def init_train_state(mdef: ModelDef, tx: optax.GradientTransformation, shardings: TrainState,
+                     seed: int) -> TrainState:
+  """Initializes parameters and optimizer state inside jit, each array born in its sharded layout."""
+  def init(rng):
+    params = init_params(mdef, rng)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))

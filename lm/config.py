@@ -1,0 +1,83 @@
+"""The model's typed, frozen configuration, validated once where it is built."""
+
+import dataclasses
+
+import jax.numpy as jnp
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Shapes and numerics of a decoder-only transformer (see configs/base.py for each key)."""
+  vocab_size: int = 2048
+  d_model: int = 128
+  num_layers: int = 2
+  num_heads: int = 4
+  num_kv_heads: int = 4
+  head_dim: int = 32
+  mlp_dim: int = 512
+  max_seq_len: int = 128
+  rope_theta: float = 10_000.0
+  norm_eps: float = 1e-5
+  tie_embeddings: bool = True
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat: str = "none"
+  scan_unroll: int = 1
+
+  def __post_init__(self):
+    errors = model_config_errors(self)
+    if errors:
+      raise ValueError("Invalid model config:\n  " + "\n  ".join(errors))
+
+  @property
+  def compute_dtype(self):
+    return DTYPES[self.dtype]
+
+  @property
+  def storage_dtype(self):
+    return DTYPES[self.param_dtype]
+
+  def num_params(self, include_embedding: bool = True) -> int:
+    """Number of parameters; the input embedding is excluded when `include_embedding` is False."""
+    d, h, kv, hd = self.d_model, self.num_heads, self.num_kv_heads, self.head_dim
+    attention = d * hd * (2 * h + 2 * kv)
+    mlp = 3 * d * self.mlp_dim
+    per_layer = attention + mlp + 2 * d
+    total = self.num_layers * per_layer + d  # + final norm
+    embedding = self.vocab_size * d
+    if not self.tie_embeddings:
+      total += embedding  # the untied output projection always counts
+    if include_embedding:
+      total += embedding
+    return total
+
+
+def model_config_errors(cfg: ModelConfig) -> list[str]:
+  """Returns a human-readable message for every impossible value in `cfg` (empty when valid)."""
+  errors = []
+  for key in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+              "mlp_dim", "max_seq_len", "scan_unroll"):
+    value = getattr(cfg, key)
+    if not isinstance(value, int) or value <= 0:
+      errors.append(f"model.{key}={value!r}: must be a positive integer.")
+  if errors:
+    return errors
+  if cfg.num_heads % cfg.num_kv_heads:
+    errors.append(
+        f"model.num_heads={cfg.num_heads} is not a multiple of model.num_kv_heads={cfg.num_kv_heads}: "
+        "grouped-query attention shares each KV head among num_heads/num_kv_heads query heads; "
+        "pick num_kv_heads that divides num_heads.")
+  if cfg.head_dim % 2:
+    errors.append(f"model.head_dim={cfg.head_dim} must be even (rotary embeddings rotate pairs).")
+  for key in ("dtype", "param_dtype"):
+    if getattr(cfg, key) not in DTYPES:
+      errors.append(f"model.{key}={getattr(cfg, key)!r}: choose one of {sorted(DTYPES)}.")
+  if cfg.rope_theta <= 0:
+    errors.append(f"model.rope_theta={cfg.rope_theta}: must be positive.")
+  if not 0 < cfg.norm_eps < 1:
+    errors.append(f"model.norm_eps={cfg.norm_eps}: must be in (0, 1).")
+  if cfg.scan_unroll > cfg.num_layers or (cfg.num_layers % cfg.scan_unroll):
+    errors.append(f"model.scan_unroll={cfg.scan_unroll} must divide model.num_layers={cfg.num_layers}.")
+  return errors

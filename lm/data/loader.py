@@ -1,0 +1,211 @@
+"""grain pipelines that turn the prepared shards into packed, batched next-token examples.
+
+Both pipelines tokenize documents inside grain (a `map`), append EOS to each, concatenate them and cut
+the stream into windows of seq_len + 1 tokens (`grain.experimental.ConcatThenSplitIterDataset`), so
+nothing is padded; a window gives inputs = window[:-1] and targets = window[1:]. Documents attend
+across the EOS that separates them (no segment masking).
+
+Per-process sharding:
+  * train: documents are sharded by process (process p reads documents p, p + P, p + 2P, ... of the
+    train split) and each process packs its own stream, which is infinite, so every process always
+    has a next batch.
+  * eval: every process packs the whole validation split in the same order and takes its own rows
+    of each global batch, so all processes yield the same number of batches.
+"""
+
+import json
+from typing import Any
+
+from absl import flags
+import grain
+import numpy as np
+
+from lm.data import tfds_builder
+from lm.data import tokenizer as tokenizer_lib
+
+STATE_VERSION = 1
+# Documents tokenized ahead of the packer; a 4 KB document is ~1-2 k tokens, so this covers many
+# batches while keeping the first batch quick.
+_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=32)
+
+
+def prepare(data_dir: str, tokenizer_kind: str, vocab_size: int) -> tokenizer_lib.Tokenizer:
+  """Builds the tfds shards and the tokenizer in `data_dir` unless they exist; returns the tokenizer.
+
+  The one call the trainer makes before anything compiles (~1-2 s the first time, ms afterwards).
+  Raises ValueError if the tokenizer's vocabulary is not `vocab_size` (see load_tokenizer).
+  """
+  tfds_builder.prepare_shards(data_dir)
+  return tokenizer_lib.load_tokenizer(tokenizer_kind, data_dir, vocab_size)
+
+
+class _Tokenize:
+  """grain map: {"text": bytes, ...} -> {"tokens": int32 [n + 1]}, the document's ids then EOS."""
+
+  def __init__(self, tokenizer: tokenizer_lib.Tokenizer):
+    self._tokenizer = tokenizer
+
+  def __call__(self, example: dict[str, Any]) -> dict[str, np.ndarray]:
+    ids = self._tokenizer.encode(example["text"].decode("utf-8"))
+    ids.append(self._tokenizer.eos_id)
+    return {"tokens": np.asarray(ids, dtype=np.int32)}
+
+
+def _is_full_window(window: dict[str, np.ndarray]) -> bool:
+  # The packer pads only the last window of a finite stream; padding has segment id 0.
+  return bool(window["tokens_segment_ids"][-1] != 0)
+
+
+def _inputs_and_targets(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """{"tokens": [B, L + 1], ...} -> {"inputs": int32 [B, L], "targets": int32 [B, L]}."""
+  tokens_BxL1 = batch["tokens"]
+  return {"inputs": np.ascontiguousarray(tokens_BxL1[:, :-1]),
+          "targets": np.ascontiguousarray(tokens_BxL1[:, 1:])}
+
+
+class _RowSlice:
+  """grain map on a global batch: keeps rows [start, stop) of every array."""
+
+  def __init__(self, start: int, stop: int):
+    self._start, self._stop = start, stop
+
+  def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: v[self._start:self._stop] for k, v in batch.items()}
+
+
+def _packed_windows(docs: grain.MapDataset, tokenizer: tokenizer_lib.Tokenizer,
+                    seq_len: int) -> grain.IterDataset:
+  """Documents -> full windows {"tokens": int32 [seq_len + 1], ...} of the concatenated stream."""
+  tokens = docs.map(_Tokenize(tokenizer)).to_iter_dataset(_READ_OPTIONS)
+  windows = grain.experimental.ConcatThenSplitIterDataset(
+      tokens, length_struct={"tokens": seq_len + 1})
+  return windows.filter(_is_full_window)
+
+
+def _local_batch_size(global_batch_size: int, process_index: int, process_count: int) -> int:
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count}).")
+  if global_batch_size < 1 or global_batch_size % process_count:
+    raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of "
+                     f"process_count={process_count}; set c.train.global_batch_size to a multiple.")
+  return global_batch_size // process_count
+
+
+def _check_seq_len(seq_len: int) -> None:
+  if seq_len < 1:
+    raise ValueError(f"seq_len={seq_len} must be positive (c.data.seq_len).")
+
+
+def _json_state_to_grain(state: Any) -> Any:
+  """Undoes what JSON does to grain's packer state: its slices must be tuples again.
+
+  grain 0.2.18's ConcatThenSplit compares each slice with the tuple (-1, -1); after a JSON round trip
+  it is a list, never equal, and a resumed iterator would skip to a wrong position.
+  """
+  if isinstance(state, dict):
+    return {k: ({f: tuple(s) for f, s in v.items()} if k == "remainder_slices"
+                else _json_state_to_grain(v))
+            for k, v in state.items()}
+  if isinstance(state, list):
+    return [_json_state_to_grain(v) for v in state]
+  return state
+
+
+class ResumableIterator(grain.DatasetIterator):
+  """A grain iterator whose `get_state()` is JSON-serialisable and checked on `set_state`.
+
+  State format (all JSON types):
+    {"version": 1,
+     "spec": {"split": "train", "seq_len": int, "local_batch": int, "process_index": int,
+              "process_count": int, "seed": int, "shuffle": bool, "num_workers": int},
+     "pipeline": <grain's own state of the pipeline, made JSON-safe>}
+  `set_state` refuses a state whose "spec" differs from this iterator's: that position would
+  mean different data.
+  """
+
+  def __init__(self, parent: grain.DatasetIterator, spec: dict[str, Any]):
+    super().__init__(parent)
+    self._spec = spec
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return next(self._parent)
+
+  def get_state(self) -> dict[str, Any]:
+    pipeline = json.loads(json.dumps(self._parent.get_state()))
+    return {"version": STATE_VERSION, "spec": dict(self._spec), "pipeline": pipeline}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    if state.get("version") != STATE_VERSION:
+      raise ValueError(f"Data iterator state version {state.get('version')!r} is not "
+                       f"{STATE_VERSION}; this checkpoint was written by other loader code.")
+    if state["spec"] != self._spec:
+      raise ValueError(f"Data iterator state was saved for {state['spec']} but this iterator is "
+                       f"{self._spec}; resume with the same data settings and process layout (each process "
+                       "restores the state it saved), or skip set_state to restart the data stream.")
+    self._parent.set_state(_json_state_to_grain(state["pipeline"]))
+
+
+def train_iterator(data_dir: str, tokenizer: tokenizer_lib.Tokenizer, *, seq_len: int,
+                   global_batch_size: int, process_index: int = 0, process_count: int = 1,
+                   seed: int = 0, shuffle: bool = True, num_workers: int = 0) -> ResumableIterator:
+  """Returns an endless iterator over this process's training batches.
+
+  Each element is {"inputs": int32 [local_batch, seq_len], "targets": int32 [local_batch,
+  seq_len]} with local_batch = global_batch_size // process_count and targets[:, t] ==
+  inputs[:, t + 1] within a row. This process reads documents process_index::process_count of the
+  train split. With `shuffle`, documents are reshuffled every epoch; epoch e uses grain's
+  index_shuffle with seed (seed + e) mod 2**32; the packed stream runs on across epoch boundaries.
+  `num_workers` > 0 tokenizes and packs in that many grain worker processes (the caller's script
+  then needs an `if __name__ == "__main__":` guard): worker w packs every num_workers-th document
+  of this process's stream and batches are taken from the workers in turn, so the batch sequence
+  depends on num_workers. The position is `get_state()` / `set_state(state)`; see
+  ResumableIterator for the format.
+  """
+  _check_seq_len(seq_len)
+  local_batch = _local_batch_size(global_batch_size, process_index, process_count)
+  if num_workers < 0:
+    raise ValueError(f"num_workers={num_workers} must be >= 0 (c.data.num_workers; 0: no workers).")
+  source = tfds_builder.data_source(data_dir, "train")
+  docs = grain.MapDataset.source(source)[process_index::process_count]
+  if len(docs) == 0:
+    raise ValueError(f"process_count={process_count} exceeds the {len(source)} train documents.")
+  if shuffle:
+    docs = docs.shuffle(seed=seed)
+  windows = _packed_windows(docs.repeat(), tokenizer, seq_len)
+  batches = windows.batch(local_batch, drop_remainder=True).map(_inputs_and_targets)
+  if num_workers > 0:
+    # grain's workers read absl flags; without absl.app (e.g. under pytest) they are unparsed and
+    # every worker fails, so fall back to the flag defaults.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  spec = {"split": "train", "seq_len": seq_len, "local_batch": local_batch,
+          "process_index": process_index, "process_count": process_count, "seed": seed,
+          "shuffle": bool(shuffle), "num_workers": num_workers}
+  return ResumableIterator(iter(batches), spec)
+
+
+def eval_batches(data_dir: str, tokenizer: tokenizer_lib.Tokenizer, *, seq_len: int,
+                 global_batch_size: int, process_index: int = 0, process_count: int = 1,
+                 max_batches: int = 0) -> grain.DatasetIterator:
+  """Returns a finite iterator over this process's validation batches, the same on every call.
+
+  Elements are as in train_iterator: {"inputs": int32 [local_batch, seq_len], "targets": int32
+  [local_batch, seq_len]}. The validation documents are packed in corpus order without shuffling;
+  global batch k holds windows k * global_batch_size ... and this process gets rows
+  [process_index * local_batch, (process_index + 1) * local_batch) of it. An incomplete last
+  global batch is dropped. `max_batches` > 0 stops after that many batches; 0 gives them all.
+  """
+  _check_seq_len(seq_len)
+  local_batch = _local_batch_size(global_batch_size, process_index, process_count)
+  if max_batches < 0:
+    raise ValueError(f"max_batches={max_batches} must be >= 0 (0 means the whole split).")
+  docs = grain.MapDataset.source(tfds_builder.data_source(data_dir, "validation"))
+  windows = _packed_windows(docs, tokenizer, seq_len)
+  start = process_index * local_batch
+  batches = (windows.batch(global_batch_size, drop_remainder=True)
+             .map(_RowSlice(start, start + local_batch))
+             .map(_inputs_and_targets))
+  if max_batches:
+    batches = grain.experimental.LimitIterDataset(batches, count=max_batches)
+  return iter(batches)

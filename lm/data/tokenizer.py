@@ -1,0 +1,217 @@
+"""Tokenizers: a SentencePiece BPE model trained on the train split, and a fixed byte tokenizer.
+
+Both map any Unicode string to ids and back (`decode(encode(s)) == s`) and reserve pad id 0, so a
+zero-filled buffer is padding. `load_tokenizer` is the one entry point the rest of the code uses.
+"""
+
+import abc
+import io
+import os
+import pathlib
+import tempfile
+from collections.abc import Sequence
+
+import sentencepiece as spm
+
+from lm.data import corpus
+
+KINDS = ("sentencepiece", "byte")
+# Documents are fed to the trainer whole; together they are ~4.5 M characters and train in ~1 s.
+# Should the corpus grow, every k-th document is used so that training stays at a few seconds.
+_MAX_TRAINING_CHARS = 16_000_000
+
+
+class Tokenizer(abc.ABC):
+  """Maps text to token ids and back; ids are in [0, vocab_size)."""
+
+  @abc.abstractmethod
+  def encode(self, text: str) -> list[int]:
+    """Returns the ids of `text`, without BOS or EOS."""
+
+  @abc.abstractmethod
+  def decode(self, ids: Sequence[int]) -> str:
+    """Returns the text of `ids`; pad, BOS and EOS ids are dropped."""
+
+  @property
+  @abc.abstractmethod
+  def vocab_size(self) -> int:
+    """Number of ids, specials included; the model's embedding must have exactly this many rows."""
+
+  @property
+  @abc.abstractmethod
+  def pad_id(self) -> int:
+    """Id of padding (0 for every tokenizer here)."""
+
+  @property
+  @abc.abstractmethod
+  def bos_id(self) -> int:
+    """Id of the beginning-of-sequence marker."""
+
+  @property
+  @abc.abstractmethod
+  def eos_id(self) -> int:
+    """Id of the end-of-document marker the loader appends to every document."""
+
+
+class ByteTokenizer(Tokenizer):
+  """UTF-8 bytes as tokens: vocab_size 259 = pad 0, BOS 1, EOS 2, then byte b as id b + 3.
+
+  No training and no files; useful as a reference and for corpora in any script. Sequences are
+  ~3-4x longer than with the 2048-piece SentencePiece model on English text.
+  """
+  NUM_SPECIAL = 3
+
+  def encode(self, text: str) -> list[int]:
+    return [b + self.NUM_SPECIAL for b in text.encode("utf-8")]
+
+  def decode(self, ids: Sequence[int]) -> str:
+    data = bytes(int(i) - self.NUM_SPECIAL for i in ids if int(i) >= self.NUM_SPECIAL)
+    return data.decode("utf-8", errors="replace")
+
+  @property
+  def vocab_size(self) -> int:
+    return 256 + self.NUM_SPECIAL
+
+  @property
+  def pad_id(self) -> int:
+    return 0
+
+  @property
+  def bos_id(self) -> int:
+    return 1
+
+  @property
+  def eos_id(self) -> int:
+    return 2
+
+
+class SentencePieceTokenizer(Tokenizer):
+  """A SentencePiece model: ids pad 0, unk 1, BOS 2, EOS 3, then 256 byte pieces, then merges.
+
+  Pickles as its serialized model, so grain worker processes can receive it.
+  """
+
+  def __init__(self, model_proto: bytes):
+    self._proto = model_proto
+    self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+
+  @classmethod
+  def from_file(cls, path: str | pathlib.Path) -> "SentencePieceTokenizer":
+    """Returns the tokenizer stored in the `.model` file at `path`."""
+    return cls(pathlib.Path(path).read_bytes())
+
+  def __getstate__(self):
+    return {"model_proto": self._proto}
+
+  def __setstate__(self, state):
+    self.__init__(state["model_proto"])
+
+  def encode(self, text: str) -> list[int]:
+    return self._sp.encode(text)
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self._sp.decode([int(i) for i in ids])
+
+  @property
+  def vocab_size(self) -> int:
+    return self._sp.get_piece_size()
+
+  @property
+  def pad_id(self) -> int:
+    return self._sp.pad_id()
+
+  @property
+  def bos_id(self) -> int:
+    return self._sp.bos_id()
+
+  @property
+  def eos_id(self) -> int:
+    return self._sp.eos_id()
+
+
+def train_sentencepiece(texts: Sequence[str], vocab_size: int) -> bytes:
+  """Trains a SentencePiece model on `texts` and returns the serialized model.
+
+  BPE rather than unigram: on this corpus it trains in ~1 s instead of 7-13 s, gives ~6% fewer
+  tokens on validation, and matches the Llama tokenizer family (BPE + byte fallback + split
+  digits). Byte fallback makes every string encodable; identity normalization, no dummy prefix
+  and kept whitespace make `decode(encode(s)) == s`, so line breaks (the verse) survive. One
+  thread, because the merges SentencePiece picks depend on its thread count; with one thread the
+  model is the same on every machine.
+
+  Raises ValueError (with SentencePiece's own bound) when `vocab_size` is too small for the byte
+  and character pieces or too large for the text.
+  """
+  total = sum(len(t) for t in texts)
+  stride = max(1, -(-total // _MAX_TRAINING_CHARS))
+  model = io.BytesIO()
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts[::stride]),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        character_coverage=1.0,
+        byte_fallback=True,
+        split_digits=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        allow_whitespace_only_pieces=True,
+        max_sentence_length=1 << 20,
+        input_sentence_size=0,
+        pad_id=0, unk_id=1, bos_id=2, eos_id=3,
+        num_threads=1,
+        minloglevel=2,
+    )
+  except RuntimeError as e:
+    raise ValueError(f"Cannot train a SentencePiece model with vocab_size={vocab_size}: {e} "
+                     "Set c.model.vocab_size within the bound above (e.g. 2048).") from e
+  return model.getvalue()
+
+
+def sentencepiece_path(data_dir: str | pathlib.Path, vocab_size: int) -> pathlib.Path:
+  """Returns where the SentencePiece model of `vocab_size` is cached: data_dir/tokenizer_sp{V}.model."""
+  return pathlib.Path(data_dir) / f"tokenizer_sp{vocab_size}.model"
+
+
+def _train_and_cache(path: pathlib.Path, vocab_size: int) -> None:
+  """Trains on the train split and writes the model to `path` atomically."""
+  proto = train_sentencepiece([d.text for d in corpus.documents("train")], vocab_size)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  # Two processes may train at once: each writes its own temp file and renames it into place, so a
+  # reader sees either no file or a complete one (both are identical: training is deterministic).
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(proto)
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is shared like the shards
+    os.replace(tmp, path)
+  except BaseException:
+    pathlib.Path(tmp).unlink(missing_ok=True)
+    raise
+
+
+def load_tokenizer(kind: str, data_dir: str | pathlib.Path, vocab_size: int) -> Tokenizer:
+  """Returns the tokenizer `kind` ("sentencepiece" or "byte") whose vocabulary is `vocab_size`.
+
+  For "sentencepiece" the model is read from data_dir/tokenizer_sp{vocab_size}.model, trained on the
+  train split first if that file does not exist (~1 s). Raises ValueError for an unknown kind, or
+  when the tokenizer's vocab_size differs from `vocab_size` (the value of c.model.vocab_size),
+  saying which value to set.
+  """
+  if kind == "byte":
+    tokenizer = ByteTokenizer()
+  elif kind == "sentencepiece":
+    path = sentencepiece_path(data_dir, vocab_size)
+    if not path.exists():
+      _train_and_cache(path, vocab_size)
+    tokenizer = SentencePieceTokenizer.from_file(path)
+  else:
+    raise ValueError(f"c.data.tokenizer={kind!r} is not one of {KINDS}.")
+  if tokenizer.vocab_size != vocab_size:
+    fix = (f"set c.model.vocab_size = {tokenizer.vocab_size}" if kind == "byte" else
+           f"delete {sentencepiece_path(data_dir, vocab_size)} so it is retrained")
+    raise ValueError(f"The {kind} tokenizer has {tokenizer.vocab_size} tokens but "
+                     f"c.model.vocab_size={vocab_size}; {fix}.")
+  return tokenizer

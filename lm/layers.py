@@ -1,0 +1,100 @@
+"""The building blocks of the decoder: RMSNorm, a general linear map, the embedding, rotary embeddings.
+
+Every parameter carries logical axis names (`out_sharding`); none of this code knows about devices.
+"""
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+DotGeneral = Callable[..., jax.Array]
+
+
+def _normal(std: float):
+  return jax.nn.initializers.truncated_normal(stddev=std)
+
+
+class RMSNorm(nnx.Module):
+  """Root-mean-square layer norm with a learned per-channel scale; statistics in float32."""
+
+  def __init__(self, dim: int, *, eps: float, param_dtype, rngs: nnx.Rngs):
+    del rngs
+    self.eps = eps
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("embed",))
+
+  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    """Takes [..., D] and returns [..., D] in x's dtype."""
+    # Variance in float32: in bf16 the mean of squares loses most of its mantissa.
+    x32 = x_BxLxD.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (normed * self.scale[...].astype(jnp.float32)).astype(x_BxLxD.dtype)
+
+
+class Linear(nnx.Module):
+  """y = x · W contracting x's last `len(in_shape)` dims with W's first ones.
+
+  The kernel has shape `in_shape + out_shape` and logical names `names`. `dot_general` is the matmul
+  used; quantized variants replace it without changing shapes or names.
+  """
+
+  def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], names: Sequence[str], *,
+               dtype, param_dtype, rngs: nnx.Rngs, init_scale: float = 1.0):
+    in_shape, out_shape = tuple(in_shape), tuple(out_shape)
+    if len(names) != len(in_shape) + len(out_shape):
+      raise ValueError(f"Linear kernel {in_shape + out_shape} needs one logical name per dim, got {names}.")
+    fan_in = 1
+    for n in in_shape:
+      fan_in *= n
+    init = _normal(init_scale / fan_in ** 0.5)
+    self.kernel = nnx.Param(init(rngs.params(), in_shape + out_shape, param_dtype),
+                            out_sharding=tuple(names))
+    self.num_in = len(in_shape)
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array, dot_general: DotGeneral = jax.lax.dot_general) -> jax.Array:
+    """Takes [..., *in_shape] and returns [..., *out_shape] in the compute dtype."""
+    kernel = self.kernel[...].astype(self.dtype)
+    x = x.astype(self.dtype)
+    contract_x = tuple(range(x.ndim - self.num_in, x.ndim))
+    contract_k = tuple(range(self.num_in))
+    return dot_general(x, kernel, ((contract_x, contract_k), ((), ())))
+
+
+class Embedding(nnx.Module):
+  """Token embedding table [vocab, embed]; `attend` reuses it as the tied output projection."""
+
+  def __init__(self, vocab_size: int, dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    init = _normal(dim ** -0.5)
+    self.table = nnx.Param(init(rngs.params(), (vocab_size, dim), param_dtype),
+                           out_sharding=("vocab", "embed"))
+    self.dtype = dtype
+
+  def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
+    """Takes int tokens [B, L] and returns embeddings [B, L, D] in the compute dtype."""
+    return jnp.take(self.table[...], tokens_BxL, axis=0).astype(self.dtype)
+
+  def attend(self, x_BxLxD: jax.Array) -> jax.Array:
+    """Takes hidden states [B, L, D] and returns logits [B, L, V] (float32 accumulation)."""
+    table = self.table[...].astype(self.dtype)
+    return jnp.einsum("bld,vd->blv", x_BxLxD.astype(self.dtype), table,
+                      preferred_element_type=jnp.float32)
+
+
+def rotary_tables(positions_BxL: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+  """Returns (sin, cos), each [B, L, head_dim // 2] float32, for integer positions [B, L]."""
+  fraction = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
+  inv_freq = theta ** -fraction
+  angles = positions_BxL.astype(jnp.float32)[..., None] * inv_freq
+  return jnp.sin(angles), jnp.cos(angles)
+
+
+def apply_rotary(x_BxLxHxK: jax.Array, sin_BxLxK2: jax.Array, cos_BxLxK2: jax.Array) -> jax.Array:
+  """Rotates [B, L, H, K] by position, pairing dim i with dim i + K/2 (the Llama/Hugging Face layout)."""
+  half = x_BxLxHxK.shape[-1] // 2
+  x32 = x_BxLxHxK.astype(jnp.float32)
+  x1, x2 = x32[..., :half], x32[..., half:]
+  sin, cos = sin_BxLxK2[:, :, None, :], cos_BxLxK2[:, :, None, :]
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return rotated.astype(x_BxLxHxK.dtype)

@@ -1,0 +1,182 @@
+"""A Llama-style decoder: pre-norm blocks of grouped-query attention and a SwiGLU MLP, stacked with scan.
+
+Shape suffixes: B batch, L query length, S key length (the KV cache), D d_model, N query heads,
+G kv heads, K head_dim, F mlp_dim, V vocab.
+"""
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from lm import layers
+from lm.axes import constrain
+from lm.config import ModelConfig
+
+KVCache = dict[str, jax.Array]  # {"k": [layers, B, S, G, K], "v": [layers, B, S, G, K]}
+RematWrapper = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+class Attention(nnx.Module):
+  """Causal grouped-query self-attention with rotary positions and an optional KV cache."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype, rngs=rngs)
+    d, n, g, k = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    self.query = layers.Linear([d], [n, k], ("embed", "heads", "kv"), **kw)
+    self.key = layers.Linear([d], [g, k], ("embed", "kv_heads", "kv"), **kw)
+    self.value = layers.Linear([d], [g, k], ("embed", "kv_heads", "kv"), **kw)
+    self.out = layers.Linear([n, k], [d], ("heads", "kv", "embed"),
+                             init_scale=(2 * cfg.num_layers) ** -0.5, **kw)
+
+  def __call__(self, x_BxLxD, sin, cos, mask_BxLxS=None, cache_kv=None, cache_index=None):
+    """Returns (y [B, L, D], updated (k, v) cache slices of this layer or None)."""
+    q_BxLxNxK = layers.apply_rotary(self.query(x_BxLxD), sin, cos)
+    k_BxLxGxK = layers.apply_rotary(self.key(x_BxLxD), sin, cos)
+    v_BxLxGxK = self.value(x_BxLxD)
+    q_BxLxNxK = checkpoint_name(constrain(q_BxLxNxK, ("batch", "length", "heads", "kv")), "query")
+    k_BxLxGxK = checkpoint_name(constrain(k_BxLxGxK, ("batch", "length", "kv_heads", "kv")), "key")
+    v_BxLxGxK = checkpoint_name(constrain(v_BxLxGxK, ("batch", "length", "kv_heads", "kv")), "value")
+
+    new_kv = None
+    if cache_kv is None:
+      out_BxLxNxK = jax.nn.dot_product_attention(q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, is_causal=True)
+    else:
+      k_cache, v_cache = cache_kv
+      start = (0, cache_index, 0, 0)
+      k_BxSxGxK = jax.lax.dynamic_update_slice(k_cache, k_BxLxGxK.astype(k_cache.dtype), start)
+      v_BxSxGxK = jax.lax.dynamic_update_slice(v_cache, v_BxLxGxK.astype(v_cache.dtype), start)
+      new_kv = (k_BxSxGxK, v_BxSxGxK)
+      out_BxLxNxK = jax.nn.dot_product_attention(
+          q_BxLxNxK, k_BxSxGxK.astype(q_BxLxNxK.dtype), v_BxSxGxK.astype(q_BxLxNxK.dtype),
+          mask=mask_BxLxS[:, None])
+    out_BxLxNxK = checkpoint_name(constrain(out_BxLxNxK, ("batch", "length", "heads", "kv")),
+                                  "attention")
+    return self.out(out_BxLxNxK), new_kv
+
+
+class Mlp(nnx.Module):
+  """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype, rngs=rngs)
+    self.gate = layers.Linear([cfg.d_model], [cfg.mlp_dim], ("embed", "mlp"), **kw)
+    self.up = layers.Linear([cfg.d_model], [cfg.mlp_dim], ("embed", "mlp"), **kw)
+    self.down = layers.Linear([cfg.mlp_dim], [cfg.d_model], ("mlp", "embed"),
+                              init_scale=(2 * cfg.num_layers) ** -0.5, **kw)
+
+  def __call__(self, x_BxLxD):
+    """Takes [B, L, D] and returns [B, L, D]."""
+    h_BxLxF = jax.nn.silu(self.gate(x_BxLxD)) * self.up(x_BxLxD)
+    h_BxLxF = checkpoint_name(constrain(h_BxLxF, ("batch", "length", "mlp")), "mlp_hidden")
+    return self.down(h_BxLxF)
+
+
+class Block(nnx.Module):
+  """One pre-norm decoder block: x + attn(norm(x)), then + mlp(norm(x))."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    norm_kw = dict(eps=cfg.norm_eps, param_dtype=cfg.storage_dtype, rngs=rngs)
+    self.attention_norm = layers.RMSNorm(cfg.d_model, **norm_kw)
+    self.attention = Attention(cfg, rngs=rngs)
+    self.mlp_norm = layers.RMSNorm(cfg.d_model, **norm_kw)
+    self.mlp = Mlp(cfg, rngs=rngs)
+
+  def __call__(self, x_BxLxD, sin, cos, mask_BxLxS=None, cache_kv=None, cache_index=None):
+    """Returns (x [B, L, D], this layer's updated KV cache or None)."""
+    attn, new_kv = self.attention(self.attention_norm(x_BxLxD), sin, cos, mask_BxLxS, cache_kv,
+                                  cache_index)
+    x_BxLxD = constrain(x_BxLxD + attn, ("batch", "length", "embed"))
+    x_BxLxD = x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
+    return constrain(x_BxLxD, ("batch", "length", "embed")), new_kv
+
+
+class Transformer(nnx.Module):
+  """Decoder-only language model; the layer stack is one `Block` with a leading `layers` axis.
+
+  `remat_wrapper` (from `sharding.remat`) wraps the per-layer function to choose what the backward
+  pass recomputes; None keeps every activation.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, remat_wrapper: RematWrapper | None = None):
+    self.cfg = cfg
+    self.remat_wrapper = remat_wrapper
+    kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype, rngs=rngs)
+    self.embed = layers.Embedding(cfg.vocab_size, cfg.d_model, **kw)
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make_blocks(rngs: nnx.Rngs) -> Block:
+      return Block(cfg, rngs=rngs)
+
+    self.blocks = make_blocks(rngs)
+    self.final_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.storage_dtype,
+                                     rngs=rngs)
+    self.unembed = nnx.data(None if cfg.tie_embeddings else layers.Linear(
+        [cfg.d_model], [cfg.vocab_size], ("embed", "vocab"), **kw))
+
+  def hidden_states(self, tokens_BxL, positions_BxL=None, cache=None, cache_index=None):
+    """Runs the decoder up to (and including) the final norm.
+
+    Takes int tokens [B, L]; positions [B, L] default to `cache_index + arange(L)`. With `cache`
+    (from `init_cache`), keys/values are written at `cache_index` and attention reads the cache.
+    Returns (hidden [B, L, D], updated cache or None).
+    """
+    cfg = self.cfg
+    batch, length = tokens_BxL.shape
+    start = 0 if cache_index is None else cache_index
+    if positions_BxL is None:
+      positions_BxL = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
+    sin, cos = layers.rotary_tables(positions_BxL, cfg.head_dim, cfg.rope_theta)
+    x_BxLxD = constrain(self.embed(tokens_BxL), ("batch", "length", "embed"))
+
+    mask_BxLxS = None
+    if cache is not None:
+      cache_len = cache["k"].shape[2]
+      key_positions_S = jnp.arange(cache_len, dtype=jnp.int32)
+      mask_BxLxS = key_positions_S[None, None, :] <= positions_BxL[:, :, None]
+
+    def layer(x, block, kv):
+      return block(x, sin, cos, mask_BxLxS, kv, cache_index)
+
+    if self.remat_wrapper is not None:
+      layer = self.remat_wrapper(layer)
+    kv_in = None if cache is None else (cache["k"], cache["v"])
+    scan = nnx.scan(layer, in_axes=(nnx.Carry, 0, 0 if cache is not None else None),
+                    out_axes=(nnx.Carry, 0), unroll=cfg.scan_unroll)
+    x_BxLxD, kv_out = scan(x_BxLxD, self.blocks, kv_in)
+    new_cache = None if cache is None else {"k": kv_out[0], "v": kv_out[1]}
+    return self.final_norm(x_BxLxD), new_cache
+
+  def logits(self, hidden_BxLxD):
+    """Projects hidden states [B, L, D] to float32 logits [B, L, V]."""
+    if self.unembed is None:
+      logits_BxLxV = self.embed.attend(hidden_BxLxD)
+    else:
+      f32_dot = lambda *a, **k: jax.lax.dot_general(*a, preferred_element_type=jnp.float32, **k)
+      logits_BxLxV = self.unembed(hidden_BxLxD, dot_general=f32_dot)
+    # Logits stay float32: a softmax over a large vocabulary in bf16 loses the small probabilities.
+    return constrain(logits_BxLxV.astype(jnp.float32), ("batch", "length", "vocab"))
+
+  def __call__(self, tokens_BxL, positions_BxL=None):
+    """Takes int tokens [B, L] and returns float32 next-token logits [B, L, V]."""
+    hidden, _ = self.hidden_states(tokens_BxL, positions_BxL)
+    return self.logits(hidden)
+
+  def decode(self, tokens_BxL, cache: KVCache, cache_index):
+    """Incremental decoding: takes tokens [B, L] that sit at positions cache_index..cache_index+L-1.
+
+    Returns (logits [B, L, V] float32, the cache with these tokens' keys and values written in).
+    """
+    hidden, cache = self.hidden_states(tokens_BxL, cache=cache, cache_index=cache_index)
+    return self.logits(hidden), cache
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int | None = None, dtype=None) -> KVCache:
+  """Returns a zero KV cache {"k", "v"}: each [num_layers, batch, max_len, num_kv_heads, head_dim]."""
+  max_len = max_len or cfg.max_seq_len
+  shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  dtype = dtype or cfg.compute_dtype
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}

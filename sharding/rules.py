@@ -1,0 +1,99 @@
+"""Logical-axis rule tables: which mesh axes each logical name of the model is split over.
+
+A rule table is a tuple of (logical name, mesh axes). Data, FSDP, tensor and hybrid parallelism are
+different tables over the same model code. See docs/sharding.md for pictures of each preset.
+"""
+
+import math
+from typing import Sequence
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+Rules = tuple[tuple[str, tuple[str, ...]], ...]
+
+_BATCH = ("batch", ("data", "fsdp"))
+
+RULE_PRESETS: dict[str, Rules] = {
+    # Every parameter replicated; the batch is split over data (and fsdp, if the mesh has one).
+    "dp": (_BATCH,),
+    # ZeRO-3: parameters (and so gradients and optimizer state) split along `embed` over fsdp,
+    # gathered one layer at a time inside the scan.
+    "fsdp": (_BATCH, ("embed", ("fsdp",))),
+    # Megatron: attention heads, MLP hidden and vocabulary split over tensor.
+    "tp": (_BATCH, ("heads", ("tensor",)), ("kv_heads", ("tensor",)), ("mlp", ("tensor",)),
+           ("vocab", ("tensor",))),
+    "fsdp_tp": (_BATCH, ("embed", ("fsdp",)), ("heads", ("tensor",)), ("kv_heads", ("tensor",)),
+                ("mlp", ("tensor",)), ("vocab", ("tensor",))),
+}
+# The 3-D hybrid is the same table as fsdp_tp: `batch` also spans `data`, so any data axis > 1 adds
+# pure replication on top of FSDP x TP.
+RULE_PRESETS["dp_fsdp_tp"] = RULE_PRESETS["fsdp_tp"]
+
+
+def get_rules(name: str) -> Rules:
+  """Returns the preset rule table called `name`; raises ValueError listing the presets otherwise."""
+  if name not in RULE_PRESETS:
+    raise ValueError(f"mesh.rules={name!r} is not a rule preset; choose one of {sorted(RULE_PRESETS)}.")
+  return RULE_PRESETS[name]
+
+
+def logical_to_spec(names: Sequence[str | None], rules: Rules) -> PartitionSpec:
+  """Maps one logical name per dimension to a PartitionSpec.
+
+  A mesh axis is used at most once per array: a later dimension whose rule names an axis already
+  taken stays unsplit along it (so activations [batch, length, embed] under FSDP split only batch).
+  """
+  table = dict(rules)
+  used: set[str] = set()
+  spec = []
+  for name in names:
+    axes = tuple(a for a in table.get(name, ()) if a not in used) if name else ()
+    used.update(axes)
+    spec.append(axes[0] if len(axes) == 1 else (axes or None))
+  return PartitionSpec(*spec)
+
+
+def spec_divisibility_errors(path: str, shape: Sequence[int], names: Sequence[str | None],
+                             spec: PartitionSpec, mesh_shape: dict[str, int]) -> list[str]:
+  """Returns a message for each dimension of `shape` that the mesh axes in `spec` do not divide."""
+  errors = []
+  for dim, (size, name, axes) in enumerate(zip(shape, names, tuple(spec) + (None,) * len(shape))):
+    axes = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+    split = math.prod(mesh_shape[a] for a in axes)
+    if split > 1 and size % split:
+      axes_text = " x ".join(f"mesh.{a}={mesh_shape[a]}" for a in axes)
+      errors.append(
+          f"{path}: dimension {dim} ('{name}', size {size}) cannot be split over {axes_text} "
+          f"({split} shards); pick sizes that divide, or a rule table that leaves '{name}' unsplit.")
+  return errors
+
+
+def _is_names(x) -> bool:
+  return isinstance(x, tuple) and all(isinstance(n, (str, type(None))) for n in x)
+
+
+def tree_specs(logical_tree, shapes_tree, mesh_shape: dict[str, int], rules: Rules):
+  """Turns a tree of logical-name tuples into PartitionSpecs for a mesh of `mesh_shape`.
+
+  `logical_tree` and `shapes_tree` have the same structure (tuples of names; arrays or
+  ShapeDtypeStructs). Needs no devices, so a 1000-chip plan can be checked on a laptop. Raises
+  ValueError listing every dimension the mesh does not divide.
+  """
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(logical_tree, is_leaf=_is_names)
+  shapes = treedef.flatten_up_to(shapes_tree)
+  errors, specs = [], []
+  for (path, names), array in zip(leaves, shapes):
+    spec = logical_to_spec(names, rules)
+    errors += spec_divisibility_errors(jax.tree_util.keystr(path), array.shape, names, spec, mesh_shape)
+    specs.append(spec)
+  if errors:
+    raise ValueError("The rule table does not fit the model on this mesh:\n  " + "\n  ".join(errors))
+  return jax.tree_util.tree_unflatten(treedef, specs)
+
+
+def tree_shardings(logical_tree, shapes_tree, mesh: Mesh, rules: Rules):
+  """Like `tree_specs`, returning NamedShardings on `mesh`."""
+  specs = tree_specs(logical_tree, shapes_tree, dict(mesh.shape), rules)
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                      is_leaf=lambda x: isinstance(x, PartitionSpec))
