@@ -28,6 +28,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"    # storage dtype of parameters
   c.model.remat = "none"             # none | full | dots | dots_no_batch | save_qkv_mlp | offload_qkv_mlp
   c.model.scan_unroll = 1            # layers per scan iteration
+  c.model.quant = "none"             # none | w8a16 | w8a8: int8 inference (set by python -m launch.quantize)
+  c.model.quant_embedding = False    # also int8 the embedding table (and so a tied output projection)
+  c.model.quant_skip = ""            # dense layers left in float, comma-separated: "mlp.down,unembed"
 
   c.data = ml_collections.ConfigDict()
   c.data.corpus = "shakespeare"      # the bundled corpus (data/shakespeare)
@@ -65,4 +68,22 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.tensor = 1
   c.mesh.rules = "dp"                # logical-axis rule table: dp | fsdp | tp | fsdp_tp | dp_fsdp_tp
   c.mesh.num_devices = 0             # 0: all visible devices; n: the first n (for single-device references)
+
+  # Knowledge distillation (python -m launch.distill); docs/compression.md.
+  c.distill = ml_collections.ConfigDict()
+  c.distill.teacher_checkpoint = ""  # the teacher run's <workdir>/checkpoints ("": no distillation)
+  c.distill.alpha = 0.5              # weight of T^2 * KL(teacher || student); 1 - alpha weighs the CE
+  c.distill.temperature = 2.0        # T > 0 softens both distributions
+  c.distill.hidden_weight = 0.0      # MSE on final hidden states (same d_model only); 0 disables
+
+  # Magnitude pruning during fine-tuning (python -m launch.prune); docs/compression.md.
+  c.prune = ml_collections.ConfigDict()
+  c.prune.method = "none"            # none | magnitude (unstructured) | n_m (n of every m along the input)
+  c.prune.sparsity = 0.5             # final fraction of zeros in each kernel (magnitude only)
+  c.prune.n = 2                      # n_m: weights kept in every group of m
+  c.prune.m = 4
+  c.prune.init_checkpoint = ""       # start from this run's checkpoint ("": fresh init)
+  c.prune.start_step = 0             # optimizer update where sparsity starts rising (cubic schedule)
+  c.prune.end_step = 0               # update where it reaches its target (0 with start 0: one shot)
+  c.prune.frequency = 10             # updates between mask recomputations
   return c

@@ -27,7 +27,7 @@ def get_config():
   c.train.learning_rate = 3e-3
   c.train.warmup_steps = 40
   c.train.log_every = 25
-  c.train.eval_every = 100
+  c.train.eval_every = 200
   c.train.eval_batches = 0
   c.checkpoint.save_every = 100
   c.mesh.data = -1

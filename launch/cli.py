@@ -21,5 +21,5 @@ FLAGS = flags.FLAGS
 
 
 def quiet_logs() -> None:
-  """Keeps the console for our progress bar and tables: library INFO logs (orbax, absl) are hidden."""
-  logging.set_verbosity(logging.WARNING)
+  """Keeps the console for our progress bar and tables: library INFO and WARNING logs (orbax, absl) are hidden."""
+  logging.set_verbosity(logging.ERROR)

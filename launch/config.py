@@ -64,6 +64,30 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistillConfig:
+  teacher_checkpoint: str
+  alpha: float
+  temperature: float
+  hidden_weight: float
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneConfig:
+  method: str
+  sparsity: float
+  n: int
+  m: int
+  init_checkpoint: str
+  start_step: int
+  end_step: int
+  frequency: int
+
+  def final_sparsity(self) -> float:
+    """The fraction of zeros each pruned kernel ends with."""
+    return {"none": 0.0, "magnitude": self.sparsity, "n_m": 1 - self.n / self.m}[self.method]
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   seed: int
   model: ModelConfig
@@ -71,6 +95,8 @@ class Config:
   train: TrainConfig
   checkpoint: CheckpointConfig
   mesh: MeshConfig
+  distill: DistillConfig
+  prune: PruneConfig
 
   def to_dict(self) -> dict[str, Any]:
     """Returns the config as nested plain dicts (what checkpoints store)."""
@@ -78,7 +104,9 @@ class Config:
 
 
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
-             "checkpoint": CheckpointConfig, "mesh": MeshConfig}
+             "checkpoint": CheckpointConfig, "mesh": MeshConfig, "distill": DistillConfig,
+             "prune": PruneConfig}
+_PRUNE_METHODS = ("none", "magnitude", "n_m")
 _CORPORA = ("shakespeare",)
 _TOKENIZERS = ("sentencepiece", "byte")
 
@@ -172,6 +200,31 @@ def _cross_checks(cfg: Config) -> list[str]:
     errors.append(f"mesh.rules={mesh.rules!r}: choose one of {sorted(RULE_PRESETS)}.")
   if mesh.num_devices < 0:
     errors.append(f"mesh.num_devices={mesh.num_devices}: use 0 for all devices or a positive count.")
+  return errors + _compression_errors(cfg)
+
+
+def _compression_errors(cfg: Config) -> list[str]:
+  """Messages for impossible distill.* and prune.* values (docs/compression.md)."""
+  errors, kd, p = [], cfg.distill, cfg.prune
+  if kd.temperature <= 0:
+    errors.append(f"distill.temperature={kd.temperature}: must be > 0 (1 is the plain softmax; "
+                  "2 to 4 is usual).")
+  if not 0 <= kd.alpha <= 1:
+    errors.append(f"distill.alpha={kd.alpha}: must be in [0, 1] (1: only the teacher, 0: only the tokens).")
+  if kd.hidden_weight < 0:
+    errors.append(f"distill.hidden_weight={kd.hidden_weight}: must be >= 0 (0 disables it).")
+  if p.method not in _PRUNE_METHODS:
+    errors.append(f"prune.method={p.method!r}: choose one of {list(_PRUNE_METHODS)}.")
+  if not 0 <= p.sparsity < 1:
+    errors.append(f"prune.sparsity={p.sparsity}: must be in [0, 1), e.g. 0.5 for half the weights zero.")
+  if not (p.m >= 2 and 0 < p.n < p.m):
+    errors.append(f"prune.n={p.n}, prune.m={p.m}: need 0 < n < m (2 and 4 for 2:4 sparsity).")
+  if p.frequency < 1 or not 0 <= p.start_step <= p.end_step:
+    errors.append(f"prune.start_step={p.start_step}, prune.end_step={p.end_step}, prune.frequency="
+                  f"{p.frequency}: need 0 <= start_step <= end_step and frequency >= 1.")
+  if p.method != "none" and p.end_step >= cfg.train.steps:
+    errors.append(f"prune.end_step={p.end_step} is not before train.steps={cfg.train.steps}: the "
+                  "sparsity would never reach its target; lower end_step or raise train.steps.")
   return errors
 
 

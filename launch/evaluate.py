@@ -1,9 +1,13 @@
 """Held-out evaluation: mean next-token cross-entropy over the validation split."""
 
+import math
+
 import jax
 import numpy as np
 
-from lm.data import loader
+from launch.inference import load_checkpoint
+from launch.step import batch_sharding, jit_eval_step
+from lm.data import baseline, loader
 
 
 def evaluate(eval_fn, params, cfg, tokenizer, data_sharding) -> float:
@@ -25,3 +29,14 @@ def evaluate(eval_fn, params, cfg, tokenizer, data_sharding) -> float:
     raise ValueError("The validation split produced no full batch; lower train.global_batch_size or "
                      "data.seq_len.")
   return loss_sum / tokens
+
+
+def eval_checkpoint(checkpoint_dir: str, step: int | None = None, eval_batches: int = 0) -> dict:
+  """Returns {"step", "val_loss", "val_perplexity", "unigram_perplexity"} for a checkpoint."""
+  loaded = load_checkpoint(checkpoint_dir, step, overrides={"train.eval_batches": eval_batches})
+  ctx = loaded.ctx
+  eval_fn = jit_eval_step(ctx.mdef, ctx.mesh, ctx.rules, ctx.shardings.params)
+  loss = evaluate(eval_fn, loaded.params, loaded.cfg, loaded.tokenizer, batch_sharding(ctx.mesh, ctx.rules))
+  unigram = baseline.unigram_perplexity(loaded.cfg.data.data_dir, loaded.tokenizer, loaded.cfg.data.seq_len)
+  return {"step": loaded.step, "val_loss": loss, "val_perplexity": math.exp(loss),
+          "unigram_perplexity": unigram}

@@ -1,6 +1,8 @@
 """The jitted train and eval steps: pure functions of (state, batch)."""
 
+import dataclasses
 import functools
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -15,19 +17,35 @@ from sharding import rules as rules_lib
 Batch = dict[str, jax.Array]  # {"inputs": int32 [B, L], "targets": int32 [B, L]}
 
 
+@dataclasses.dataclass(frozen=True)
+class LossHook:
+  """A replacement training loss that reads frozen inputs, e.g. a teacher's parameters (compress/).
+
+  `fn(params, batch, extra) -> (mean loss, (loss_sum, tokens))` like `_loss`. `extra` enters the
+  jitted step as an argument placed with `extra_shardings`, never as a constant baked into the program.
+  """
+  fn: Callable
+  extra: Any
+  extra_shardings: Any
+
+
 def _loss(params, batch: Batch, mdef: ModelDef):
   logits_BxLxV = mdef.bind(params)(batch["inputs"])
   loss_sum, tokens = cross_entropy(logits_BxLxV, batch["targets"])
   return loss_sum / tokens, (loss_sum, tokens)
 
 
-def train_step(state: TrainState, batch: Batch, *, mdef: ModelDef, tx: optax.GradientTransformation,
-               schedule: optax.Schedule, accum_steps: int) -> tuple[TrainState, dict]:
+def train_step(state: TrainState, batch: Batch, extra=None, *, mdef: ModelDef,
+               tx: optax.GradientTransformation, schedule: optax.Schedule, accum_steps: int,
+               loss_fn: Callable | None = None) -> tuple[TrainState, dict]:
   """One optimizer update over the global batch, split into `accum_steps` micro-batches.
 
+  `loss_fn(params, batch, extra)` (a LossHook's) replaces the cross-entropy when given.
   Returns (new state, metrics dict of float32 scalars: loss, grad_norm, learning_rate, tokens).
   """
-  grad_fn = jax.value_and_grad(functools.partial(_loss, mdef=mdef), has_aux=True)
+  loss = (functools.partial(_loss, mdef=mdef) if loss_fn is None
+          else lambda params, b: loss_fn(params, b, extra))
+  grad_fn = jax.value_and_grad(loss, has_aux=True)
   if accum_steps == 1:
     (_, (loss_sum, tokens)), grads = grad_fn(state.params, batch)
   else:
@@ -50,7 +68,7 @@ def train_step(state: TrainState, batch: Batch, *, mdef: ModelDef, tx: optax.Gra
 
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {"loss": loss_sum / tokens, "grad_norm": optax.global_norm(grads),
+  metrics = {"loss": loss_sum / tokens, "grad_norm": optax.tree.norm(grads),
              "learning_rate": schedule(state.step), "tokens": tokens}
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -73,13 +91,21 @@ def activation_constraint(mesh: Mesh, rules: rules_lib.Rules):
   return constrain
 
 
-def jit_train_step(mdef: ModelDef, tx, schedule, accum_steps: int, mesh: Mesh, rules, state_shardings):
-  """Returns the compiled-on-first-call train step with explicit shardings and the state donated."""
-  step = functools.partial(train_step, mdef=mdef, tx=tx, schedule=schedule, accum_steps=accum_steps)
+def jit_train_step(mdef: ModelDef, tx, schedule, accum_steps: int, mesh: Mesh, rules, state_shardings,
+                   loss_hook: LossHook | None = None):
+  """Returns the compiled-on-first-call train step with explicit shardings and the state donated.
+
+  Either way it is called as step(state, batch); a `loss_hook`'s extra inputs are passed for you.
+  """
+  step = functools.partial(train_step, mdef=mdef, tx=tx, schedule=schedule, accum_steps=accum_steps,
+                           loss_fn=loss_hook and loss_hook.fn)
   data = batch_sharding(mesh, rules)
-  jitted = jax.jit(step, in_shardings=(state_shardings, {"inputs": data, "targets": data}),
-                   out_shardings=(state_shardings, None), donate_argnums=(0,))
-  return _traced_under(jitted, mesh, rules)
+  in_shardings = (state_shardings, {"inputs": data, "targets": data})
+  if loss_hook is not None:
+    in_shardings += (loss_hook.extra_shardings,)
+  jitted = jax.jit(step, in_shardings=in_shardings, out_shardings=(state_shardings, None),
+                   donate_argnums=(0,))
+  return _traced_under(jitted, mesh, rules, () if loss_hook is None else (loss_hook.extra,))
 
 
 def jit_eval_step(mdef: ModelDef, mesh: Mesh, rules, param_shardings):
@@ -93,13 +119,14 @@ def jit_eval_step(mdef: ModelDef, mesh: Mesh, rules, param_shardings):
 class _traced_under:
   """Calls a jitted function with the activation-sharding rules installed (they matter at trace time)."""
 
-  def __init__(self, jitted, mesh, rules):
+  def __init__(self, jitted, mesh, rules, bound_args: tuple = ()):
     self.jitted, self.constraint = jitted, activation_constraint(mesh, rules)
+    self.bound_args = bound_args  # trailing arguments passed on every call (a LossHook's extra)
 
   def __call__(self, *args):
     with axes.use_constraint(self.constraint):
-      return self.jitted(*args)
+      return self.jitted(*args, *self.bound_args)
 
   def lower(self, *args):
     with axes.use_constraint(self.constraint):
-      return self.jitted.lower(*args)
+      return self.jitted.lower(*args, *self.bound_args)

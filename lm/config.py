@@ -5,6 +5,11 @@ import dataclasses
 import jax.numpy as jnp
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# "observe" is the float model recording its dense layers' input ranges (calibration, lm/quant.py).
+QUANT_MODES = ("none", "w8a16", "w8a8", "observe")
+# The dense layers `model.quant_skip` may name; each name covers that layer in every block.
+DENSE_LAYERS = ("attention.query", "attention.key", "attention.value", "attention.out",
+                "mlp.gate", "mlp.up", "mlp.down", "unembed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +30,13 @@ class ModelConfig:
   param_dtype: str = "float32"
   remat: str = "none"
   scan_unroll: int = 1
+  quant: str = "none"
+  quant_embedding: bool = False
+  quant_skip: str = ""
+
+  @property
+  def quant_skip_layers(self) -> tuple[str, ...]:
+    return tuple(name.strip() for name in self.quant_skip.split(",") if name.strip())
 
   def __post_init__(self):
     errors = model_config_errors(self)
@@ -80,4 +92,11 @@ def model_config_errors(cfg: ModelConfig) -> list[str]:
     errors.append(f"model.norm_eps={cfg.norm_eps}: must be in (0, 1).")
   if cfg.scan_unroll > cfg.num_layers or (cfg.num_layers % cfg.scan_unroll):
     errors.append(f"model.scan_unroll={cfg.scan_unroll} must divide model.num_layers={cfg.num_layers}.")
+  if cfg.quant not in QUANT_MODES:
+    errors.append(f"model.quant={cfg.quant!r}: choose one of {list(QUANT_MODES)}.")
+  known = DENSE_LAYERS[:-1] if cfg.tie_embeddings else DENSE_LAYERS
+  for name in cfg.quant_skip_layers:
+    if name not in known:
+      errors.append(f"model.quant_skip names {name!r}, which is not a dense layer of this model; "
+                    f"choose from {list(known)} (comma-separated).")
   return errors

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lm.axes import constrain
+
 DotGeneral = Callable[..., jax.Array]
 
 
@@ -73,7 +75,10 @@ class Embedding(nnx.Module):
 
   def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
     """Takes int tokens [B, L] and returns embeddings [B, L, D] in the compute dtype."""
-    return jnp.take(self.table[...], tokens_BxL, axis=0).astype(self.dtype)
+    # The lookup reads whole rows: under FSDP the table's `embed` dimension is gathered first (as
+    # every FSDP weight is before use); a `vocab` split stays and becomes a masked lookup + reduce.
+    table_VxD = constrain(self.table[...], ("vocab", None))
+    return jnp.take(table_VxD, tokens_BxL, axis=0).astype(self.dtype)
 
   def attend(self, x_BxLxD: jax.Array) -> jax.Array:
     """Takes hidden states [B, L, D] and returns logits [B, L, V] (float32 accumulation)."""

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from lm import layers
+from lm import layers, quant
 from lm.axes import constrain
 from lm.config import ModelConfig
 
@@ -25,10 +25,10 @@ class Attention(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype, rngs=rngs)
     d, n, g, k = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    self.query = layers.Linear([d], [n, k], ("embed", "heads", "kv"), **kw)
-    self.key = layers.Linear([d], [g, k], ("embed", "kv_heads", "kv"), **kw)
-    self.value = layers.Linear([d], [g, k], ("embed", "kv_heads", "kv"), **kw)
-    self.out = layers.Linear([n, k], [d], ("heads", "kv", "embed"),
+    self.query = quant.dense(cfg, "attention.query")([d], [n, k], ("embed", "heads", "kv"), **kw)
+    self.key = quant.dense(cfg, "attention.key")([d], [g, k], ("embed", "kv_heads", "kv"), **kw)
+    self.value = quant.dense(cfg, "attention.value")([d], [g, k], ("embed", "kv_heads", "kv"), **kw)
+    self.out = quant.dense(cfg, "attention.out")([n, k], [d], ("heads", "kv", "embed"),
                              init_scale=(2 * cfg.num_layers) ** -0.5, **kw)
 
   def __call__(self, x_BxLxD, sin, cos, mask_BxLxS=None, cache_kv=None, cache_index=None):
@@ -62,9 +62,9 @@ class Mlp(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype, rngs=rngs)
-    self.gate = layers.Linear([cfg.d_model], [cfg.mlp_dim], ("embed", "mlp"), **kw)
-    self.up = layers.Linear([cfg.d_model], [cfg.mlp_dim], ("embed", "mlp"), **kw)
-    self.down = layers.Linear([cfg.mlp_dim], [cfg.d_model], ("mlp", "embed"),
+    self.gate = quant.dense(cfg, "mlp.gate")([cfg.d_model], [cfg.mlp_dim], ("embed", "mlp"), **kw)
+    self.up = quant.dense(cfg, "mlp.up")([cfg.d_model], [cfg.mlp_dim], ("embed", "mlp"), **kw)
+    self.down = quant.dense(cfg, "mlp.down")([cfg.mlp_dim], [cfg.d_model], ("mlp", "embed"),
                               init_scale=(2 * cfg.num_layers) ** -0.5, **kw)
 
   def __call__(self, x_BxLxD):
@@ -104,7 +104,7 @@ class Transformer(nnx.Module):
     self.cfg = cfg
     self.remat_wrapper = remat_wrapper
     kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype, rngs=rngs)
-    self.embed = layers.Embedding(cfg.vocab_size, cfg.d_model, **kw)
+    self.embed = quant.embedding(cfg)(cfg.vocab_size, cfg.d_model, **kw)
 
     @nnx.split_rngs(splits=cfg.num_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -114,7 +114,7 @@ class Transformer(nnx.Module):
     self.blocks = make_blocks(rngs)
     self.final_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.storage_dtype,
                                      rngs=rngs)
-    self.unembed = nnx.data(None if cfg.tie_embeddings else layers.Linear(
+    self.unembed = nnx.data(None if cfg.tie_embeddings else quant.dense(cfg, "unembed")(
         [cfg.d_model], [cfg.vocab_size], ("embed", "vocab"), **kw))
 
   def hidden_states(self, tokens_BxL, positions_BxL=None, cache=None, cache_index=None):
@@ -170,13 +170,18 @@ class Transformer(nnx.Module):
 
     Returns (logits [B, L, V] float32, the cache with these tokens' keys and values written in).
     """
+    cache_len = cache["k"].shape[2]
+    if isinstance(cache_index, int) and cache_index + tokens_BxL.shape[1] > cache_len:
+      # (A traced index cannot be checked here; `lm.generate` checks lengths before tracing.)
+      raise ValueError(f"decoding {tokens_BxL.shape[1]} tokens at position {cache_index} overruns the "
+                       f"KV cache of length {cache_len}; allocate a longer cache with init_cache.")
     hidden, cache = self.hidden_states(tokens_BxL, cache=cache, cache_index=cache_index)
     return self.logits(hidden), cache
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int | None = None, dtype=None) -> KVCache:
   """Returns a zero KV cache {"k", "v"}: each [num_layers, batch, max_len, num_kv_heads, head_dim]."""
-  max_len = max_len or cfg.max_seq_len
+  max_len = cfg.max_seq_len if max_len is None else max_len
   shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
   dtype = dtype or cfg.compute_dtype
   return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}

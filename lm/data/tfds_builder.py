@@ -1,17 +1,34 @@
-"""A tensorflow_datasets builder that writes the corpus documents as array_record shards.
+"""tensorflow_datasets builders that write corpus documents as array_record shards.
 
 array_record shards are read through `builder.as_data_source()` (random access, no TensorFlow),
-which is what grain consumes. The builder's `DatasetInfo` is built directly, so no metadata files
-or checksums are needed. Shards land in `<data_dir>/shakespeare/<VERSION>/`.
+which is what grain consumes. The builders' `DatasetInfo` is built directly, so no metadata files
+or checksums are needed. The bundled corpus lands in `<data_dir>/shakespeare/<VERSION>/`; a corpus
+of your own (`CorpusBuilder`) in `<data_dir>/<prepared>/corpus/<VERSION>/`, where `<prepared>` is
+named by the content hash and recorded in `<data_dir>/manifest.json` (see manifest.py).
 """
 
+import datetime
+import hashlib
+import json
+import os
 import pathlib
+import shutil
+from typing import Any
 
 import tensorflow_datasets as tfds
+import tqdm
 
 from lm.data import corpus
+from lm.data import manifest as manifest_lib
+from lm.data import sources
 
 NAME = "shakespeare"
+CORPUS_NAME = "corpus"
+_DOWNLOAD_CONFIG = dict(try_download_gcs=False, compute_stats=tfds.download.ComputeStatsMode.SKIP)
+
+
+def _features() -> tfds.features.FeaturesDict:
+  return tfds.features.FeaturesDict({"text": tfds.features.Text(), "title": tfds.features.Text()})
 
 
 class ShakespeareBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -32,10 +49,7 @@ class ShakespeareBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
     return tfds.core.DatasetInfo(
         builder=self,
         description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "text": tfds.features.Text(),
-            "title": tfds.features.Text(),
-        }),
+        features=_features(),
         disable_shuffling=True,
         homepage="https://www.gutenberg.org/",
         license="Public domain (Project Gutenberg texts).",
@@ -62,6 +76,11 @@ def prepare_shards(data_dir: str | pathlib.Path) -> ShakespeareBuilder:
   several processes share `data_dir`: tfds writes into a temporary directory and renames it; a
   process that loses that race finds the winner's shards and returns them.
   """
+  held = manifest_lib.read(data_dir)
+  if held is not None:
+    raise ValueError(f"data.data_dir={str(data_dir)!r} holds the {held['corpus']!r} corpus prepared "
+                     f"from {held['source']['path']!r}; give the bundled corpus another "
+                     "data.data_dir (e.g. runs/data).")
   builder = get_builder(data_dir)
   if builder.is_prepared():
     return builder
@@ -69,11 +88,7 @@ def prepare_shards(data_dir: str | pathlib.Path) -> ShakespeareBuilder:
   try:
     builder.download_and_prepare(
         file_format="array_record",
-        download_config=tfds.download.DownloadConfig(
-            try_download_gcs=False,
-            compute_stats=tfds.download.ComputeStatsMode.SKIP,
-        ),
-    )
+        download_config=tfds.download.DownloadConfig(**_DOWNLOAD_CONFIG))
   except FileExistsError:  # another process renamed its finished shards into place first
     builder = get_builder(data_dir)
     if not builder.is_prepared():
@@ -88,8 +103,146 @@ def data_source(data_dir: str | pathlib.Path, split: str):
   """
   if split not in corpus.SPLITS:
     raise ValueError(f"split={split!r} is not one of {corpus.SPLITS}.")
-  builder = get_builder(data_dir)
+  own = manifest_lib.prepared_dir(data_dir)
+  builder = get_builder(data_dir) if own is None else CorpusBuilder(data_dir=str(own))
   if not builder.is_prepared():
     raise ValueError(f"No prepared {NAME} shards in data_dir={str(data_dir)!r}; call "
                      "lm.data.loader.prepare(data_dir, ...) first.")
   return builder.as_data_source(split=split)
+
+
+class CorpusBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """A corpus of your own (sources.CorpusSource); each example is {"text": str, "title": str}.
+
+  Splits "train" and "validation" hold exactly `sources.split_documents(source, files, split)` in
+  order. `source`, `files` and `counts` ({split: documents}, for the progress bar) are needed only to
+  write the shards; reading them back needs just `data_dir`.
+  """
+  name = CORPUS_NAME
+  # Bump when sources.py changes what the documents are, so old shards are not reused.
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Text files cut at blank lines; JSONL/Parquet records verbatim."}
+  url_infos = None  # nothing is downloaded (see ShakespeareBuilder)
+
+  def __init__(self, *, source: sources.CorpusSource | None = None,
+               files: dict[str, list[str]] | None = None, counts: dict[str, int] | None = None,
+               **kwargs):
+    self._source, self._files, self._counts = source, files, counts or {}
+    super().__init__(file_format="array_record", **kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(builder=self, description=self.__doc__, features=_features(),
+                                 disable_shuffling=True)
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # local files; nothing is downloaded
+    if self._source is None:
+      raise ValueError("CorpusBuilder needs `source` and `files` to write shards; use "
+                       "tfds_builder.prepare_corpus(data_dir, source).")
+    return {split: self._generate_examples(split) for split in corpus.SPLITS}
+
+  def _generate_examples(self, split):
+    with tqdm.tqdm(total=self._counts.get(split), unit="doc", desc=f"Writing {split} shards") as bar:
+      docs = sources.split_documents(self._source, self._files, split)
+      for index, (title, text) in enumerate(docs):
+        yield index, {"text": text, "title": title}
+        bar.update()
+
+
+def _prepared_name(source: sources.CorpusSource, content: dict[str, str | None]) -> str:
+  """`<kind>-<12 hex>`: a hash of the inputs' bytes and of every setting that shapes a document.
+
+  Paths are left out, so moving the corpus keeps its shards.
+  """
+  spec = {k: v for k, v in source.spec().items() if k not in ("path", "validation_path")}
+  key = json.dumps({"spec": spec, "content": content, "builder": str(CorpusBuilder.VERSION)},
+                   sort_keys=True)
+  return f"{source.kind}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def _hash_inputs(source: sources.CorpusSource, files: dict[str, list[str]]) -> dict[str, str | None]:
+  """{"train": sha256, "validation": sha256 or None (a fraction split reads the train files)}."""
+  splits = ("train", "validation") if source.validation_path else ("train",)
+  total = sum(os.path.getsize(p) for s in splits for p in files[s])
+  with tqdm.tqdm(total=total, unit="B", unit_scale=True, desc="Hashing corpus") as bar:
+    content = {s: sources.content_sha256(files[s], bar.update) for s in splits}
+  return {"train": content["train"], "validation": content.get("validation")}
+
+
+def _count_documents(source: sources.CorpusSource,
+                     files: dict[str, list[str]]) -> dict[str, dict[str, int]]:
+  """Reads every input once: {split: {"documents", "characters"}}; raises on bad input before any
+  shard is written."""
+  counts = {s: {"documents": 0, "characters": 0} for s in corpus.SPLITS}
+  paths = files["train"] + (files["validation"] if source.validation_path else [])
+  sizes = {p: os.path.getsize(p) for p in paths}
+  with tqdm.tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, desc="Reading corpus") as bar:
+    def done(path):
+      bar.update(sizes[path])
+    for split in (corpus.SPLITS if source.validation_path else ("train",)):
+      for _, text in sources.iter_documents(source.kind, source.field, files[split], done):
+        if source.validation_path:
+          to = split
+        else:
+          to = "validation" if sources.is_validation(text, source.validation_fraction) else "train"
+        counts[to]["documents"] += 1
+        counts[to]["characters"] += len(text)
+  for split, count in counts.items():
+    if not count["documents"]:
+      fix = ("raise data.validation_fraction or set data.validation_path"
+             if split == "validation" and not source.validation_path
+             else f"check data.{'validation_path' if split == 'validation' else 'path'}")
+      raise ValueError(f"The {split} split of data.corpus={source.kind!r} from "
+                       f"{source.path!r} has no documents; {fix}.")
+  return counts
+
+
+def prepare_corpus(data_dir: str | pathlib.Path, source: sources.CorpusSource) -> dict[str, Any]:
+  """Prepares `source` into shards under `data_dir` unless they are current; returns the manifest.
+
+  Unchanged settings and file stats (path, size, mtime): returns at once, reading no input. Else
+  the inputs are hashed; the same hash reuses the shards (only the stats are updated), a new one
+  reads and checks every document, writes new shards (progress bars on stderr), records them in
+  `<data_dir>/manifest.json` and deletes the shards the old manifest named. Raises ValueError for an
+  empty glob, a missing JSONL field / Parquet column, an empty split, or a data_dir that holds the
+  bundled corpus.
+  """
+  data_dir = pathlib.Path(data_dir)
+  if (data_dir / NAME).exists():
+    raise ValueError(f"data.data_dir={str(data_dir)!r} holds the bundled shakespeare shards; give "
+                     f"data.corpus={source.kind!r} a data.data_dir of its own "
+                     "(e.g. runs/data-mycorpus).")
+  files = sources.input_files(source)
+  stats = {split: sources.file_stats(paths) for split, paths in files.items()}
+  old = manifest_lib.read(data_dir)
+
+  def is_built(name):
+    return CorpusBuilder(data_dir=str(data_dir / name)).is_prepared()
+
+  if old and old["source"] == source.spec() and old["files"] == stats and is_built(old["prepared"]):
+    return old
+  content = _hash_inputs(source, files)
+  name = _prepared_name(source, content)
+  if old and old["prepared"] == name and is_built(name):
+    manifest = {**old, "source": source.spec(), "files": stats}
+    manifest_lib.write(data_dir, manifest)
+    return manifest
+  counts = _count_documents(source, files)
+  if not is_built(name):
+    tfds.disable_progress_bar()  # ours count documents; tfds's would only repeat them
+    builder = CorpusBuilder(data_dir=str(data_dir / name), source=source, files=files,
+                            counts={s: c["documents"] for s, c in counts.items()})
+    try:
+      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(**_DOWNLOAD_CONFIG))
+    except FileExistsError:  # another process renamed its finished shards into place first
+      if not is_built(name):
+        raise
+  manifest = {"version": manifest_lib.VERSION, "corpus": source.kind, "source": source.spec(),
+              "files": stats, "content_sha256": content,
+              "builder_version": str(CorpusBuilder.VERSION), "prepared": name, "splits": counts,
+              "tokens": {},
+              "prepared_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+  manifest_lib.write(data_dir, manifest)
+  if old and old["prepared"] != name:  # inputs changed: the old shards and tokenizers are stale
+    shutil.rmtree(data_dir / old["prepared"], ignore_errors=True)
+  return manifest

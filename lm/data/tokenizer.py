@@ -1,7 +1,9 @@
-"""Tokenizers: a SentencePiece BPE model trained on the train split, and a fixed byte tokenizer.
+"""Tokenizers: SentencePiece (trained on the train split, or loaded), bytes, Hugging Face files.
 
-Both map any Unicode string to ids and back (`decode(encode(s)) == s`) and reserve pad id 0, so a
-zero-filled buffer is padding. `load_tokenizer` is the one entry point the rest of the code uses.
+The trained SentencePiece model and the byte tokenizer map any Unicode string to ids and back
+(`decode(encode(s)) == s`) and reserve pad id 0, so a zero-filled buffer is padding. A tokenizer
+loaded from a file (`data.tokenizer_path`) keeps that file's ids. `load_tokenizer` is the one entry
+point the rest of the code uses.
 """
 
 import abc
@@ -14,8 +16,10 @@ from collections.abc import Sequence
 import sentencepiece as spm
 
 from lm.data import corpus
+from lm.data import manifest
+from lm.data import tfds_builder
 
-KINDS = ("sentencepiece", "byte")
+KINDS = ("sentencepiece", "byte", "huggingface")
 # Documents are fed to the trainer whole; together they are ~4.5 M characters and train in ~1 s.
 # Should the corpus grow, every k-th document is used so that training stays at a few seconds.
 _MAX_TRAINING_CHARS = 16_000_000
@@ -40,7 +44,7 @@ class Tokenizer(abc.ABC):
   @property
   @abc.abstractmethod
   def pad_id(self) -> int:
-    """Id of padding (0 for every tokenizer here)."""
+    """Id of padding: 0 for the trained and byte tokenizers (a loaded file may differ)."""
 
   @property
   @abc.abstractmethod
@@ -88,7 +92,9 @@ class ByteTokenizer(Tokenizer):
 class SentencePieceTokenizer(Tokenizer):
   """A SentencePiece model: ids pad 0, unk 1, BOS 2, EOS 3, then 256 byte pieces, then merges.
 
-  Pickles as its serialized model, so grain worker processes can receive it.
+  A model loaded from a file keeps its own ids; one without a pad piece (e.g. Llama 2's) reports
+  EOS as pad, one without BOS reports EOS as BOS. Pickles as its serialized model, so grain worker
+  processes can receive it.
   """
 
   def __init__(self, model_proto: bytes):
@@ -118,11 +124,11 @@ class SentencePieceTokenizer(Tokenizer):
 
   @property
   def pad_id(self) -> int:
-    return self._sp.pad_id()
+    return self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eos_id
 
   @property
   def bos_id(self) -> int:
-    return self._sp.bos_id()
+    return self._sp.bos_id() if self._sp.bos_id() >= 0 else self.eos_id
 
   @property
   def eos_id(self) -> int:

@@ -1,0 +1,1 @@
+"""Compression: int8 quantization, knowledge distillation and pruning (docs/compression.md)."""

@@ -1,0 +1,65 @@
+"""Calibration for SmoothQuant: max |x| of every input channel of every dense layer, over real batches.
+
+The float model is rebuilt with `model.quant="observe"` (lm/quant.py's ObservedLinear records its
+inputs' ranges), so the statistics come from the same model code that serves, with no hooks.
+"""
+
+import dataclasses
+from typing import Any, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lm.config import ModelConfig
+from lm.quant import InputRange
+from lm.transformer import Transformer
+
+Params = dict[str, Any]
+
+nnx.use_eager_sharding(False)
+
+
+def make_observer(cfg: ModelConfig):
+  """Returns a jitted `fn(float_params, ranges, tokens_BxL) -> ranges` that folds one batch in.
+
+  `ranges` is a tree (one [*S, *I] float32 array per dense layer); start from `zero_ranges(cfg)`.
+  """
+  observe_cfg = dataclasses.replace(cfg, quant="observe")
+  graphdef, _, _ = nnx.split(nnx.eval_shape(lambda: Transformer(observe_cfg, rngs=nnx.Rngs(0))),
+                             nnx.Param, InputRange)
+
+  @jax.jit
+  def fold(params, ranges, tokens_BxL):
+    model = nnx.merge(graphdef, params, ranges)
+    model(tokens_BxL)
+    return nnx.to_pure_dict(nnx.state(model, InputRange))
+
+  return fold
+
+
+def zero_ranges(cfg: ModelConfig) -> Params:
+  """All-zero input ranges for every dense layer of `cfg`'s model."""
+  observe_cfg = dataclasses.replace(cfg, quant="observe")
+  abstract = nnx.eval_shape(lambda: Transformer(observe_cfg, rngs=nnx.Rngs(0)))
+  shapes = nnx.to_pure_dict(nnx.state(abstract, InputRange))
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def calibrate(cfg: ModelConfig, float_params: Params, batches: Iterable[np.ndarray]) -> Params:
+  """Returns max |x| per input channel of every dense layer over `batches` of int tokens [B, L].
+
+  Raises ValueError when `batches` is empty: smoothing from no data would silently do nothing.
+  """
+  if cfg.quant != "none":
+    raise ValueError(f"Calibration runs the float model; got model.quant={cfg.quant!r}.")
+  fold = make_observer(cfg)
+  ranges, count = zero_ranges(cfg), 0
+  for tokens_BxL in batches:
+    ranges = fold(float_params, ranges, jnp.asarray(tokens_BxL, jnp.int32))
+    count += 1
+  if count == 0:
+    raise ValueError("Calibration got zero batches; SmoothQuant needs activation ranges from real "
+                     "text. Pass --calibration_batches >= 1 (8 is plenty for the demo model).")
+  return ranges

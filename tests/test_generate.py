@@ -1,0 +1,276 @@
+"""Tests for lm/generate.py: cached decoding against the full forward, greedy generation against a naive
+re-run-everything loop, and the sampling filters against NumPy references.
+
+Every jitted function is compiled once per module (module-scoped fixtures); argument checks use
+`jax.eval_shape`, which traces without compiling.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lm import generate as gen_lib
+from lm.config import ModelConfig
+from lm.transformer import Transformer, init_cache
+
+nnx.use_eager_sharding(False)
+
+TINY = dict(vocab_size=61, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+            mlp_dim=64, max_seq_len=32)
+VARIANTS = {
+    "gqa_tied": {},
+    "gqa_untied": dict(tie_embeddings=False),
+    "mha_untied": dict(num_kv_heads=4, tie_embeddings=False),
+}
+BATCH, PROMPT_LEN, NEW_TOKENS = 3, 5, 12
+
+
+def _build(**overrides):
+  """Returns (cfg, graphdef, params dict) of a freshly initialized tiny model."""
+  cfg = ModelConfig(**{**TINY, **overrides})
+  graphdef, state = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+  return cfg, graphdef, nnx.to_pure_dict(state)
+
+
+@functools.partial(jax.jit, static_argnames="graphdef")
+def _forward(graphdef, params, tokens_BxL):
+  return nnx.merge(graphdef, params)(tokens_BxL)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "prefill_len"))
+def _full_and_cached_logits(graphdef, params, tokens_BxL, prefill_len):
+  """Logits [B, L, V] of the full forward, and from one prefill of `prefill_len` tokens followed by
+  one cached decode step per token (one program, so one compile per model)."""
+  model = nnx.merge(graphdef, params)
+  batch, length = tokens_BxL.shape
+  cache = init_cache(model.cfg, batch)  # longer than L: unwritten slots must stay masked
+  prefill_BxPxV, cache = model.decode(tokens_BxL[:, :prefill_len], cache, 0)
+
+  def step(cache, index):
+    token_Bx1 = jax.lax.dynamic_slice_in_dim(tokens_BxL, index, 1, axis=1)
+    logits_Bx1xV, cache = nnx.merge(graphdef, params).decode(token_Bx1, cache, index)
+    return cache, logits_Bx1xV[:, 0]
+
+  _, rest_NxBxV = jax.lax.scan(step, cache, jnp.arange(prefill_len, length))
+  cached_BxLxV = jnp.concatenate([prefill_BxPxV, rest_NxBxV.transpose(1, 0, 2)], axis=1)
+  return model(tokens_BxL), cached_BxLxV
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  return _build(tie_embeddings=False)
+
+
+@pytest.fixture(scope="module")
+def prompt_BxP():
+  return jax.random.randint(jax.random.key(1), (BATCH, PROMPT_LEN), 0, TINY["vocab_size"], jnp.int32)
+
+
+@pytest.fixture(scope="module")
+def greedy_BxT(tiny, prompt_BxP):
+  _, graphdef, params = tiny
+  fn = gen_lib.make_generate_fn(graphdef, max_new_tokens=NEW_TOKENS, temperature=0.0)
+  return np.asarray(fn(params, prompt_BxP, jax.random.key(0)))
+
+
+# ---- KV-cache decoding ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_cached_decode_matches_full_forward(variant):
+  _, graphdef, params = _build(**VARIANTS[variant])
+  tokens_BxL = jax.random.randint(jax.random.key(2), (BATCH, 20), 0, TINY["vocab_size"], jnp.int32)
+  full_BxLxV, cached_BxLxV = _full_and_cached_logits(graphdef, params, tokens_BxL, prefill_len=7)
+  assert cached_BxLxV.dtype == jnp.float32
+  np.testing.assert_allclose(cached_BxLxV, full_BxLxV, atol=1e-5, rtol=0)
+
+
+# ---- generate -------------------------------------------------------------------------------------
+
+def test_greedy_matches_naive_full_forward_loop(tiny, prompt_BxP, greedy_BxT):
+  cfg, graphdef, params = tiny
+  # Right-padding to max_seq_len keeps one compiled shape; causality makes the padding invisible.
+  tokens_BxS = np.zeros((BATCH, cfg.max_seq_len), np.int32)
+  tokens_BxS[:, :PROMPT_LEN] = np.asarray(prompt_BxP)
+  for t in range(PROMPT_LEN, PROMPT_LEN + NEW_TOKENS):
+    logits_BxSxV = np.asarray(_forward(graphdef, params, jnp.asarray(tokens_BxS)))
+    tokens_BxS[:, t] = logits_BxSxV[:, t - 1].argmax(-1)
+  assert greedy_BxT.shape == (BATCH, PROMPT_LEN + NEW_TOKENS)
+  assert greedy_BxT.dtype == np.int32
+  np.testing.assert_array_equal(greedy_BxT, tokens_BxS[:, :PROMPT_LEN + NEW_TOKENS])
+
+
+def test_top_k_1_generation_equals_greedy(tiny, prompt_BxP, greedy_BxT):
+  _, graphdef, params = tiny
+  fn = gen_lib.make_generate_fn(graphdef, max_new_tokens=NEW_TOKENS, temperature=1.0, top_k=1)
+  np.testing.assert_array_equal(fn(params, prompt_BxP, jax.random.key(7)), greedy_BxT)
+
+
+def test_rows_emit_only_eos_after_eos(tiny, prompt_BxP, greedy_BxT):
+  _, graphdef, params = tiny
+  generated_BxN = greedy_BxT[:, PROMPT_LEN:]
+  eos = int(np.bincount(generated_BxN.ravel()).argmax())  # the most frequent, so some row hits it
+  fn = gen_lib.make_generate_fn(graphdef, max_new_tokens=NEW_TOKENS, temperature=0.0, eos_id=eos)
+  with_eos_BxT = np.asarray(fn(params, prompt_BxP, jax.random.key(0)))
+  for row in range(BATCH):
+    hits = np.flatnonzero(generated_BxN[row] == eos)
+    stop = PROMPT_LEN + (hits[0] if hits.size else NEW_TOKENS)
+    np.testing.assert_array_equal(with_eos_BxT[row, :stop + 1], greedy_BxT[row, :stop + 1])
+    assert (with_eos_BxT[row, stop:] == eos).all()
+  # Non-trivial: some row would have emitted other tokens after its eos.
+  assert (with_eos_BxT != greedy_BxT).any()
+
+
+def _count_decode_calls(monkeypatch) -> list[int]:
+  calls = []
+  original = Transformer.decode
+  monkeypatch.setattr(Transformer, "decode", lambda self, *a: calls.append(1) or original(self, *a))
+  return calls
+
+
+def test_decode_is_traced_twice_whatever_the_length(tiny, monkeypatch):
+  cfg, graphdef, params = tiny
+  calls = _count_decode_calls(monkeypatch)
+  for new_tokens in (2, cfg.max_seq_len - PROMPT_LEN):  # the second fills max_seq_len exactly
+    calls.clear()
+    fn = gen_lib.make_generate_fn(graphdef, max_new_tokens=new_tokens, temperature=0.7)
+    out = jax.eval_shape(fn, params, jnp.zeros((1, PROMPT_LEN), jnp.int32), jax.random.key(0))
+    assert out.shape == (1, PROMPT_LEN + new_tokens)
+    assert len(calls) == 2  # the prefill and the scanned step, never once per token
+
+
+def test_sampling_is_seeded_and_compiles_once(tiny, prompt_BxP, monkeypatch):
+  _, graphdef, params = tiny
+  calls = _count_decode_calls(monkeypatch)
+  fn = gen_lib.make_generate_fn(graphdef, max_new_tokens=NEW_TOKENS, temperature=1.5, top_p=0.95)
+  first, again, other = (np.asarray(fn(params, prompt_BxP, jax.random.key(s))) for s in (3, 3, 4))
+  fn(jax.tree.map(lambda p: p * 2, params), prompt_BxP + 1, jax.random.key(5))
+  assert len(calls) == 2  # one trace (prefill + step) served all four calls
+  np.testing.assert_array_equal(first, again)
+  assert (first != other).any()
+  np.testing.assert_array_equal(first[:, :PROMPT_LEN], prompt_BxP)
+  assert first.min() >= 0 and first.max() < TINY["vocab_size"]
+
+
+def test_zero_new_tokens_returns_the_prompt(tiny, prompt_BxP):
+  _, graphdef, params = tiny
+  out = gen_lib.generate(nnx.merge(graphdef, params), prompt_BxP, max_new_tokens=0,
+                         rng=jax.random.key(0))
+  np.testing.assert_array_equal(out, prompt_BxP)
+
+
+def test_too_long_raises_before_compiling(tiny):
+  cfg, graphdef, params = tiny
+  fn = gen_lib.make_generate_fn(graphdef, max_new_tokens=cfg.max_seq_len - 4)
+  with pytest.raises(ValueError, match="max_seq_len=32"):
+    jax.eval_shape(fn, params, jnp.zeros((2, 5), jnp.int32), jax.random.key(0))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(max_new_tokens=-1), "max_new_tokens"),
+    (dict(max_new_tokens=2, temperature=-0.5), "temperature"),
+    (dict(max_new_tokens=2, top_k=-1), "top_k"),
+    (dict(max_new_tokens=2, top_p=0.0), "top_p"),
+    (dict(max_new_tokens=2, top_p=1.5), "top_p"),
+])
+def test_make_generate_fn_validates(tiny, kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    gen_lib.make_generate_fn(tiny[1], **kwargs)
+
+
+@pytest.mark.parametrize("prompt, kwargs, match", [
+    (jnp.zeros((4,), jnp.int32), {}, "prompt"),
+    (jnp.zeros((2, 0), jnp.int32), {}, "prompt_len >= 1"),
+    (jnp.zeros((2, 3), jnp.float32), {}, "integer"),
+    (jnp.zeros((2, 3), jnp.int32), dict(eos_id=61), "eos_id"),
+])
+def test_generate_validates(tiny, prompt, kwargs, match):
+  cfg, graphdef, params = tiny
+  run = lambda p: gen_lib.generate(nnx.merge(graphdef, p), prompt, max_new_tokens=2,
+                                   rng=jax.random.key(0), **kwargs)
+  with pytest.raises(ValueError, match=match):
+    jax.eval_shape(run, params)
+
+
+# ---- sampling -------------------------------------------------------------------------------------
+
+PROBS_V = np.array([0.06, 0.4, 0.1, 0.25, 0.04, 0.15])  # masses in descending order: .4 .65 .8 .9 .96 1
+LOGITS_V = np.log(PROBS_V).astype(np.float32)
+
+
+def _softmax(x):
+  e = np.exp(x - x[np.isfinite(x)].max())
+  return e / e.sum()
+
+
+def _numpy_filter(logits_V, temperature, top_k, top_p):
+  """Reference: temperature, then top-k, then the smallest nucleus of renormalized mass >= top_p."""
+  z_V = logits_V.astype(np.float64) / temperature
+  order = np.argsort(-z_V, kind="stable")
+  candidates = order[:top_k] if top_k else order
+  probs = _softmax(z_V[candidates])
+  keep = np.zeros(z_V.shape, bool)
+  mass = 0.0
+  for token, p in zip(candidates, probs):
+    keep[token] = True
+    mass += p
+    if mass >= top_p:
+      break
+  return np.where(keep, z_V, -np.inf)
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [
+    (1.0, 0, 0.3), (1.0, 0, 0.5), (1.0, 0, 0.7), (1.0, 0, 0.85), (1.0, 0, 0.99), (1.0, 0, 1.0),
+    (1.0, 3, 1.0), (1.0, 3, 0.7), (1.0, 100, 0.5), (0.5, 0, 0.85), (2.0, 4, 0.6),
+])
+def test_filter_logits_matches_numpy(temperature, top_k, top_p):
+  expected_V = _numpy_filter(LOGITS_V, temperature, top_k, top_p)
+  got_V = np.asarray(gen_lib.filter_logits(jnp.asarray(LOGITS_V)[None], temperature=temperature,
+                                           top_k=top_k, top_p=top_p))[0]
+  np.testing.assert_array_equal(np.isfinite(got_V), np.isfinite(expected_V))
+  kept = np.isfinite(expected_V)
+  np.testing.assert_allclose(got_V[kept], expected_V[kept], rtol=1e-6)
+
+
+def test_top_k_1_and_greedy_pick_the_lowest_id_among_ties():
+  logits_BxV = jnp.array([[1.0, 3.0, 3.0, 0.0], [-2.0, -1.0, -5.0, -1.0]])
+  greedy_B = gen_lib.sample_logits(logits_BxV, jax.random.key(0), temperature=0.0)
+  top1_B = gen_lib.sample_logits(logits_BxV, jax.random.key(0), top_k=1)
+  np.testing.assert_array_equal(greedy_B, [1, 1])
+  np.testing.assert_array_equal(top1_B, [1, 1])
+  assert greedy_B.dtype == jnp.int32 and top1_B.dtype == jnp.int32
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.7, 0, 1.0), (1.0, 4, 0.85)])
+def test_sample_frequencies_follow_the_filtered_softmax(temperature, top_k, top_p):
+  draws = 20_000
+  logits_NxV = jnp.broadcast_to(jnp.asarray(LOGITS_V), (draws, LOGITS_V.size))
+  tokens_N = gen_lib.sample_logits(logits_NxV, jax.random.key(42), temperature=temperature,
+                                   top_k=top_k, top_p=top_p)
+  counts_V = np.bincount(np.asarray(tokens_N), minlength=LOGITS_V.size)
+  expected_V = draws * _softmax(_numpy_filter(LOGITS_V, temperature, top_k, top_p))
+  assert (counts_V[expected_V == 0] == 0).all()
+  kept = expected_V > 0
+  chi2 = (((counts_V[kept] - expected_V[kept]) ** 2) / expected_V[kept]).sum()
+  assert chi2 < 25.0, (counts_V, expected_V)  # df <= 5: p < 1e-4 for a correct sampler
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(temperature=-1.0), "temperature"),
+    (dict(top_k=-2), "top_k"),
+    (dict(top_k=1.5), "top_k"),
+    (dict(top_p=0.0), r"top_p=0.0: must be in \(0, 1\]"),
+    (dict(top_p=1.01), "top_p"),
+    (dict(temperature=jnp.float32(0.5)), "Python number"),
+])
+def test_sample_logits_validates(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    gen_lib.sample_logits(jnp.zeros((1, 4)), jax.random.key(0), **kwargs)
+
+
+def test_filter_logits_rejects_greedy():
+  with pytest.raises(ValueError, match="temperature=0"):
+    gen_lib.filter_logits(jnp.zeros((1, 4)), temperature=0.0)

@@ -1,0 +1,168 @@
+"""Training end to end on the bundled corpus: loss goes down, resume is exact, preemption is safe."""
+
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from configs.smoke import get_config
+from launch import checkpoint as ckpt_lib
+from launch.config import validate
+from launch.logger import read_metrics
+from launch.preemption import StopRequest
+from launch.trainer import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("data"))
+
+
+def smoke_config(data_dir, **train_overrides):
+  c = get_config()
+  c.data.data_dir = data_dir
+  c.train.steps = 8
+  c.train.log_every = 1
+  c.train.eval_batches = 2
+  c.train.tensorboard = False
+  c.checkpoint.save_every = 2
+  c.checkpoint.async_save = True
+  for key, value in train_overrides.items():
+    section, name = key.split("__")
+    c[section][name] = value
+  return validate(c)
+
+
+def losses(workdir):
+  return {r["step"]: r["loss"] for r in read_metrics(workdir) if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("full"))
+  result = train(smoke_config(data_dir), workdir)
+  return workdir, result
+
+
+def test_training_reduces_loss(uninterrupted):
+  workdir, result = uninterrupted
+  curve = losses(workdir)
+  assert sorted(curve) == list(range(1, 9))
+  assert curve[8] < curve[1] - 0.3
+  assert np.isfinite(result.val_loss) and result.final_step == 8
+  assert os.path.exists(os.path.join(workdir, "loss_curve.png"))
+  assert ckpt_lib.Checkpointer(result.checkpoint_dir, read_only=True).steps() == [4, 6, 8]  # keep=3
+
+
+def test_resume_equals_uninterrupted_run(uninterrupted, data_dir, tmp_path):
+  full_dir, _ = uninterrupted
+  cfg = smoke_config(data_dir)
+  stop = StopRequest()
+  first = train(cfg, str(tmp_path), stop=stop, on_step=lambda s: s == 3 and stop.request("test"))
+  assert first.stopped_early and first.final_step == 3
+  second = train(cfg, str(tmp_path), resume=True)
+  assert second.final_step == 8
+  reference, resumed = losses(full_dir), losses(str(tmp_path))
+  for step in range(4, 9):
+    assert resumed[step] == pytest.approx(reference[step], rel=1e-6, abs=1e-6), step
+  assert second.val_loss == pytest.approx(losses(full_dir) and uninterrupted[1].val_loss, rel=1e-6)
+
+
+def test_existing_checkpoints_are_never_overwritten_without_resume(uninterrupted, data_dir):
+  workdir, _ = uninterrupted
+  with pytest.raises(ValueError, match="pass --resume"):
+    train(smoke_config(data_dir), workdir)
+
+
+def _train_process(data_dir, workdir, *extra):
+  cmd = [sys.executable, "-m", "launch.train", "--config", os.path.join(REPO, "configs/smoke.py"),
+         f"--config.data.data_dir={data_dir}", f"--workdir={workdir}", "--config.train.tensorboard=False",
+         "--config.train.log_every=1", "--config.train.eval_batches=1", *extra]
+  env = {**os.environ, "PYTHONPATH": REPO}
+  return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_step(workdir, step, proc, timeout=120):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if losses(workdir) and max(losses(workdir)) >= step:
+      return
+    if proc.poll() is not None:
+      raise AssertionError(f"training exited early:\n{proc.stdout.read()}")
+    time.sleep(0.05)
+  raise AssertionError(f"no step {step} within {timeout}s")
+
+
+def test_sigterm_saves_and_exits_zero(data_dir, tmp_path, uninterrupted):
+  del uninterrupted  # only so the tokenizer and shards exist before the subprocess starts
+  workdir = str(tmp_path)
+  proc = _train_process(data_dir, workdir, "--config.train.steps=100000", "--config.checkpoint.save_every=100000")
+  _wait_for_step(workdir, 3, proc)
+  proc.send_signal(signal.SIGTERM)
+  output, _ = proc.communicate(timeout=60)
+  assert proc.returncode == 0, output
+  assert "SIGTERM: saved step" in output
+  saved = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True).steps()
+  assert len(saved) == 1 and saved[0] >= 3  # saved only because of the signal
+  resumed = train(smoke_config(data_dir, train__steps=saved[0] + 2), workdir, resume=True)
+  assert resumed.final_step == saved[0] + 2
+
+
+def test_sigkill_during_save_resumes_from_last_good_checkpoint(data_dir, tmp_path, uninterrupted):
+  del uninterrupted
+  workdir = str(tmp_path)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  proc = _train_process(data_dir, workdir, "--config.train.steps=100000", "--config.checkpoint.save_every=1",
+                        "--config.checkpoint.keep=2")
+  _wait_for_step(workdir, 2, proc)
+  deadline = time.time() + 60
+  while time.time() < deadline and not glob.glob(os.path.join(ckpt_dir, "*tmp*")):
+    time.sleep(0.002)
+  partial = glob.glob(os.path.join(ckpt_dir, "*tmp*"))
+  proc.kill()  # SIGKILL: no handler runs
+  proc.communicate(timeout=30)
+  assert partial, "never observed a save in progress"
+  good = ckpt_lib.Checkpointer(ckpt_dir, read_only=True).steps()
+  assert good, "the kill must leave the earlier complete checkpoints"
+  resumed = train(smoke_config(data_dir, train__steps=good[-1] + 2, checkpoint__keep=2), workdir, resume=True)
+  assert resumed.final_step == good[-1] + 2 and np.isfinite(resumed.train_loss)
+
+
+def test_corrupt_checkpoint_gets_clear_error_and_keeps_older_ones(uninterrupted, tmp_path):
+  _, result = uninterrupted
+  ckpt_dir = str(tmp_path / "checkpoints")
+  shutil.copytree(result.checkpoint_dir, ckpt_dir)
+  for path in glob.glob(os.path.join(ckpt_dir, "8", "params", "**", "*"), recursive=True):
+    if os.path.isfile(path):
+      with open(path, "wb") as f:
+        f.write(b"garbage")
+  from launch.inference import load_checkpoint
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"step 8 .* corrupt or incomplete.*Other steps here: \[4, 6\]"):
+    load_checkpoint(ckpt_dir)
+  loaded = load_checkpoint(ckpt_dir, step=6)  # the previous good checkpoint still restores
+  assert loaded.step == 6
+
+
+def test_missing_checkpoint_errors(tmp_path):
+  with pytest.raises(ckpt_lib.CheckpointError, match="No checkpoint directory"):
+    ckpt_lib.Checkpointer(str(tmp_path / "nope"), read_only=True)
+  os.makedirs(tmp_path / "empty")
+  with pytest.raises(ckpt_lib.CheckpointError, match="No complete checkpoint"):
+    ckpt_lib.Checkpointer(str(tmp_path / "empty"), read_only=True).read_meta()
+
+
+def test_checkpoint_is_self_describing(uninterrupted):
+  _, result = uninterrupted
+  meta = ckpt_lib.Checkpointer(result.checkpoint_dir, read_only=True).read_meta()
+  assert meta["step"] == 8
+  assert meta["config"]["model"]["vocab_size"] == 512
+  json.dumps(meta["data_state"])  # the data position is plain JSON
