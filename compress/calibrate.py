@@ -5,6 +5,7 @@ inputs' ranges), so the statistics come from the same model code that serves, wi
 """
 
 import dataclasses
+import functools
 from typing import Any, Iterable
 
 import jax
@@ -21,6 +22,7 @@ Params = dict[str, Any]
 nnx.use_eager_sharding(False)
 
 
+@functools.lru_cache(maxsize=8)  # one compile per model config, however many calibrations
 def make_observer(cfg: ModelConfig):
   """Returns a jitted `fn(float_params, ranges, tokens_BxL) -> ranges` that folds one batch in.
 

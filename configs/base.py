@@ -28,17 +28,25 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"    # storage dtype of parameters
   c.model.remat = "none"             # none | full | dots | dots_no_batch | save_qkv_mlp | offload_qkv_mlp
   c.model.scan_unroll = 1            # layers per scan iteration
+  c.model.logits_chunk_size = 0      # >0: score the sequence this many positions at a time (big vocabularies)
   c.model.quant = "none"             # none | w8a16 | w8a8: int8 inference (set by python -m launch.quantize)
   c.model.quant_embedding = False    # also int8 the embedding table (and so a tied output projection)
   c.model.quant_skip = ""            # dense layers left in float, comma-separated: "mlp.down,unembed"
 
   c.data = ml_collections.ConfigDict()
-  c.data.corpus = "shakespeare"      # the bundled corpus (data/shakespeare)
-  c.data.data_dir = "runs/data"      # prepared tfds shards and the tokenizer are cached here
-  c.data.tokenizer = "sentencepiece" # sentencepiece (trained on the train split) | byte
+  c.data.corpus = "shakespeare"      # shakespeare (bundled) | text | jsonl | parquet (your files; docs/data.md)
+  c.data.path = ""                   # glob of your files, e.g. "/data/books/**/*.txt" (not for shakespeare)
+  c.data.field = "text"              # JSONL key / Parquet column holding each document's text
+  c.data.validation_path = ""        # glob of held-out files in the same format; "" splits a fraction off
+  c.data.validation_fraction = 0.05  # share of documents held out when validation_path is ""
+  c.data.data_dir = "runs/data"      # prepared tfds shards, manifest and tokenizer; one corpus per directory
+  c.data.tokenizer = "sentencepiece" # sentencepiece | byte | huggingface
+  c.data.tokenizer_path = ""         # "": train SentencePiece on the train split; else a .model or tokenizer.json
   c.data.seq_len = 128               # tokens per training example
   c.data.shuffle_buffer_docs = True  # shuffle documents each epoch before packing
   c.data.num_workers = 0             # grain worker processes (0: in the main process)
+  c.data.process_sharding = "documents"  # documents: each process reads its own documents | rows:
+                                     # all processes pack the same stream (identical for any process count)
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 100
@@ -56,6 +64,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.eval_every = 0             # 0: evaluate only at the end
   c.train.eval_batches = 8           # validation batches per evaluation (0: the whole split)
   c.train.tensorboard = True
+  c.train.init_checkpoint = ""       # start from this checkpoint's params, fresh optimizer (docs/huggingface.md)
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.save_every = 50       # steps between checkpoints (the last step is always saved)
@@ -67,6 +76,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
   c.mesh.rules = "dp"                # logical-axis rule table: dp | fsdp | tp | fsdp_tp | dp_fsdp_tp
+  c.mesh.custom_rules = ""           # overrides `rules`: "batch=data+fsdp,embed=fsdp,heads=tensor,..."
+  c.mesh.dcn_data = 1                # multi-slice / multi-host: the data, fsdp, tensor sizes above are
+  c.mesh.dcn_fsdp = 1                # within a slice (ICI); each axis is further multiplied by its
+  c.mesh.dcn_tensor = 1              # dcn_* size across slices or hosts (DCN)
   c.mesh.num_devices = 0             # 0: all visible devices; n: the first n (for single-device references)
 
   # Knowledge distillation (python -m launch.distill); docs/compression.md.

@@ -13,6 +13,7 @@ import jax
 import orbax.checkpoint as ocp
 
 ITEMS = ("params", "opt_state", "meta")
+PARAMS_ONLY = "params_only"  # meta key of a step saved by save_params
 
 
 class CheckpointError(ValueError):
@@ -45,6 +46,16 @@ class Checkpointer:
         params=ocp.args.StandardSave(state.params),
         opt_state=ocp.args.StandardSave(state.opt_state),
         meta=ocp.args.JsonSave({**meta, "step": int(step)})), force=True)
+
+  def save_params(self, step: int, params, meta: dict[str, Any]) -> None:
+    """Saves parameters and `meta` only (no optimizer state), e.g. a converted Hugging Face model.
+
+    Such a step restores with `restore_params` (generation, evaluation, train.init_checkpoint) but
+    not with `restore_state` (--resume), which says so.
+    """
+    self.manager.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(params),
+        meta=ocp.args.JsonSave({**meta, "step": int(step), PARAMS_ONLY: True})), force=True)
 
   def wait(self) -> None:
     """Blocks until every started save is complete on disk."""
@@ -95,6 +106,11 @@ class Checkpointer:
     onto them, so a checkpoint saved under one mesh restores under another.
     """
     step = self._step_or_latest(step)
+    if self.read_meta(step).get(PARAMS_ONLY):
+      raise CheckpointError(
+          f"Checkpoint step {step} in {self.directory} holds parameters only (no optimizer state), "
+          "e.g. a converted Hugging Face model, so it cannot be resumed; start a new run from it with "
+          f"--config.train.init_checkpoint={self.directory}.")
     restored = self._restore(step, params=ocp.args.StandardRestore(abstract_state.params),
                              opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
                              meta=ocp.args.JsonRestore())

@@ -12,17 +12,23 @@ from configs.base import base_config
 from lm.config import ModelConfig
 from sharding.mesh import MESH_AXES
 from sharding.remat import REMAT_POLICIES
-from sharding.rules import RULE_PRESETS
+from sharding.rules import RULE_PRESETS, parse_rules
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   corpus: str
+  path: str
+  field: str
+  validation_path: str
+  validation_fraction: float
   data_dir: str
   tokenizer: str
+  tokenizer_path: str
   seq_len: int
   shuffle_buffer_docs: bool
   num_workers: int
+  process_sharding: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +48,7 @@ class TrainConfig:
   eval_every: int
   eval_batches: int
   tensorboard: bool
+  init_checkpoint: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,9 +65,18 @@ class MeshConfig:
   tensor: int
   rules: str
   num_devices: int
+  custom_rules: str
+  dcn_data: int
+  dcn_fsdp: int
+  dcn_tensor: int
 
   def requested_shape(self) -> dict[str, int]:
+    """Axis sizes within a slice (ICI); one may be -1."""
     return {name: getattr(self, name) for name in MESH_AXES}
+
+  def dcn_shape(self) -> dict[str, int]:
+    """Axis sizes across slices or hosts (DCN); all 1 for a single slice."""
+    return {name: getattr(self, f"dcn_{name}") for name in MESH_AXES}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,8 +123,8 @@ _SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
              "checkpoint": CheckpointConfig, "mesh": MeshConfig, "distill": DistillConfig,
              "prune": PruneConfig}
 _PRUNE_METHODS = ("none", "magnitude", "n_m")
-_CORPORA = ("shakespeare",)
-_TOKENIZERS = ("sentencepiece", "byte")
+_CORPORA = ("shakespeare", "text", "jsonl", "parquet")
+_TOKENIZERS = ("sentencepiece", "byte", "huggingface")
 
 
 def _check_keys(raw: dict, reference: dict, prefix: str = "") -> None:
@@ -172,8 +188,14 @@ def _cross_checks(cfg: Config) -> list[str]:
     errors.append(f"data.corpus={d.corpus!r}: choose one of {list(_CORPORA)}.")
   if d.tokenizer not in _TOKENIZERS:
     errors.append(f"data.tokenizer={d.tokenizer!r}: choose one of {list(_TOKENIZERS)}.")
+  errors += _corpus_source_errors(d)
+  if d.process_sharding not in ("documents", "rows"):
+    errors.append(f"data.process_sharding={d.process_sharding!r}: choose 'documents' or 'rows'.")
   if d.seq_len < 2:
     errors.append(f"data.seq_len={d.seq_len}: must be at least 2.")
+  if m.logits_chunk_size and d.seq_len % m.logits_chunk_size:
+    errors.append(f"data.seq_len={d.seq_len} is not a multiple of model.logits_chunk_size="
+                  f"{m.logits_chunk_size}; pick a chunk size that divides it (or 0 to disable).")
   if d.seq_len > m.max_seq_len:
     errors.append(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}; "
                   "raise model.max_seq_len or shorten data.seq_len.")
@@ -198,6 +220,14 @@ def _cross_checks(cfg: Config) -> list[str]:
     errors.append(f"checkpoint.save_every={c.save_every}, checkpoint.keep={c.keep}: both must be >= 1.")
   if mesh.rules not in RULE_PRESETS:
     errors.append(f"mesh.rules={mesh.rules!r}: choose one of {sorted(RULE_PRESETS)}.")
+  if mesh.custom_rules:
+    try:
+      parse_rules(mesh.custom_rules)
+    except ValueError as e:
+      errors.append(str(e))
+  for name, size in mesh.dcn_shape().items():
+    if size < 1:
+      errors.append(f"mesh.dcn_{name}={size}: must be a positive integer (1 for a single slice).")
   if mesh.num_devices < 0:
     errors.append(f"mesh.num_devices={mesh.num_devices}: use 0 for all devices or a positive count.")
   return errors + _compression_errors(cfg)
@@ -225,6 +255,28 @@ def _compression_errors(cfg: Config) -> list[str]:
   if p.method != "none" and p.end_step >= cfg.train.steps:
     errors.append(f"prune.end_step={p.end_step} is not before train.steps={cfg.train.steps}: the "
                   "sparsity would never reach its target; lower end_step or raise train.steps.")
+  return errors
+
+
+def _corpus_source_errors(d: DataConfig) -> list[str]:
+  """Messages for data.path / field / validation / tokenizer_path settings that cannot work."""
+  errors = []
+  if d.corpus == "shakespeare" and (d.path or d.validation_path):
+    errors.append(f"data.path={d.path!r} / data.validation_path={d.validation_path!r} are read only "
+                  "for data.corpus = text | jsonl | parquet; set data.corpus or clear them.")
+  if d.corpus in ("text", "jsonl", "parquet"):
+    if not d.path:
+      errors.append(f"data.corpus={d.corpus!r} needs data.path, a glob of your files "
+                    "(e.g. '/data/books/*.txt').")
+    if d.corpus != "text" and not d.field:
+      errors.append(f"data.corpus={d.corpus!r} needs data.field, the key or column holding the text.")
+    if not d.validation_path and not 0 < d.validation_fraction < 1:
+      errors.append(f"data.validation_fraction={d.validation_fraction}: must be in (0, 1) when "
+                    "data.validation_path is '' (e.g. 0.05).")
+  if d.tokenizer == "huggingface" and not d.tokenizer_path:
+    errors.append("data.tokenizer='huggingface' needs data.tokenizer_path (a tokenizer.json).")
+  if d.tokenizer == "byte" and d.tokenizer_path:
+    errors.append(f"data.tokenizer='byte' reads no file; clear data.tokenizer_path={d.tokenizer_path!r}.")
   return errors
 
 

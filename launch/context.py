@@ -5,6 +5,7 @@ run here, so a bad config stops before any compile or write.
 """
 
 import dataclasses
+import math
 
 import jax
 import optax
@@ -46,11 +47,16 @@ def select_devices(cfg: Config) -> list:
 def build_context(cfg: Config, devices: list | None = None) -> RunContext:
   """Validates `cfg` against the devices and returns the run's static pieces; raises ValueError early."""
   devices = devices or select_devices(cfg)
-  shape = mesh_lib.resolve_mesh_shape(cfg.mesh.requested_shape(), len(devices))
-  check_against_mesh(cfg, shape)
+  dcn = cfg.mesh.dcn_shape()
+  num_dcn = math.prod(dcn.values())
+  if len(devices) % num_dcn:
+    raise ValueError(f"mesh.dcn_* = {dcn} splits the devices into {num_dcn} slices, which does not "
+                     f"divide the {len(devices)} devices.")
+  shape = mesh_lib.resolve_mesh_shape(cfg.mesh.requested_shape(), len(devices) // num_dcn)
+  check_against_mesh(cfg, {name: shape[name] * dcn[name] for name in shape})
   remat_lib.check_remat_supported(cfg.model.remat, devices[0].platform)
-  mesh = mesh_lib.make_mesh(shape, devices)
-  rules = rules_lib.get_rules(cfg.mesh.rules)
+  mesh = mesh_lib.make_mesh(shape, devices, dcn)
+  rules = rules_lib.get_rules(cfg.mesh.rules, cfg.mesh.custom_rules)
   mdef = ts.model_def(cfg.model)
   tx = optimizer_lib.make_optimizer(cfg.train)
   schedule = optimizer_lib.learning_rate_schedule(cfg.train)

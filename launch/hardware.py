@@ -64,6 +64,9 @@ def peak_flops(dtype: str, matmul_shape: tuple[int, int, int], devices=None) -> 
   per_chip = table_peak_flops(kind, dtype)
   if per_chip is not None and devices[0].platform != "cpu":
     return per_chip * len(devices), f"{kind} spec sheet x {len(devices)}"
-  measured = measure_matmul_flops(*matmul_shape, dtype=dtype, device=devices[0])
+  # Measured on this process's first device: the host's rate. Each process of a multi-process
+  # CPU run is taken to have a host of its own.
+  measured = measure_matmul_flops(*matmul_shape, dtype=dtype, device=jax.local_devices()[0])
   m, k, n = matmul_shape
-  return measured, f"measured {m}x{k}x{n} {dtype} matmul on {devices[0].platform}"
+  hosts = f" x {jax.process_count()} hosts" if jax.process_count() > 1 else ""
+  return measured * jax.process_count(), f"measured {m}x{k}x{n} {dtype} matmul on {devices[0].platform}{hosts}"

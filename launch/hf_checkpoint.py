@@ -96,14 +96,14 @@ def model_fields_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
 def hf_config_from_model(cfg: ModelConfig, dtype: str, base: dict[str, Any] | None = None) -> dict:
   """Returns a config.json dict for `cfg`; `base` (the imported config.json) keeps token ids etc."""
   hf = {k: v for k, v in (base or {}).items()
-        if k not in ("rope_scaling", "rope_parameters", "torch_dtype", "transformers_version")}
+        if k not in ("rope_scaling", "rope_parameters", "transformers_version")}
   hf.update(
       architectures=[ARCHITECTURE], model_type="llama", hidden_act="silu", attention_bias=False,
       mlp_bias=False, vocab_size=cfg.vocab_size, hidden_size=cfg.d_model,
       num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
       num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, intermediate_size=cfg.mlp_dim,
       max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
-      tie_word_embeddings=cfg.tie_embeddings, dtype=dtype,
+      tie_word_embeddings=cfg.tie_embeddings, dtype=dtype, torch_dtype=dtype,  # 5 and 4 spellings
       # Both spellings: transformers 4 reads rope_theta, 5 reads rope_parameters.
       rope_theta=cfg.rope_theta, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})
   return hf

@@ -46,7 +46,7 @@ def load_checkpoint(checkpoint_dir: str, step: int | None = None, devices: list 
       raise ValueError(f"{key}: model shapes come from the checkpoint and cannot be overridden.")
     raw[section][name] = value
   cfg = validate(raw)
-  tokenizer = loader.prepare(cfg.data.data_dir, cfg.data.tokenizer, cfg.model.vocab_size)
+  tokenizer = loader.prepare_from_config(cfg.data, cfg.model.vocab_size)
   ctx = build_context(cfg, devices)
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                           ctx.mdef.abstract_params, ctx.shardings.params)

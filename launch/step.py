@@ -10,7 +10,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from lm import axes
-from lm.loss import cross_entropy
+from lm.loss import chunked_cross_entropy
 from launch.train_state import ModelDef, TrainState
 from sharding import rules as rules_lib
 
@@ -30,8 +30,10 @@ class LossHook:
 
 
 def _loss(params, batch: Batch, mdef: ModelDef):
-  logits_BxLxV = mdef.bind(params)(batch["inputs"])
-  loss_sum, tokens = cross_entropy(logits_BxLxV, batch["targets"])
+  model = mdef.bind(params)
+  hidden_BxLxD, _ = model.hidden_states(batch["inputs"])
+  loss_sum, tokens = chunked_cross_entropy(hidden_BxLxD, batch["targets"], model.logits,
+                                           mdef.cfg.logits_chunk_size)
   return loss_sum / tokens, (loss_sum, tokens)
 
 

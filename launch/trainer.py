@@ -13,7 +13,9 @@ import time
 import jax
 import numpy as np
 
+from configs.base import base_config
 from launch import checkpoint as ckpt_lib
+from launch import data_state as data_states
 from launch import hardware
 from launch import train_state as ts
 from launch.config import Config
@@ -50,6 +52,36 @@ def _model_fields(cfg: Config) -> dict:
   return dataclasses.asdict(cfg.model)
 
 
+# The model.* fields that shape the weights; the others (dtype, remat, max_seq_len, ...) may change.
+WEIGHT_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                 "mlp_dim", "rope_theta", "norm_eps", "tie_embeddings")
+
+
+def init_from_checkpoint(ctx: RunContext, checkpoint_dir: str) -> ts.TrainState:
+  """A step-0 TrainState: `checkpoint_dir`'s latest parameters and a fresh optimizer state, sharded.
+
+  The checkpoint may be params-only (launch.convert) or another run's. Raises ValueError naming the
+  flags to set when the run's model differs from the saved one in a field of WEIGHT_FIELDS.
+  """
+  checkpointer = ckpt_lib.Checkpointer(checkpoint_dir, read_only=True)
+  saved = checkpointer.read_meta().get("config", {}).get("model", {})
+  now = _model_fields(ctx.cfg)
+  diff = [k for k in WEIGHT_FIELDS if k in saved and saved[k] != now[k]]
+  if diff:
+    raise ValueError(
+        f"train.init_checkpoint={checkpoint_dir} holds a different model ("
+        + ", ".join(f"model.{k}={now[k]!r}, saved {saved[k]!r}" for k in diff) + "); set "
+        + " ".join(f"--config.model.{k}={saved[k]}" for k in diff) + " (nothing was written).")
+  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          ctx.mdef.abstract_params, ctx.shardings.params)
+  params, _ = checkpointer.restore_params(abstract)
+  checkpointer.close()
+
+  def fresh(p):
+    return ts.TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=p, opt_state=ctx.tx.init(p))
+  return jax.jit(fresh, out_shardings=ctx.shardings, donate_argnums=0)(params)
+
+
 def restore_or_init(ctx: RunContext, checkpointer: ckpt_lib.Checkpointer, resume: bool, init_state=None):
   """Returns (state, data_state or None): the latest checkpoint when resuming, else a fresh init.
 
@@ -67,6 +99,8 @@ def restore_or_init(ctx: RunContext, checkpointer: ckpt_lib.Checkpointer, resume
     return ts.init_train_state(ctx.mdef, ctx.tx, ctx.shardings, ctx.cfg.seed), None
   meta = checkpointer.read_meta()
   saved_model = meta.get("config", {}).get("model")
+  if saved_model is not None:  # keys added to the model config since the save take their defaults
+    saved_model = {**base_config().model.to_dict(), **saved_model}
   if saved_model is not None and saved_model != _model_fields(ctx.cfg):
     diff = {k: (saved_model.get(k), v) for k, v in _model_fields(ctx.cfg).items() if saved_model.get(k) != v}
     raise ValueError(f"The checkpoint in {checkpointer.directory} was made with a different model "
@@ -87,18 +121,25 @@ def train(cfg: Config, workdir: str, *, resume: bool = False, stop: StopRequest 
   training loss with extra inputs, e.g. a teacher). Evaluation is always the plain cross-entropy.
   """
   primary = jax.process_index() == 0
+  if cfg.model.quant != "none":
+    raise ValueError(f"model.quant={cfg.model.quant!r} is for inference: int8 weights have no gradient. "
+                     "Train (or fine-tune) the float model, then run python -m launch.quantize.")
   stop = stop or StopRequest()
-  tokenizer = loader.prepare(cfg.data.data_dir, cfg.data.tokenizer, cfg.model.vocab_size)
+  tokenizer = loader.prepare_from_config(cfg.data, cfg.model.vocab_size)
   ctx = ctx or build_context(cfg)
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep,
                                        async_save=cfg.checkpoint.async_save)
+  if init_state is None and cfg.train.init_checkpoint:
+    init_state = lambda c: init_from_checkpoint(c, cfg.train.init_checkpoint)
   state, data_state = restore_or_init(ctx, checkpointer, resume, init_state)
   start_step = int(jax.device_get(state.step))
 
   train_iter = loader.train_iterator(
       cfg.data.data_dir, tokenizer, seq_len=cfg.data.seq_len, global_batch_size=cfg.train.global_batch_size,
       process_index=jax.process_index(), process_count=jax.process_count(), seed=cfg.seed,
-      shuffle=cfg.data.shuffle_buffer_docs, num_workers=cfg.data.num_workers)
+      shuffle=cfg.data.shuffle_buffer_docs, num_workers=cfg.data.num_workers,
+      process_sharding=cfg.data.process_sharding)
+  data_state = data_states.local_state(data_state)
   if data_state is not None:
     train_iter.set_state(data_state)
   batches = Prefetcher(train_iter)
@@ -167,7 +208,8 @@ def train(cfg: Config, workdir: str, *, resume: bool = False, stop: StopRequest 
       run_eval(step)
       timer["start"], timer["steps"] = None, 0  # evaluation time is not step time
     if step % cfg.checkpoint.save_every == 0 or step == cfg.train.steps or stop.requested:
-      checkpointer.save(step, state, {"data_state": last_data_state, "config": cfg.to_dict()})
+      checkpointer.save(step, state, {"data_state": data_states.gather_states(last_data_state),
+                                      "config": cfg.to_dict()})
       timer["start"], timer["steps"] = None, 0
     if stop.requested:
       if logger.bar is not None:

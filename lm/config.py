@@ -30,6 +30,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   remat: str = "none"
   scan_unroll: int = 1
+  logits_chunk_size: int = 0
   quant: str = "none"
   quant_embedding: bool = False
   quant_skip: str = ""
@@ -90,6 +91,8 @@ def model_config_errors(cfg: ModelConfig) -> list[str]:
     errors.append(f"model.rope_theta={cfg.rope_theta}: must be positive.")
   if not 0 < cfg.norm_eps < 1:
     errors.append(f"model.norm_eps={cfg.norm_eps}: must be in (0, 1).")
+  if cfg.logits_chunk_size < 0:
+    errors.append(f"model.logits_chunk_size={cfg.logits_chunk_size}: must be >= 0 (0 disables chunking).")
   if cfg.scan_unroll > cfg.num_layers or (cfg.num_layers % cfg.scan_unroll):
     errors.append(f"model.scan_unroll={cfg.scan_unroll} must divide model.num_layers={cfg.num_layers}.")
   if cfg.quant not in QUANT_MODES:

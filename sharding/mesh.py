@@ -37,18 +37,41 @@ def resolve_mesh_shape(requested: dict[str, int], num_devices: int) -> dict[str,
   return dict(requested)
 
 
-def make_mesh(shape: dict[str, int], devices: list | None = None) -> Mesh:
+def num_granules(devices: list) -> tuple[int, str]:
+  """Returns (number of slices or hosts the devices span, which one): TPU slices, else processes."""
+  slices = {getattr(d, "slice_index", None) for d in devices}
+  if None not in slices and len(slices) > 1:
+    return len(slices), "slices"
+  return len({d.process_index for d in devices}), "hosts"
+
+
+def make_mesh(shape: dict[str, int], devices: list | None = None,
+              dcn_shape: dict[str, int] | None = None) -> Mesh:
   """Returns a Mesh over `devices` (default: all) with axes ("data", "fsdp", "tensor").
 
-  Axes use the classic automatic (GSPMD) propagation; `mesh_utils` orders devices so that the
-  innermost axis (`tensor`) lands on the best-connected devices.
+  `shape` gives each axis's size within a slice (ICI); `dcn_shape` (default all 1) multiplies each
+  axis across slices or hosts (DCN), so the mesh axis `data` is dcn_data x data, and so on. Within a
+  slice `mesh_utils` orders devices so the innermost axis (`tensor`) gets the fastest links; across
+  slices only the DCN factors cross the slow network. Axes use automatic (GSPMD) propagation.
   """
   devices = jax.devices() if devices is None else devices
-  dims = tuple(shape[name] for name in MESH_AXES)
-  if math.prod(dims) != len(devices):
-    raise ValueError(f"mesh shape {shape} does not cover the {len(devices)} devices given.")
-  try:
-    grid = mesh_utils.create_device_mesh(dims, devices=devices)
-  except (ValueError, NotImplementedError, AssertionError):
-    grid = np.asarray(devices).reshape(dims)
+  dcn_shape = dcn_shape or {name: 1 for name in MESH_AXES}
+  ici = tuple(shape[name] for name in MESH_AXES)
+  dcn = tuple(dcn_shape[name] for name in MESH_AXES)
+  if math.prod(ici) * math.prod(dcn) != len(devices):
+    raise ValueError(f"mesh shape {shape} x dcn {dcn_shape} does not cover the {len(devices)} devices given.")
+  if math.prod(dcn) > 1:
+    granules, kind = num_granules(devices)
+    if granules != math.prod(dcn):
+      raise ValueError(
+          f"mesh.dcn_* = {dcn_shape} asks for {math.prod(dcn)} slices/hosts but the {len(devices)} "
+          f"devices span {granules} {kind}; make the product of mesh.dcn_data, mesh.dcn_fsdp and "
+          f"mesh.dcn_tensor equal {granules}.")
+    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices,
+                                                process_is_granule=(kind == "hosts"))
+  else:
+    try:
+      grid = mesh_utils.create_device_mesh(ici, devices=devices)
+    except (ValueError, NotImplementedError, AssertionError):
+      grid = np.asarray(devices).reshape(ici)
   return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))

@@ -31,11 +31,44 @@ RULE_PRESETS: dict[str, Rules] = {
 RULE_PRESETS["dp_fsdp_tp"] = RULE_PRESETS["fsdp_tp"]
 
 
-def get_rules(name: str) -> Rules:
-  """Returns the preset rule table called `name`; raises ValueError listing the presets otherwise."""
+# Every logical name the model uses (lm/transformer.py, lm/layers.py).
+LOGICAL_NAMES = ("batch", "length", "embed", "heads", "kv_heads", "kv", "mlp", "vocab", "layers")
+MESH_AXIS_NAMES = ("data", "fsdp", "tensor")
+
+
+def get_rules(name: str, custom: str = "") -> Rules:
+  """Returns the rule table: `custom` parsed when non-empty, else the preset called `name`.
+
+  Raises ValueError listing the presets for an unknown name.
+  """
+  if custom:
+    return parse_rules(custom)
   if name not in RULE_PRESETS:
     raise ValueError(f"mesh.rules={name!r} is not a rule preset; choose one of {sorted(RULE_PRESETS)}.")
   return RULE_PRESETS[name]
+
+
+def parse_rules(text: str) -> Rules:
+  """Parses "batch=data+fsdp,embed=fsdp,heads=tensor" into a rule table.
+
+  A name may map to nothing ("vocab=") to stay unsplit. Raises ValueError naming an unknown logical
+  name or mesh axis.
+  """
+  rules = []
+  for item in filter(None, (part.strip() for part in text.split(","))):
+    if "=" not in item:
+      raise ValueError(f"mesh.custom_rules item {item!r} is not 'logical=axis[+axis]'.")
+    name, axes_text = (x.strip() for x in item.split("=", 1))
+    if name not in LOGICAL_NAMES:
+      raise ValueError(f"mesh.custom_rules names {name!r}, which the model does not use; "
+                       f"logical names: {list(LOGICAL_NAMES)}.")
+    axes = tuple(a.strip() for a in axes_text.split("+") if a.strip())
+    for axis in axes:
+      if axis not in MESH_AXIS_NAMES:
+        raise ValueError(f"mesh.custom_rules maps {name!r} to {axis!r}, which is not a mesh axis; "
+                         f"mesh axes: {list(MESH_AXIS_NAMES)}.")
+    rules.append((name, axes))
+  return tuple(rules)
 
 
 def logical_to_spec(names: Sequence[str | None], rules: Rules) -> PartitionSpec:

@@ -11,7 +11,7 @@ from launch.context import build_context
 from sharding import mesh as mesh_lib
 from sharding import rules as rules_lib
 
-PRESETS = ["smoke", "demo", "llama_125m", "llama_1b", "llama_8b"]
+PRESETS = ["smoke", "demo", "bench", "llama_125m", "llama_1b", "llama_8b"]
 
 
 def load(name):

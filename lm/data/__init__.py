@@ -1,5 +1,7 @@
-"""Data pipeline: bundled corpus -> tfds array_record shards -> tokenizer -> grain batches.
+"""Data pipeline: a corpus -> tfds array_record shards -> tokenizer -> grain batches.
 
-Entry points: `loader.prepare` (run once before anything compiles), `loader.train_iterator`,
+The corpus is the bundled Shakespeare (corpus.py) or your own files (sources.py: text, JSONL,
+Parquet; prepared once, recorded in manifest.py). Entry points: `loader.prepare` /
+`loader.prepare_from_config` (run once before anything compiles), `loader.train_iterator`,
 `loader.eval_batches`, `tokenizer.load_tokenizer`, `baseline.unigram_perplexity`. See docs/data.md.
 """

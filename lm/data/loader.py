@@ -19,7 +19,10 @@ from typing import Any
 from absl import flags
 import grain
 import numpy as np
+import tqdm
 
+from lm.data import manifest as manifest_lib
+from lm.data import sources
 from lm.data import tfds_builder
 from lm.data import tokenizer as tokenizer_lib
 
@@ -27,16 +30,59 @@ STATE_VERSION = 1
 # Documents tokenized ahead of the packer; a 4 KB document is ~1-2 k tokens, so this covers many
 # batches while keeping the first batch quick.
 _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=32)
+# The manifest's token counts take one tokenizing pass; beyond this many characters it is skipped.
+_MAX_COUNTED_CHARS = 200_000_000
 
 
-def prepare(data_dir: str, tokenizer_kind: str, vocab_size: int) -> tokenizer_lib.Tokenizer:
+def prepare(data_dir: str, tokenizer_kind: str, vocab_size: int, *,
+            source: sources.CorpusSource | None = None,
+            tokenizer_path: str = "") -> tokenizer_lib.Tokenizer:
   """Builds the tfds shards and the tokenizer in `data_dir` unless they exist; returns the tokenizer.
 
-  The one call the trainer makes before anything compiles (~1-2 s the first time, ms afterwards).
-  Raises ValueError if the tokenizer's vocabulary is not `vocab_size` (see load_tokenizer).
+  The one call the trainer makes before anything compiles (~1-2 s the first time for the bundled
+  corpus, ms afterwards). `source` None is the bundled corpus; a `sources.CorpusSource` is
+  prepared by `tfds_builder.prepare_corpus` (skipped when its manifest is current), and the first
+  time a tokenizer meets it, its token counts are added to the manifest. `tokenizer_path` loads the
+  tokenizer from a file instead of training it. Raises ValueError for bad input (see
+  prepare_corpus) or a tokenizer whose vocabulary is not `vocab_size` (see load_tokenizer).
   """
-  tfds_builder.prepare_shards(data_dir)
-  return tokenizer_lib.load_tokenizer(tokenizer_kind, data_dir, vocab_size)
+  if source is None:
+    tfds_builder.prepare_shards(data_dir)
+  else:
+    tfds_builder.prepare_corpus(data_dir, source)
+  tokenizer = tokenizer_lib.load_tokenizer(tokenizer_kind, data_dir, vocab_size, tokenizer_path)
+  if source is not None:
+    key = (f"{tokenizer_kind}:{tokenizer_path}" if tokenizer_path else
+           "byte" if tokenizer_kind == "byte" else f"{tokenizer_kind}-trained-{vocab_size}")
+    _record_token_counts(data_dir, tokenizer, key)
+  return tokenizer
+
+
+def prepare_from_config(data, vocab_size: int) -> tokenizer_lib.Tokenizer:
+  """`prepare` with the settings of a DataConfig (launch.config): data_dir, tokenizer,
+  tokenizer_path and the source keys (see sources.from_config)."""
+  return prepare(data.data_dir, data.tokenizer, vocab_size, source=sources.from_config(data),
+                 tokenizer_path=data.tokenizer_path)
+
+
+def _record_token_counts(data_dir: str, tokenizer: tokenizer_lib.Tokenizer, key: str) -> None:
+  """Counts each split's tokens (ids + one EOS per document) once per tokenizer, into the manifest.
+
+  Skipped (recorded as None) above _MAX_COUNTED_CHARS, where the pass would take minutes.
+  """
+  manifest = manifest_lib.read(data_dir)
+  if manifest is None or key in manifest.get("tokens", {}):
+    return
+  counts = {}
+  for split in sources.SPLITS:
+    if manifest["splits"][split]["characters"] > _MAX_COUNTED_CHARS:
+      counts[split] = None
+      continue
+    source = tfds_builder.data_source(data_dir, split)
+    counts[split] = sum(len(tokenizer.encode(source[i]["text"].decode("utf-8"))) + 1
+                        for i in tqdm.trange(len(source), desc=f"Counting {split} tokens",
+                                             unit="doc", leave=False))
+  manifest_lib.record_tokens(data_dir, key, counts)
 
 
 class _Tokenize:
@@ -147,8 +193,15 @@ class ResumableIterator(grain.DatasetIterator):
 
 def train_iterator(data_dir: str, tokenizer: tokenizer_lib.Tokenizer, *, seq_len: int,
                    global_batch_size: int, process_index: int = 0, process_count: int = 1,
-                   seed: int = 0, shuffle: bool = True, num_workers: int = 0) -> ResumableIterator:
+                   seed: int = 0, shuffle: bool = True, num_workers: int = 0,
+                   process_sharding: str = "documents") -> ResumableIterator:
   """Returns an endless iterator over this process's training batches.
+
+  `process_sharding` says how processes split the data. "documents" (scales to any corpus): this
+  process reads documents process_index::process_count and packs them itself, so the global batch
+  depends on the process count. "rows": every process packs the whole stream and keeps its own
+  rows of each global batch, so the global batches are the same for any number of processes
+  (exactly reproducible multi-host runs, at process_count times the tokenization work).
 
   Each element is {"inputs": int32 [local_batch, seq_len], "targets": int32 [local_batch,
   seq_len]} with local_batch = global_batch_size // process_count and targets[:, t] ==
@@ -165,14 +218,25 @@ def train_iterator(data_dir: str, tokenizer: tokenizer_lib.Tokenizer, *, seq_len
   local_batch = _local_batch_size(global_batch_size, process_index, process_count)
   if num_workers < 0:
     raise ValueError(f"num_workers={num_workers} must be >= 0 (c.data.num_workers; 0: no workers).")
+  if process_sharding not in ("documents", "rows"):
+    raise ValueError(f"process_sharding={process_sharding!r}: choose 'documents' or 'rows' "
+                     "(c.data.process_sharding).")
   source = tfds_builder.data_source(data_dir, "train")
-  docs = grain.MapDataset.source(source)[process_index::process_count]
+  by_rows = process_sharding == "rows"
+  docs = grain.MapDataset.source(source)
+  if not by_rows:
+    docs = docs[process_index::process_count]
   if len(docs) == 0:
     raise ValueError(f"process_count={process_count} exceeds the {len(source)} train documents.")
   if shuffle:
     docs = docs.shuffle(seed=seed)
   windows = _packed_windows(docs.repeat(), tokenizer, seq_len)
-  batches = windows.batch(local_batch, drop_remainder=True).map(_inputs_and_targets)
+  if by_rows:
+    start = process_index * local_batch
+    batches = (windows.batch(global_batch_size, drop_remainder=True)
+               .map(_RowSlice(start, start + local_batch)).map(_inputs_and_targets))
+  else:
+    batches = windows.batch(local_batch, drop_remainder=True).map(_inputs_and_targets)
   if num_workers > 0:
     # grain's workers read absl flags; without absl.app (e.g. under pytest) they are unparsed and
     # every worker fails, so fall back to the flag defaults.
@@ -181,7 +245,7 @@ def train_iterator(data_dir: str, tokenizer: tokenizer_lib.Tokenizer, *, seq_len
     batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   spec = {"split": "train", "seq_len": seq_len, "local_batch": local_batch,
           "process_index": process_index, "process_count": process_count, "seed": seed,
-          "shuffle": bool(shuffle), "num_workers": num_workers}
+          "shuffle": bool(shuffle), "num_workers": num_workers, "process_sharding": process_sharding}
   return ResumableIterator(iter(batches), spec)
 
 

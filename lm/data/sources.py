@@ -93,10 +93,11 @@ def list_files(pattern: str, key: str = "data.path") -> list[str]:
 
 
 def input_files(source: CorpusSource) -> dict[str, list[str]]:
-  """Returns {"train": [...], "validation": [...]} files; with a fraction split both read `path`."""
+  """Returns {"train": [...], "validation": [...]} files; a fraction split has no validation files
+  (both splits are read from the train files)."""
   train = list_files(source.path, "data.path")
   if not source.validation_path:
-    return {"train": train, "validation": train}
+    return {"train": train, "validation": []}
   validation = list_files(source.validation_path, "data.validation_path")
   shared = sorted(set(train) & set(validation))
   if shared:
@@ -218,7 +219,8 @@ def split_documents(source: CorpusSource, files: dict[str, list[str]], split: st
   """Yields the (title, text) documents of `split` ("train" or "validation") in input order."""
   if split not in SPLITS:
     raise ValueError(f"split={split!r} is not one of {SPLITS}.")
-  docs = iter_documents(source.kind, source.field, files[split], on_file_done)
+  paths = files[split] if source.validation_path else files["train"]
+  docs = iter_documents(source.kind, source.field, paths, on_file_done)
   if source.validation_path:
     yield from docs
     return

@@ -8,6 +8,7 @@ point the rest of the code uses.
 
 import abc
 import io
+import json
 import os
 import pathlib
 import tempfile
@@ -135,6 +136,78 @@ class SentencePieceTokenizer(Tokenizer):
     return self._sp.eos_id()
 
 
+class HuggingFaceTokenizer(Tokenizer):
+  """A Hugging Face `tokenizer.json` (the `tokenizers` package; no torch, no transformers).
+
+  Ids are the file's. BOS / EOS / pad are the `bos_token` / `eos_token` / `pad_token` of a
+  `tokenizer_config.json` beside the file when it names them, else the first special token found
+  among the usual names (`</s>`, `<|end_of_text|>`, `<|endoftext|>`, ...). No EOS is an error (the
+  loader ends every document with it); no BOS means BOS = EOS, no pad means pad = EOS.
+  `encode` adds no special tokens; `decode` drops them. Pickles as its JSON.
+  """
+  _NAMES = {"bos": ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>"),
+            "eos": ("</s>", "<|end_of_text|>", "<|endoftext|>", "<eos>"),
+            "pad": ("<pad>", "<|pad|>", "[PAD]")}
+
+  def __init__(self, tokenizer_json: str, specials: dict[str, str | None]):
+    try:
+      import tokenizers  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise ValueError("c.data.tokenizer='huggingface' needs the tokenizers package: "
+                       "pip install tokenizers.") from e
+    self._json, self._specials = tokenizer_json, dict(specials)
+    self._tok = tokenizers.Tokenizer.from_str(tokenizer_json)
+    self._ids = {}
+    for role, names in self._NAMES.items():
+      candidates = (specials[role],) if specials.get(role) else names
+      self._ids[role] = next((self._tok.token_to_id(t) for t in candidates
+                              if self._tok.token_to_id(t) is not None), None)
+    if self._ids.get("eos") is None:
+      raise ValueError(f"This tokenizer.json has no end-of-text token (looked for eos_token in "
+                       f"tokenizer_config.json and {self._NAMES['eos']}); the loader ends every "
+                       "document with one. Add it to tokenizer_config.json as eos_token.")
+
+  @classmethod
+  def from_file(cls, path: str | pathlib.Path) -> "HuggingFaceTokenizer":
+    """Reads `path` (tokenizer.json) and, if present, tokenizer_config.json beside it."""
+    path = pathlib.Path(path)
+    config_file = path.parent / "tokenizer_config.json"
+    config = json.loads(config_file.read_text()) if config_file.exists() else {}
+    specials = {}
+    for role in cls._NAMES:
+      token = config.get(f"{role}_token")
+      specials[role] = token.get("content") if isinstance(token, dict) else token
+    return cls(path.read_text(encoding="utf-8"), specials)
+
+  def __getstate__(self):
+    return {"tokenizer_json": self._json, "specials": self._specials}
+
+  def __setstate__(self, state):
+    self.__init__(state["tokenizer_json"], state["specials"])
+
+  def encode(self, text: str) -> list[int]:
+    return self._tok.encode(text, add_special_tokens=False).ids
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+  @property
+  def vocab_size(self) -> int:
+    return self._tok.get_vocab_size(with_added_tokens=True)
+
+  @property
+  def pad_id(self) -> int:
+    return self._ids["pad"] if self._ids.get("pad") is not None else self.eos_id
+
+  @property
+  def bos_id(self) -> int:
+    return self._ids["bos"] if self._ids.get("bos") is not None else self.eos_id
+
+  @property
+  def eos_id(self) -> int:
+    return self._ids["eos"]
+
+
 def train_sentencepiece(texts: Sequence[str], vocab_size: int) -> bytes:
   """Trains a SentencePiece model on `texts` and returns the serialized model.
 
@@ -177,13 +250,28 @@ def train_sentencepiece(texts: Sequence[str], vocab_size: int) -> bytes:
 
 
 def sentencepiece_path(data_dir: str | pathlib.Path, vocab_size: int) -> pathlib.Path:
-  """Returns where the SentencePiece model of `vocab_size` is cached: data_dir/tokenizer_sp{V}.model."""
-  return pathlib.Path(data_dir) / f"tokenizer_sp{vocab_size}.model"
+  """Returns where the SentencePiece model of `vocab_size` trained on data_dir's corpus is cached.
+
+  data_dir/tokenizer_sp{V}.model for the bundled corpus; for your own corpus it sits next to its
+  shards (data_dir/<prepared>/tokenizer_sp{V}.model), so new inputs retrain it.
+  """
+  own = manifest.prepared_dir(data_dir)
+  return (own or pathlib.Path(data_dir)) / f"tokenizer_sp{vocab_size}.model"
 
 
-def _train_and_cache(path: pathlib.Path, vocab_size: int) -> None:
-  """Trains on the train split and writes the model to `path` atomically."""
-  proto = train_sentencepiece([d.text for d in corpus.documents("train")], vocab_size)
+def _training_texts(data_dir: str | pathlib.Path) -> list[str]:
+  """The train split's documents; for a large prepared corpus every k-th, ~_MAX_TRAINING_CHARS."""
+  prepared = manifest.read(data_dir)
+  if prepared is None:
+    return [d.text for d in corpus.documents("train")]
+  stride = max(1, -(-prepared["splits"]["train"]["characters"] // _MAX_TRAINING_CHARS))
+  source = tfds_builder.data_source(data_dir, "train")
+  return [source[i]["text"].decode("utf-8") for i in range(0, len(source), stride)]
+
+
+def _train_and_cache(path: pathlib.Path, data_dir: str | pathlib.Path, vocab_size: int) -> None:
+  """Trains on data_dir's train split and writes the model to `path` atomically."""
+  proto = train_sentencepiece(_training_texts(data_dir), vocab_size)
   path.parent.mkdir(parents=True, exist_ok=True)
   # Two processes may train at once: each writes its own temp file and renames it into place, so a
   # reader sees either no file or a complete one (both are identical: training is deterministic).
@@ -198,26 +286,55 @@ def _train_and_cache(path: pathlib.Path, vocab_size: int) -> None:
     raise
 
 
-def load_tokenizer(kind: str, data_dir: str | pathlib.Path, vocab_size: int) -> Tokenizer:
-  """Returns the tokenizer `kind` ("sentencepiece" or "byte") whose vocabulary is `vocab_size`.
+def _tokenizer_file(kind: str, path: str) -> pathlib.Path:
+  file = pathlib.Path(path).expanduser()
+  if file.is_dir() and kind == "huggingface":
+    file = file / "tokenizer.json"
+  if not file.is_file():
+    example = "tokenizer.json" if kind == "huggingface" else "tokenizer.model"
+    raise ValueError(f"c.data.tokenizer_path={path!r} is not a file; point it at a {kind} "
+                     f"tokenizer (e.g. /models/llama/{example}), or set it to '' to train one.")
+  return file
 
-  For "sentencepiece" the model is read from data_dir/tokenizer_sp{vocab_size}.model, trained on the
-  train split first if that file does not exist (~1 s). Raises ValueError for an unknown kind, or
-  when the tokenizer's vocab_size differs from `vocab_size` (the value of c.model.vocab_size),
-  saying which value to set.
+
+def load_tokenizer(kind: str, data_dir: str | pathlib.Path, vocab_size: int,
+                   path: str = "") -> Tokenizer:
+  """Returns the tokenizer `kind` ("sentencepiece", "byte" or "huggingface") of `vocab_size` ids.
+
+  With `path` (c.data.tokenizer_path) the tokenizer is loaded from that file: a SentencePiece
+  `.model`, or a Hugging Face `tokenizer.json` (or its directory). Without it, "sentencepiece" is
+  read from `sentencepiece_path(data_dir, vocab_size)`, trained on data_dir's train split first if
+  that file does not exist (~1 s). Raises ValueError for an unknown kind, a missing file, or when
+  the tokenizer's vocabulary differs from `vocab_size` (c.model.vocab_size), naming both numbers
+  and the key to change.
   """
-  if kind == "byte":
-    tokenizer = ByteTokenizer()
-  elif kind == "sentencepiece":
-    path = sentencepiece_path(data_dir, vocab_size)
-    if not path.exists():
-      _train_and_cache(path, vocab_size)
-    tokenizer = SentencePieceTokenizer.from_file(path)
-  else:
+  if kind not in KINDS:
     raise ValueError(f"c.data.tokenizer={kind!r} is not one of {KINDS}.")
+  if kind == "byte":
+    if path:
+      raise ValueError(f"c.data.tokenizer='byte' reads no file; set c.data.tokenizer_path='' "
+                       f"(it is {path!r}).")
+    tokenizer = ByteTokenizer()
+  elif kind == "huggingface" or path:
+    if not path:
+      raise ValueError("c.data.tokenizer='huggingface' needs c.data.tokenizer_path, a "
+                       "tokenizer.json file or the directory holding it.")
+    file = _tokenizer_file(kind, path)
+    tokenizer = (HuggingFaceTokenizer.from_file(file) if kind == "huggingface"
+                 else SentencePieceTokenizer.from_file(file))
+  else:
+    cached = sentencepiece_path(data_dir, vocab_size)
+    if not cached.exists():
+      _train_and_cache(cached, data_dir, vocab_size)
+    tokenizer = SentencePieceTokenizer.from_file(cached)
   if tokenizer.vocab_size != vocab_size:
-    fix = (f"set c.model.vocab_size = {tokenizer.vocab_size}" if kind == "byte" else
-           f"delete {sentencepiece_path(data_dir, vocab_size)} so it is retrained")
-    raise ValueError(f"The {kind} tokenizer has {tokenizer.vocab_size} tokens but "
+    if kind == "sentencepiece" and not path:
+      fix = f"delete {sentencepiece_path(data_dir, vocab_size)} so it is retrained"
+    else:
+      fix = (f"set c.model.vocab_size = {tokenizer.vocab_size}"
+             + (f", or point c.data.tokenizer_path at a tokenizer with {vocab_size} tokens"
+                if path else ""))
+    source = f" loaded from c.data.tokenizer_path={path!r}" if path else ""
+    raise ValueError(f"The {kind} tokenizer{source} has {tokenizer.vocab_size} tokens but "
                      f"c.model.vocab_size={vocab_size}; {fix}.")
   return tokenizer

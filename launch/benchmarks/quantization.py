@@ -1,0 +1,134 @@
+"""The int8 table the papers print: float vs W8A16 vs W8A8 vs W8A8 + SmoothQuant, on a trained model.
+
+  python -m launch.benchmarks.quantization --checkpoint_dir runs/demo/checkpoints \
+      --out docs/results/quantization
+
+For each variant: validation perplexity (the whole split) and its relative change, parameter bytes
+on disk, the forward latency of one batch, and greedy generation tokens/s with the KV cache (one
+device, batch 1 and batch 8). Writes <out>.md and <out>.csv and prints the table. The quantized
+checkpoints go to --work_dir (default: beside the float checkpoints, in quantized/).
+"""
+
+import csv
+import os
+import shutil
+import statistics
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from launch.cli import quiet_logs
+from launch.evaluate import eval_checkpoint
+from launch.inference import load_checkpoint
+from launch.quantizer import checkpoint_bytes, quantize_checkpoint
+from lm.generate import make_generate_fn
+
+flags.DEFINE_string("checkpoint_dir", None, "The trained float run's checkpoint directory.")
+flags.DEFINE_string("out", "docs/results/quantization", "Output path prefix for .md and .csv.")
+flags.DEFINE_string("work_dir", None, "Where the quantized checkpoints go (default: <run>/quantized).")
+flags.DEFINE_bool("quantize_embedding", True, "Quantize the embedding (the tied output projection) too.")
+flags.DEFINE_float("alpha", 0.5, "SmoothQuant migration strength.")
+flags.DEFINE_integer("calibration_batches", 8, "Training batches for SmoothQuant calibration.")
+flags.DEFINE_integer("eval_batches", 0, "Validation batches (0: the whole split).")
+flags.DEFINE_integer("repeats", 10, "Timed repetitions (the median is reported).")
+flags.DEFINE_integer("new_tokens", 64, "Generated tokens per timed generation.")
+FLAGS = flags.FLAGS
+
+VARIANTS = (  # name, mode, smooth
+    ("float32", None, False),
+    ("W8A16", "w8a16", False),
+    ("W8A8", "w8a8", False),
+    ("W8A8 + SmoothQuant", "w8a8", True),
+)
+
+
+def _median_seconds(fn, repeats: int) -> float:
+  jax.block_until_ready(fn())  # compile and warm up
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def _speed(checkpoint_dir: str, repeats: int, new_tokens: int) -> dict:
+  """Forward latency of one [global_batch, seq_len] batch and generation tokens/s, on one device."""
+  loaded = load_checkpoint(checkpoint_dir, devices=jax.devices()[:1])
+  cfg, graphdef, params = loaded.cfg, loaded.ctx.mdef.graphdef, loaded.params
+  rng = np.random.RandomState(0)
+  batch, seq_len = cfg.train.global_batch_size, cfg.data.seq_len
+  tokens = rng.randint(0, cfg.model.vocab_size, (batch, seq_len)).astype(np.int32)
+  forward = jax.jit(lambda p, t: loaded.ctx.mdef.bind(p)(t))
+  result = {"forward_ms": 1e3 * _median_seconds(lambda: forward(params, tokens), repeats),
+            "forward_shape": f"{batch}x{seq_len}"}
+  prompt_len = min(16, cfg.model.max_seq_len - new_tokens)
+  generate = make_generate_fn(graphdef, max_new_tokens=new_tokens, temperature=0.0)
+  for rows in (1, 8):
+    prompt = rng.randint(0, cfg.model.vocab_size, (rows, prompt_len)).astype(np.int32)
+    seconds = _median_seconds(lambda: generate(params, prompt, jax.random.key(0)), max(repeats // 2, 3))
+    result[f"gen_tok_s_b{rows}"] = rows * new_tokens / seconds
+  return result
+
+
+def run(checkpoint_dir: str, work_dir: str, *, quantize_embedding: bool, alpha: float,
+        calibration_batches: int, eval_batches: int, repeats: int, new_tokens: int) -> list[dict]:
+  """Quantizes, evaluates and times every variant; returns one row dict per variant."""
+  rows = []
+  for name, mode, smooth in VARIANTS:
+    directory, report = checkpoint_dir, None
+    if mode is not None:
+      directory = os.path.join(work_dir, name.lower().replace(" + ", "_").replace(" ", "_"))
+      shutil.rmtree(directory, ignore_errors=True)  # this benchmark owns work_dir
+      report = quantize_checkpoint(checkpoint_dir, directory, mode=mode,
+                                   quantize_embedding=quantize_embedding, smooth=smooth, alpha=alpha,
+                                   calibration_batches=calibration_batches)
+    metrics = eval_checkpoint(directory, eval_batches=eval_batches)
+    row = {"variant": name, "val_perplexity": metrics["val_perplexity"],
+           "param_bytes": checkpoint_bytes(directory, metrics["step"]), **_speed(directory, repeats, new_tokens)}
+    rows.append(row)
+    print(f"{name}: perplexity {row['val_perplexity']:.3f}, {row['param_bytes']} bytes", flush=True)
+  base = rows[0]
+  for row in rows:
+    row["ppl_change_pct"] = 100 * (row["val_perplexity"] / base["val_perplexity"] - 1)
+    row["size_ratio"] = base["param_bytes"] / row["param_bytes"]
+  return rows
+
+
+def markdown(rows: list[dict]) -> str:
+  """The table as GitHub markdown."""
+  shape = rows[0]["forward_shape"]
+  lines = [f"| variant | val perplexity | change | param bytes | smaller | forward {shape} (ms) | "
+           "generate tok/s, B=1 | generate tok/s, B=8 |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|"]
+  for r in rows:
+    lines.append(f"| {r['variant']} | {r['val_perplexity']:.3f} | {r['ppl_change_pct']:+.2f}% | "
+                 f"{r['param_bytes']:,} | {r['size_ratio']:.2f}x | {r['forward_ms']:.1f} | "
+                 f"{r['gen_tok_s_b1']:.0f} | {r['gen_tok_s_b8']:.0f} |")
+  return "\n".join(lines) + "\n"
+
+
+def main(argv):
+  del argv
+  quiet_logs()
+  if not FLAGS.checkpoint_dir:
+    raise app.UsageError("--checkpoint_dir is required.")
+  work_dir = FLAGS.work_dir or os.path.join(os.path.dirname(os.path.abspath(FLAGS.checkpoint_dir)), "quantized")
+  rows = run(FLAGS.checkpoint_dir, work_dir, quantize_embedding=FLAGS.quantize_embedding, alpha=FLAGS.alpha,
+             calibration_batches=FLAGS.calibration_batches, eval_batches=FLAGS.eval_batches,
+             repeats=FLAGS.repeats, new_tokens=FLAGS.new_tokens)
+  table = markdown(rows)
+  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+  with open(FLAGS.out + ".md", "w") as f:
+    f.write(table)
+  with open(FLAGS.out + ".csv", "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+  print(table)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,73 @@
+"""Per-device memory of a config's train step, from shardings and the compiled step; no step is run."""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from launch import train_state as ts
+from launch.config import Config
+from launch.context import RunContext, build_context
+from launch.step import batch_sharding, jit_train_step
+
+
+@dataclasses.dataclass
+class MemoryReport:
+  devices: int
+  mesh: dict
+  params_bytes: int        # per device
+  optimizer_bytes: int     # per device
+  argument_bytes: int      # compiled: everything passed in (state + batch)
+  output_bytes: int        # compiled: everything returned (aliased with the donated state)
+  temp_bytes: int          # compiled: activations and other temporaries of the step
+  compile_s: float
+
+  @property
+  def total_bytes(self) -> int:
+    """Peak estimate: live arguments plus temporaries (outputs reuse the donated state)."""
+    return self.argument_bytes + self.temp_bytes
+
+
+def _per_device_bytes(abstract_tree) -> int:
+  """Bytes one device holds of a tree of ShapeDtypeStructs with shardings (max over devices)."""
+  total = 0
+  for leaf in jax.tree.leaves(abstract_tree):
+    shard = leaf.sharding.shard_shape(leaf.shape)
+    total += math.prod(shard) * jnp.dtype(leaf.dtype).itemsize
+  return total
+
+
+def compile_train_step(ctx: RunContext):
+  """Lowers and compiles the train step for abstract inputs; returns (compiled, abstract state)."""
+  cfg = ctx.cfg
+  step = jit_train_step(ctx.mdef, ctx.tx, ctx.schedule, cfg.train.grad_accum_steps, ctx.mesh, ctx.rules,
+                        ctx.shardings)
+  abstract = ts.abstract_state(ctx.mdef, ctx.tx, ctx.shardings)
+  tokens = jax.ShapeDtypeStruct((cfg.train.global_batch_size, cfg.data.seq_len), jnp.int32,
+                                sharding=batch_sharding(ctx.mesh, ctx.rules))
+  return step.lower(abstract, {"inputs": tokens, "targets": tokens}).compile(), abstract
+
+
+def memory_report(cfg: Config, devices: list | None = None) -> MemoryReport:
+  """Builds the run's context, compiles its train step and reads memory per device."""
+  import time
+  ctx = build_context(cfg, devices)
+  start = time.perf_counter()
+  compiled, abstract = compile_train_step(ctx)
+  compile_s = time.perf_counter() - start
+  analysis = compiled.memory_analysis()
+  return MemoryReport(
+      devices=ctx.num_devices, mesh=dict(ctx.mesh.shape),
+      params_bytes=_per_device_bytes(abstract.params),
+      optimizer_bytes=_per_device_bytes(abstract.opt_state),
+      argument_bytes=int(analysis.argument_size_in_bytes), output_bytes=int(analysis.output_size_in_bytes),
+      temp_bytes=int(analysis.temp_size_in_bytes), compile_s=compile_s)
+
+
+def format_bytes(n: float) -> str:
+  for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+    if abs(n) < 1024 or unit == "TiB":
+      return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+    n /= 1024
+  return str(n)

@@ -1,0 +1,136 @@
+"""A sweep's reports: results.csv (every column), results.md (a readable table) and PNG plots.
+
+Rows are the point records of launch/sweep.py: the grid values, `status` and `reason`, and the
+columns launch/sweep_point.py measured (bytes per device, seconds, tokens/s over the mesh, MFU).
+"""
+
+import csv
+import os
+
+MIB = 1024 ** 2
+MEASURED = ["devices", "mesh_shape", "rules", "params_bytes", "optimizer_bytes", "argument_bytes",
+            "temp_bytes", "peak_bytes", "compile_s", "step_s", "spread", "tokens_per_s", "model_tflops",
+            "mfu", "peak_source", "mode", "wall_s"]
+
+
+def summary(record: dict) -> str:
+  """One console line for a finished point: its status and headline numbers, or its reason."""
+  if record["status"] != "ok":
+    return f"{record['status'].upper()}: {record['reason'][:160]}"
+  text = f"ok, {record['peak_bytes'] / MIB:.1f} MiB/device, compiled in {record['compile_s']:.1f}s"
+  if "tokens_per_s" in record:
+    text += f", {record['step_s'] * 1e3:.0f} ms/step, {record['tokens_per_s']:,.0f} tok/s, MFU {record['mfu']:.1%}"
+  return text
+
+
+def label(record: dict, keys: list[str]) -> str:
+  """The point's grid values, e.g. 'data2.tensor4 full 32'."""
+  return " ".join(str(record[k]) for k in keys)
+
+
+def write_csv(records: list[dict], keys: list[str], path: str) -> None:
+  """Every column; bytes are per device, blank where a point did not get that far."""
+  columns = [*keys, "status", *MEASURED, "reason"]
+  with open(path, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(records)
+
+
+def markdown_table(records: list[dict], keys: list[str]) -> str:
+  """The headline columns as a Markdown table (MiB per device, ms per step, tokens/s, MFU)."""
+  header = [*keys, "status", "rules", "state MiB/dev", "temp MiB/dev", "peak MiB/dev", "step ms",
+            "tokens/s", "MFU", "note"]
+  lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+  for r in records:
+    ok = r["status"] == "ok"
+    timed = ok and "tokens_per_s" in r
+    cells = [*(str(r[k]) for k in keys), r["status"], str(r.get("rules", "")),
+             f"{(r['params_bytes'] + r['optimizer_bytes']) / MIB:.2f}" if ok else "",
+             f"{r['temp_bytes'] / MIB:.2f}" if ok else "", f"{r['peak_bytes'] / MIB:.2f}" if ok else "",
+             f"{r['step_s'] * 1e3:.0f}" if timed else "", f"{r['tokens_per_s']:,.0f}" if timed else "",
+             f"{r['mfu']:.1%}" if timed else "", _short(r.get("reason", ""))]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def _short(reason: str, limit: int = 110) -> str:
+  reason = reason.replace("|", "/")
+  return reason if len(reason) <= limit else reason[:limit - 3] + "..."
+
+
+def write_markdown(records: list[dict], keys: list[str], path: str, command: str) -> None:
+  timed = [r for r in records if r["status"] == "ok" and "tokens_per_s" in r]
+  lines = ["# Sweep results", ""]
+  if command:
+    lines += [f"Command: `{command}`", ""]
+  lines += [markdown_table(records, keys)]
+  lines += ["Memory is per device from the compiled step's `memory_analysis()` (state = parameters + "
+            "optimizer state; peak = step arguments + temporaries). tokens/s is over the whole mesh."]
+  if timed and timed[0].get("platform", "cpu") == "cpu":
+    lines += ["", "Simulated CPU devices share one host, so tokens/s measures the partitioned program's "
+              "overhead on this CPU, not accelerator speed; compare ratios between rows."]
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+
+
+def write_plots(records: list[dict], keys: list[str], out: str) -> list[str]:
+  """Writes memory.png (stacked per-device bytes) and, when timed, tokens_per_s.png; returns the paths."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  labels = [label(r, keys) for r in records][::-1]  # first point on top
+  rows = records[::-1]
+  height = 1.2 + 0.32 * len(rows)
+  paths = []
+
+  fig, ax = plt.subplots(figsize=(8, height))
+  parts = [("parameters", lambda r: r["params_bytes"]), ("optimizer state", lambda r: r["optimizer_bytes"]),
+           ("batch, other args", lambda r: r["argument_bytes"] - r["params_bytes"] - r["optimizer_bytes"]),
+           ("temporaries", lambda r: r["temp_bytes"])]
+  left = [0.0] * len(rows)
+  for name, value in parts:
+    widths = [max(value(r), 0) / MIB if r["status"] == "ok" else 0 for r in rows]
+    ax.barh(labels, widths, left=left, label=name)
+    left = [a + b for a, b in zip(left, widths)]
+  _mark_failures(ax, rows)
+  ax.set_xlabel("MiB per device (compiled step: arguments + temporaries)")
+  ax.set_title("Per-device memory by configuration")
+  ax.legend(loc="lower right", fontsize=8)
+  paths.append(_save(fig, os.path.join(out, "memory.png")))
+
+  if any(r["status"] == "ok" and "tokens_per_s" in r for r in rows):
+    fig, ax = plt.subplots(figsize=(8, height))
+    speeds = [r.get("tokens_per_s", 0) if r["status"] == "ok" else 0 for r in rows]
+    bars = ax.barh(labels, speeds, color="tab:green")
+    for bar, r in zip(bars, rows):
+      if r["status"] == "ok" and "mfu" in r:
+        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {r['tokens_per_s']:,.0f} "
+                f"(MFU {r['mfu']:.1%})", va="center", fontsize=7)
+    _mark_failures(ax, rows)
+    ax.set_xlim(0, max(speeds) * 1.35 or 1)
+    ax.set_xlabel("tokens/s (whole mesh; median step)")
+    ax.set_title("Training throughput by configuration")
+    paths.append(_save(fig, os.path.join(out, "tokens_per_s.png")))
+  return paths
+
+
+def _mark_failures(ax, rows: list[dict]) -> None:
+  for i, r in enumerate(rows):
+    if r["status"] != "ok":
+      ax.text(0, i, f" {r['status']}", va="center", fontsize=8, color="tab:red")
+
+
+def _save(fig, path: str) -> str:
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  import matplotlib.pyplot as plt
+  plt.close(fig)
+  return path
+
+
+def write_reports(records: list[dict], keys: list[str], out: str, command: str = "") -> None:
+  """results.csv, results.md and the plots for the points recorded so far."""
+  write_csv(records, keys, os.path.join(out, "results.csv"))
+  write_markdown(records, keys, os.path.join(out, "results.md"), command)
+  write_plots(records, keys, out)

@@ -1,0 +1,197 @@
+"""Every parallelism preset trains exactly like one device, and places each array where its rule says."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from configs.smoke import get_config
+from launch import checkpoint as ckpt_lib
+from launch import train_state as ts
+from launch.config import validate
+from launch.context import build_context
+from launch.step import batch_sharding, jit_train_step
+from sharding import mesh as mesh_lib
+from sharding import rules as rules_lib
+
+VOCAB, STEPS = 512, 3
+
+
+def make_config(data=1, fsdp=1, tensor=1, rules="dp", num_devices=0, remat="none", **model):
+  c = get_config()
+  c.model.update(dict(vocab_size=VOCAB, d_model=64, num_heads=4, num_kv_heads=4, head_dim=16,
+                      mlp_dim=128, remat=remat, **model))
+  c.train.global_batch_size = 8
+  c.mesh.update(dict(data=data, fsdp=fsdp, tensor=tensor, rules=rules, num_devices=num_devices))
+  return validate(c)
+
+
+def batches():
+  rng = np.random.default_rng(0)
+  for _ in range(STEPS):
+    tokens = rng.integers(0, VOCAB, (8, 65)).astype(np.int32)
+    yield {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+
+
+def run(cfg):
+  """Trains STEPS steps from seed 0; returns (losses, final state, context)."""
+  ctx = build_context(cfg)
+  state = ts.init_train_state(ctx.mdef, ctx.tx, ctx.shardings, seed=0)
+  step = jit_train_step(ctx.mdef, ctx.tx, ctx.schedule, 1, ctx.mesh, ctx.rules, ctx.shardings)
+  losses = []
+  for batch in batches():
+    state, metrics = step(state, jax.device_put(batch, batch_sharding(ctx.mesh, ctx.rules)))
+    losses.append(float(metrics["loss"]))
+  return losses, state, ctx
+
+
+@pytest.fixture(scope="module")
+def single_device():
+  return run(make_config(num_devices=1))
+
+
+MESHES = [
+    ("dp", dict(data=8)),
+    ("fsdp", dict(fsdp=8)),
+    ("fsdp", dict(data=2, fsdp=4)),
+    ("tp", dict(data=2, tensor=4)),
+    ("tp", dict(data=4, tensor=2)),
+    ("fsdp_tp", dict(fsdp=2, tensor=4)),
+    ("fsdp_tp", dict(fsdp=4, tensor=2)),
+    ("dp_fsdp_tp", dict(data=2, fsdp=2, tensor=2)),
+    ("dp_fsdp_tp", dict(data=2, fsdp=1, tensor=4)),
+]
+
+# What each preset does to four representative parameters (leading dim of blocks is `layers`).
+GOLDEN = {
+    "dp": {"query": P(None, None, None, None), "down": P(None, None, None), "table": P(None, None)},
+    "fsdp": {"query": P(None, "fsdp", None, None), "down": P(None, None, "fsdp"), "table": P(None, "fsdp")},
+    "tp": {"query": P(None, None, "tensor", None), "down": P(None, "tensor", None), "table": P("tensor", None)},
+    "fsdp_tp": {"query": P(None, "fsdp", "tensor", None), "down": P(None, "tensor", "fsdp"),
+                "table": P("tensor", "fsdp")},
+}
+GOLDEN["dp_fsdp_tp"] = GOLDEN["fsdp_tp"]
+
+
+def _normalize(spec):
+  return tuple(None if s is None else (s if isinstance(s, str) else tuple(s)) for s in spec) + (None,) * 4
+
+
+@pytest.mark.parametrize("rules,axes", MESHES, ids=[f"{r}-{'-'.join(f'{k}{v}' for k, v in a.items())}" for r, a in MESHES])
+def test_preset_matches_single_device_and_rule_table(rules, axes, single_device):
+  reference, _, _ = single_device
+  losses, state, ctx = run(make_config(rules=rules, **axes))
+  np.testing.assert_allclose(losses, reference, rtol=2e-5)
+
+  # Placement, read back from the arrays themselves.
+  params = state.params
+  shard_of = lambda x: _normalize(x.sharding.spec)[:x.ndim]
+  golden = GOLDEN[rules]
+  assert shard_of(params["blocks"]["attention"]["query"]["kernel"]) == _normalize(golden["query"])[:4]
+  assert shard_of(params["blocks"]["mlp"]["down"]["kernel"]) == _normalize(golden["down"])[:3]
+  assert shard_of(params["embed"]["table"]) == _normalize(golden["table"])[:2]
+  # Every parameter: the slice each device holds is the full shape divided by its mesh axes.
+  mesh_shape = dict(ctx.mesh.shape)
+  names = jax.tree.leaves(ctx.mdef.logical_names, is_leaf=lambda x: isinstance(x, tuple))
+  table = dict(rules_lib.get_rules(rules))
+  for names_, array in zip(names, jax.tree.leaves(params)):
+    local = array.addressable_shards[0].data.shape
+    used, expected = set(), []
+    for size, name in zip(array.shape, names_):
+      axes_ = [a for a in table.get(name, ()) if a not in used]
+      used.update(axes_)
+      expected.append(size // math.prod(mesh_shape[a] for a in axes_))
+    assert local == tuple(expected), (names_, array.shape, local)
+
+
+def _device_bytes(tree):
+  return sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree))
+
+
+def _total_bytes(tree):
+  return sum(x.nbytes for x in jax.tree.leaves(tree))
+
+
+def test_fsdp8_holds_one_eighth_of_params_and_optimizer_state():
+  ctx = build_context(make_config(rules="fsdp", fsdp=8))
+  state = ts.init_train_state(ctx.mdef, ctx.tx, ctx.shardings, seed=0)
+  for tree in (state.params, state.opt_state):
+    total, local = _total_bytes(tree), _device_bytes(tree)
+    # Only optax's scalar step counters are replicated ("within padding").
+    assert local == pytest.approx(total / 8, abs=64), (total, local)
+
+
+def test_tensor4_splits_the_sharded_weights_four_ways():
+  ctx = build_context(make_config(rules="tp", data=2, tensor=4))
+  state = ts.init_train_state(ctx.mdef, ctx.tx, ctx.shardings, seed=0)
+  split_names = {"heads", "kv_heads", "mlp", "vocab"}
+  names = jax.tree.leaves(ctx.mdef.logical_names, is_leaf=lambda x: isinstance(x, tuple))
+  for names_, array in zip(names, jax.tree.leaves(state.params)):
+    local = array.addressable_shards[0].data.nbytes
+    assert local == (array.nbytes // 4 if split_names & set(names_) else array.nbytes), names_
+
+
+def _compiled_step(cfg):
+  ctx = build_context(cfg)
+  step = jit_train_step(ctx.mdef, ctx.tx, ctx.schedule, 1, ctx.mesh, ctx.rules, ctx.shardings)
+  abstract = ts.abstract_state(ctx.mdef, ctx.tx, ctx.shardings)
+  spec = jax.ShapeDtypeStruct((8, 64), jnp.int32, sharding=batch_sharding(ctx.mesh, ctx.rules))
+  return step.lower(abstract, {"inputs": spec, "targets": spec}).compile(), ctx
+
+
+def test_full_remat_lowers_temporary_memory_and_keeps_gradients():
+  kw = dict(num_devices=1, num_layers=4, max_seq_len=64)
+  none, ctx_none = _compiled_step(make_config(remat="none", **kw))
+  full, ctx_full = _compiled_step(make_config(remat="full", **kw))
+  temp_none = none.memory_analysis().temp_size_in_bytes
+  temp_full = full.memory_analysis().temp_size_in_bytes
+  assert temp_full < temp_none, (temp_full, temp_none)
+
+  params = ts.init_train_state(ctx_none.mdef, ctx_none.tx, ctx_none.shardings, seed=0).params
+  batch = next(batches())
+
+  def grads(mdef):
+    def loss(p):
+      logits = mdef.bind(p)(batch["inputs"])
+      return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), batch["targets"][..., None], -1))
+    return jax.jit(jax.grad(loss))(params)
+
+  for a, b in zip(jax.tree.leaves(grads(ctx_none.mdef)), jax.tree.leaves(grads(ctx_full.mdef))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_checkpoint_saved_under_fsdp8_restores_under_dp2_tensor4(tmp_path):
+  _, state, ctx = run(make_config(rules="fsdp", fsdp=8))
+  checkpointer = ckpt_lib.Checkpointer(str(tmp_path), async_save=False)
+  checkpointer.save(STEPS, state, {"data_state": None, "config": {}})
+  checkpointer.close()
+  other = build_context(make_config(rules="tp", data=2, tensor=4))
+  restored, meta = ckpt_lib.Checkpointer(str(tmp_path), read_only=True).restore_state(
+      ts.abstract_state(other.mdef, other.tx, other.shardings))
+  assert meta["step"] == STEPS and int(restored.step) == STEPS
+  for a, b, sharding in zip(jax.tree.leaves(state), jax.tree.leaves(restored), jax.tree.leaves(other.shardings)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert b.sharding.is_equivalent_to(sharding, b.ndim)
+
+
+def test_custom_rule_table_and_its_errors():
+  c = make_config(data=2, tensor=4).to_dict()
+  c["mesh"]["custom_rules"] = "batch=data+fsdp,mlp=tensor"
+  ctx = build_context(validate(c))
+  assert ctx.shardings.params["blocks"]["mlp"]["up"]["kernel"].spec == P(None, None, "tensor")
+  assert ctx.shardings.params["blocks"]["attention"]["query"]["kernel"].spec == P(None, None, None, None)
+  c["mesh"]["custom_rules"] = "hidden=tensor"
+  with pytest.raises(ValueError, match="names 'hidden', which the model does not use"):
+    validate(c)
+  c["mesh"]["custom_rules"] = "mlp=model"
+  with pytest.raises(ValueError, match="'model', which is not a mesh axis"):
+    validate(c)
+
+
+def test_dcn_axes_need_as_many_slices_as_they_ask_for():
+  assert mesh_lib.num_granules(jax.devices()) == (1, "hosts")
+  with pytest.raises(ValueError, match="asks for 2 slices/hosts but the 8 devices span 1 hosts"):
+    mesh_lib.make_mesh({"data": 1, "fsdp": 4, "tensor": 1}, jax.devices(), {"data": 2, "fsdp": 1, "tensor": 1})
