@@ -24,7 +24,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.rope_theta = 10_000.0
   c.model.norm_eps = 1e-5
   c.model.tie_embeddings = True      # output projection shares the input embedding matrix
-  c.model.dtype = "float32"          # compute dtype of matmuls ("bfloat16" on accelerators)
+  c.model.dtype = "auto"             # matmul compute dtype; auto: bfloat16 on GPU/TPU, float32 on CPU
   c.model.param_dtype = "float32"    # storage dtype of parameters
   c.model.remat = "none"             # none | full | dots | dots_no_batch | save_qkv_mlp | offload_qkv_mlp
   c.model.scan_unroll = 1            # layers per scan iteration

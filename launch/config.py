@@ -163,10 +163,21 @@ def _typed(section: str, cls, values: dict):
   return cls(**kwargs)
 
 
+def default_compute_dtype() -> str:
+  """What model.dtype="auto" means here: bfloat16 on GPU/TPU (parameters stay float32), float32 on CPU.
+
+  Asks jax for the default backend, so call it after any jax.distributed.initialize.
+  """
+  import jax
+  return "bfloat16" if jax.default_backend() in ("gpu", "tpu") else "float32"
+
+
 def validate(raw: ml_collections.ConfigDict | dict) -> Config:
   """Checks a raw config completely and returns the frozen `Config`; raises ValueError on any problem."""
   raw_dict = raw.to_dict() if isinstance(raw, ml_collections.ConfigDict) else dict(raw)
   _check_keys(raw_dict, base_config().to_dict())
+  if raw_dict["model"]["dtype"] == "auto":
+    raw_dict["model"] = {**raw_dict["model"], "dtype": default_compute_dtype()}
   sections = {name: _typed(name, cls, raw_dict[name]) for name, cls in _SECTIONS.items()}
   seed = raw_dict["seed"]
   if not isinstance(seed, int):
@@ -252,6 +263,9 @@ def _compression_errors(cfg: Config) -> list[str]:
   if p.frequency < 1 or not 0 <= p.start_step <= p.end_step:
     errors.append(f"prune.start_step={p.start_step}, prune.end_step={p.end_step}, prune.frequency="
                   f"{p.frequency}: need 0 <= start_step <= end_step and frequency >= 1.")
+  if p.init_checkpoint and cfg.train.init_checkpoint:
+    errors.append(f"prune.init_checkpoint={p.init_checkpoint!r} and train.init_checkpoint="
+                  f"{cfg.train.init_checkpoint!r} both name a starting point; set only one.")
   if p.method != "none" and p.end_step >= cfg.train.steps:
     errors.append(f"prune.end_step={p.end_step} is not before train.steps={cfg.train.steps}: the "
                   "sparsity would never reach its target; lower end_step or raise train.steps.")

@@ -36,7 +36,7 @@ def _parse_hlo(hlo_text: str):
 
 
 def classify_ops(hlo_text: str) -> dict[str, str]:
-  """Maps every instruction name in the HLO to "matmul", "communication" or "other"."""
+  """Maps every instruction name in the HLO to "matmul", "communication", "control" or "other"."""
   instructions, computations = _parse_hlo(hlo_text)
   memo: dict[str, bool] = {}
 
@@ -51,7 +51,9 @@ def classify_ops(hlo_text: str) -> dict[str, str]:
 
   kinds = {}
   for name, (opcode, called) in instructions.items():
-    if opcode in ("dot", "convolution") or (opcode == "fusion" and any(has_dot(c) for c in called)):
+    if opcode in ("while", "conditional", "call"):
+      kinds[name] = "control"  # its body's ops are traced on their own; counting both would double
+    elif opcode in ("dot", "convolution") or (opcode == "fusion" and any(has_dot(c) for c in called)):
       kinds[name] = "matmul"
     elif opcode in _COLLECTIVES:
       kinds[name] = "communication"
@@ -78,7 +80,7 @@ def summarize_trace(trace_dir: str, hlo_text: str, top: int = 10) -> dict:
   by_kind, by_op = collections.Counter(), collections.Counter()
   for event in events:
     op = (event.get("args") or {}).get("hlo_op")
-    if event.get("ph") != "X" or not op or op not in kinds:
+    if event.get("ph") != "X" or not op or kinds.get(op, "control") == "control":
       continue
     by_kind[kinds[op]] += event.get("dur", 0.0)
     by_op[(op, kinds[op])] += event.get("dur", 0.0)

@@ -10,7 +10,7 @@ import os
 MIB = 1024 ** 2
 MEASURED = ["devices", "mesh_shape", "rules", "params_bytes", "optimizer_bytes", "argument_bytes",
             "temp_bytes", "peak_bytes", "compile_s", "step_s", "spread", "tokens_per_s", "model_tflops",
-            "mfu", "peak_source", "mode", "wall_s"]
+            "mfu", "peak_tflops", "peak_source", "mfu_own_peak", "mode", "wall_s"]
 
 
 def summary(record: dict) -> str:
@@ -66,7 +66,9 @@ def write_markdown(records: list[dict], keys: list[str], path: str, command: str
     lines += [f"Command: `{command}`", ""]
   lines += [markdown_table(records, keys)]
   lines += ["Memory is per device from the compiled step's `memory_analysis()` (state = parameters + "
-            "optimizer state; peak = step arguments + temporaries). tokens/s is over the whole mesh."]
+            "optimizer state; peak = step arguments + temporaries). tokens/s is over the whole mesh; "
+            "MFU = model FLOPs (lm/flops.py) / peak, with one peak per dtype for the whole sweep "
+            "(results.csv: `peak_source`)."]
   if timed and timed[0].get("platform", "cpu") == "cpu":
     lines += ["", "Simulated CPU devices share one host, so tokens/s measures the partitioned program's "
               "overhead on this CPU, not accelerator speed; compare ratios between rows."]
@@ -129,8 +131,32 @@ def _save(fig, path: str) -> str:
   return path
 
 
+def with_sweep_peak(records: list[dict]) -> list[dict]:
+  """Copies of the records whose MFU uses one peak per dtype: the best matmul rate measured in the sweep.
+
+  On CPU each point measures the host's matmul rate next to its steps, and on a shared machine one
+  unlucky measurement would inflate that point's MFU; the sweep-wide best makes MFU a fixed scale
+  (its ratios between rows equal the tokens/s ratios of the same model). Spec-sheet peaks stay as they are.
+  """
+  measured = [r for r in records if r["status"] == "ok" and r.get("mfu") and
+              str(r.get("peak_source", "")).startswith("measured")]
+  best: dict = {}
+  for r in measured:
+    peak = r["model_tflops"] / r["mfu"]
+    best[r.get("dtype")] = max(best.get(r.get("dtype"), 0.0), peak)
+  out = []
+  for r in records:
+    if r in measured:
+      peak = best[r.get("dtype")]
+      r = {**r, "mfu_own_peak": r["mfu"], "mfu": r["model_tflops"] / peak, "peak_tflops": peak,
+           "peak_source": "best of the sweep's " + r["peak_source"]}
+    out.append(r)
+  return out
+
+
 def write_reports(records: list[dict], keys: list[str], out: str, command: str = "") -> None:
   """results.csv, results.md and the plots for the points recorded so far."""
+  records = with_sweep_peak(records)
   write_csv(records, keys, os.path.join(out, "results.csv"))
   write_markdown(records, keys, os.path.join(out, "results.md"), command)
   write_plots(records, keys, out)
