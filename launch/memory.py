@@ -5,10 +5,13 @@
 
 Compiles the train step for the config's mesh on `--devices` simulated CPU devices (default: the
 devices present) and prints what `memory_analysis()` reports per device. Nothing is allocated or
-run. On CPU the numbers are XLA's CPU schedule; an accelerator's compiler schedules differently, so
+run. The scheduler flag it sets can deadlock CPU collectives when the step also *runs* on several
+simulated devices, so it is only used here, where nothing runs. On CPU the numbers are XLA's CPU schedule; an accelerator's compiler schedules differently, so
 treat temporaries as an estimate (within tens of percent), parameters and optimizer state as exact.
 """
 
+import dataclasses
+import json
 import os
 import re
 import sys
@@ -29,6 +32,7 @@ from launch.cli import load_config, quiet_logs  # noqa: E402
 from launch.memory_report import format_bytes, memory_report  # noqa: E402
 
 flags.DEFINE_integer("devices", None, "Simulated CPU devices to plan for (default: those present).")
+flags.DEFINE_bool("json", False, "Print the report as one JSON object instead of a table.")
 FLAGS = flags.FLAGS
 
 
@@ -37,6 +41,9 @@ def main(argv):
   quiet_logs()
   cfg = load_config()
   report = memory_report(cfg)
+  if FLAGS.json:
+    print(json.dumps({**dataclasses.asdict(report), "total_bytes": report.total_bytes}))
+    return
   rows = [("parameters", report.params_bytes), ("optimizer state", report.optimizer_bytes),
           ("step arguments (state + batch)", report.argument_bytes),
           ("step temporaries (activations, grads)", report.temp_bytes),

@@ -18,7 +18,7 @@ product (the first dimension varies slowest). Keys:
 
 Each point runs `python -m launch.sweep_point` (compile, memory_analysis, timed steps) with a
 timeout; invalid, out-of-memory, failing and timed-out points get a status and reason and the sweep
-goes on. Results: <out>/points/<point>.json (+ .log), <out>/results.csv, results.md, and PNG plots
+goes on (a crashed point is first retried --retries times). Results: <out>/points/<point>.json (+ .log), <out>/results.csv, results.md, and PNG plots
 (launch/sweep_report.py). Rerunning the same command skips recorded points (--retry-failed reruns
 error/timeout/oom ones; a compile-only record is redone when steps are wanted).
 """
@@ -165,7 +165,7 @@ def run_point_process(point: Point, config: str, base: list[str], path: str, com
   if os.path.exists(path):
     os.remove(path)
   start = time.perf_counter()
-  with open(path + ".log", "w") as log:
+  with open(_log_path(path), "w") as log:
     log.write("$ " + shlex.join(cmd) + "\n")
     log.flush()
     try:
@@ -177,13 +177,17 @@ def run_point_process(point: Point, config: str, base: list[str], path: str, com
     if code is None:
       status, reason = "timeout", f"no result within --timeout={timeout:g}s (the point was killed)"
     else:
-      status, reason = "error", _exit_reason(code, path + ".log")
+      status, reason = "error", _exit_reason(code, _log_path(path))
     record = {"status": status, "reason": reason, "mode": "compile" if compile_only else "time"}
   record.update(point=point.name, config=config, overrides=overrides,
                 wall_s=time.perf_counter() - start, **dict(point.values))
   with open(path, "w") as f:
     json.dump(record, f, indent=1)
   return record
+
+
+def _log_path(json_path: str) -> str:
+  return json_path.removesuffix(".json") + ".log"
 
 
 def _exit_reason(code: int, log_path: str) -> str:
@@ -194,17 +198,24 @@ def _exit_reason(code: int, log_path: str) -> str:
     how = f"exited with code {code}"
   with open(log_path) as f:
     lines = [line.strip() for line in f if line.strip()]
-  return f"process {how}; last output: {lines[-1][:300] if lines else '(none)'} (see {log_path})"
+  # The most telling line: a Python exception, else an XLA fatal check (glog 'F' line), else the last.
+  python_error = [l for l in lines if re.match(r"^[\w.]+(Error|Exception|Exit)\b:", l)]
+  fatal = [l.split("] ", 1)[-1] for l in lines if re.match(r"^F\d{4} ", l)]
+  last = (python_error or fatal or lines or ["(no output)"])[-1]
+  return f"process {how}: {last[:300]} (log: {log_path})"
 
 
 def run_sweep(config: str, grid: str, out: str, base_overrides: list[str] = (), compile_only: bool = False,
               steps: int = 5, warmup: int = 2, devices: int = 8, timeout: float = 600,
-              retry_failed: bool = False, command: str = "", echo=print) -> list[dict]:
+              retry_failed: bool = False, command: str = "", echo=None, retries: int = 1) -> list[dict]:
   """Runs (or resumes) the sweep and writes its reports; returns one record per point, in grid order.
+
+  A point that crashes (`error`) is run up to `retries` more times before it is recorded.
 
   Raises ValueError before running anything for a malformed grid, an unknown key or a bad value.
   """
   from launch import sweep_report
+  echo = echo or (lambda line: print(line, flush=True))
   points = expand_grid(parse_grid(grid))
   base = list(base_overrides)
   for point in points:  # every key and value parses before any point runs
@@ -217,8 +228,13 @@ def run_sweep(config: str, grid: str, out: str, base_overrides: list[str] = (), 
     if is_finished(record, compile_only, retry_failed):
       echo(f"[{i}/{len(points)}] {point.name}: recorded earlier ({record['status']}), skipped")
     else:
-      record = run_point_process(point, config, base, path, compile_only, steps, warmup, devices, timeout)
-      durations.append(record["wall_s"])
+      for attempt in range(1 + retries):
+        if attempt:
+          echo(f"[{i}/{len(points)}] {point.name}: {record['status']} ({record['reason'][:100]}); retrying")
+        record = run_point_process(point, config, base, path, compile_only, steps, warmup, devices, timeout)
+        durations.append(record["wall_s"])
+        if record["status"] != "error":
+          break
       left = sum(1 for p in points[i:] if not is_finished(
           load_record(os.path.join(out, "points", p.slug + ".json"), config, [*base, *p.overrides]),
           compile_only, retry_failed))
@@ -247,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--timeout", type=float, default=600, help="seconds before a point is killed")
   parser.add_argument("--retry-failed", "--retry_failed", action="store_true",
                       help="rerun recorded error/timeout/oom points")
+  parser.add_argument("--retries", type=int, default=1, help="extra attempts for a point that crashes")
   args, extra = parser.parse_known_args(argv)
   bad = [a for a in extra if not a.startswith("--config.")]
   if bad:
@@ -254,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
   command = "python -m launch.sweep " + shlex.join(argv)
   try:
     run_sweep(args.config, args.grid, args.out, extra, args.compile_only, args.steps, args.warmup,
-              args.devices, args.timeout, args.retry_failed, command)
+              args.devices, args.timeout, args.retry_failed, command, retries=args.retries)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -54,7 +54,11 @@ def markdown_table(records: list[dict], keys: list[str]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def _short(reason: str, limit: int = 110) -> str:
+def _short(reason: str, limit: int = 150) -> str:
+  """The reason's most specific line: the first item under a heading such as 'does not fit ...:'."""
+  parts = [p.strip() for p in reason.split(" | ")]
+  if len(parts) > 1 and parts[0].endswith(":"):
+    reason = parts[1] + (f" (+{len(parts) - 2} more)" if len(parts) > 2 else "")
   reason = reason.replace("|", "/")
   return reason if len(reason) <= limit else reason[:limit - 3] + "..."
 
@@ -97,6 +101,7 @@ def write_plots(records: list[dict], keys: list[str], out: str) -> list[str]:
     left = [a + b for a, b in zip(left, widths)]
   _mark_failures(ax, rows)
   ax.set_xlabel("MiB per device (compiled step: arguments + temporaries)")
+  ax.set_ylabel(" / ".join(keys))
   ax.set_title("Per-device memory by configuration")
   ax.legend(loc="lower right", fontsize=8)
   paths.append(_save(fig, os.path.join(out, "memory.png")))
@@ -112,6 +117,7 @@ def write_plots(records: list[dict], keys: list[str], out: str) -> list[str]:
     _mark_failures(ax, rows)
     ax.set_xlim(0, max(speeds) * 1.35 or 1)
     ax.set_xlabel("tokens/s (whole mesh; median step)")
+    ax.set_ylabel(" / ".join(keys))
     ax.set_title("Training throughput by configuration")
     paths.append(_save(fig, os.path.join(out, "tokens_per_s.png")))
   return paths
@@ -149,7 +155,7 @@ def with_sweep_peak(records: list[dict]) -> list[dict]:
     if r in measured:
       peak = best[r.get("dtype")]
       r = {**r, "mfu_own_peak": r["mfu"], "mfu": r["model_tflops"] / peak, "peak_tflops": peak,
-           "peak_source": "best of the sweep's " + r["peak_source"]}
+           "peak_source": f"best {r.get('dtype') or ''} matmul rate measured in the sweep (on {r.get('platform', 'cpu')})"}
     out.append(r)
   return out
 

@@ -8,22 +8,26 @@ Writes presets.{md,csv}, activations.{md,csv} and sharding.png into --out.
 
 import os
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-                           " --xla_cpu_enable_concurrency_optimized_scheduler=false").strip()
+# Memory comes from `launch.memory` subprocesses, which set the CPU scheduler flag that makes
+# memory_analysis honour remat; that flag can deadlock collectives when steps run, so timing runs
+# here without it.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
 import functools  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from configs.bench import get_config  # noqa: E402
+from configs.demo import get_config  # noqa: E402
 from launch import train_state as ts  # noqa: E402
 from launch.benchmarking import time_train_step, write_table  # noqa: E402
 from launch.cli import quiet_logs  # noqa: E402
 from launch.config import validate  # noqa: E402
 from launch.context import build_context  # noqa: E402
-from launch.memory_report import _per_device_bytes, compile_train_step  # noqa: E402
 from lm.loss import cross_entropy  # noqa: E402
 
 flags.DEFINE_string("out", "docs/results/sharding", "Output directory.")
@@ -49,34 +53,57 @@ PRESETS = [
 MIB = 2 ** 20
 
 
-def preset_config(rules, axes, remat):
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def preset_overrides(rules, axes, remat) -> dict:
+  mesh = {**dict(data=1, fsdp=1, tensor=1, num_devices=1 if axes == dict(data=1) else 8, rules=rules), **axes}
+  return {**{f"mesh.{k}": v for k, v in mesh.items()}, "model.remat": remat, "model.dtype": "float32"}
+
+
+def preset_config(overrides: dict):
   c = get_config()
-  c.mesh.update(dict(data=1, fsdp=1, tensor=1, num_devices=1 if axes == dict(data=1) else 8, rules=rules))
-  c.mesh.update(axes)
-  c.model.remat = remat
+  for key, value in overrides.items():
+    section, name = key.split(".")
+    c[section][name] = value
   return validate(c)
+
+
+def memory_of(overrides: dict, config_file: str = "configs/demo.py") -> dict:
+  """Per-device memory of the compiled step from `python -m launch.memory --json` in a subprocess.
+
+  Raises ValueError with the command's last error line if the config is refused.
+  """
+  devices = overrides.get("mesh.num_devices") or 8
+  cmd = [sys.executable, "-m", "launch.memory", "--config", os.path.join(REPO, config_file),
+         "--devices", str(devices), "--json", *[f"--config.{k}={v}" for k, v in overrides.items()]]
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  out = subprocess.run(cmd, cwd=REPO, env={**env, "PYTHONPATH": REPO}, capture_output=True, text=True)
+  if out.returncode:
+    lines = [l for l in out.stderr.splitlines() if "Error" in l or "error" in l]
+    raise ValueError(lines[-1] if lines else out.stderr[-300:])
+  return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def preset_rows(steps: int) -> list[dict]:
   rows = []
   for label, rules, axes, remat in PRESETS:
-    cfg = preset_config(rules, axes, remat)
+    overrides = preset_overrides(rules, axes, remat)
+    cfg = preset_config(overrides)
     mesh_text = "x".join(f"{k}{v}" for k, v in axes.items())
     row = {"preset": label, "mesh": mesh_text, "remat": remat}
     try:
       ctx = build_context(cfg)
+      memory = memory_of(overrides)
     except ValueError as e:  # e.g. host offload on CPU: recorded, not fatal
       rows.append({**row, "params_MiB": "", "optimizer_MiB": "", "temp_MiB": "", "step_s": "",
                    "tokens_per_s": "", "note": str(e).split(";")[0]})
       print(f"{label:12s} {mesh_text:18s} {remat:14s} skipped: {str(e)[:80]}")
       continue
-    compiled, abstract = compile_train_step(ctx)
-    analysis = compiled.memory_analysis()
     timing = time_train_step(ctx, steps=steps, warmup=1)
     tokens = cfg.train.global_batch_size * cfg.data.seq_len
-    row.update(params_MiB=_per_device_bytes(abstract.params) / MIB,
-               optimizer_MiB=_per_device_bytes(abstract.opt_state) / MIB,
-               temp_MiB=analysis.temp_size_in_bytes / MIB, step_s=timing.median_s,
+    row.update(params_MiB=memory["params_bytes"] / MIB, optimizer_MiB=memory["optimizer_bytes"] / MIB,
+               temp_MiB=memory["temp_bytes"] / MIB, step_s=timing.median_s,
                tokens_per_s=tokens / timing.median_s, note="")
     rows.append(row)
     print(f"{label:12s} {mesh_text:18s} {remat:14s} params {row['params_MiB']:7.2f} MiB  temp "
@@ -108,13 +135,11 @@ def saved_activation_bytes(layers, remat, b, s, h, a):
 
 
 def compiled_temp_bytes(layers, remat, b, s, h, a):
-  c = get_config()
-  c.model.update(dict(vocab_size=512, d_model=h, num_layers=layers, num_heads=a, num_kv_heads=a,
-                      head_dim=h // a, mlp_dim=4 * h, max_seq_len=s, dtype="bfloat16", remat=remat))
-  c.data.seq_len, c.train.global_batch_size = s, b
-  c.mesh.update(dict(num_devices=1, data=1))
-  compiled, _ = compile_train_step(build_context(validate(c)))
-  return compiled.memory_analysis().temp_size_in_bytes
+  model = dict(vocab_size=512, d_model=h, num_layers=layers, num_heads=a, num_kv_heads=a, head_dim=h // a,
+               mlp_dim=4 * h, max_seq_len=s, dtype="bfloat16", remat=remat)
+  overrides = {**{f"model.{k}": v for k, v in model.items()}, "data.seq_len": s,
+               "train.global_batch_size": b, "mesh.num_devices": 1, "mesh.data": 1}
+  return memory_of(overrides)["temp_bytes"]
 
 
 def activation_rows() -> list[dict]:
@@ -149,7 +174,7 @@ def plot(rows, path):
   bottom.bar(x, [r["tokens_per_s"] for r in rows], color="tab:green")
   bottom.set_ylabel("tokens/s (8 simulated devices, 2 cores)")
   bottom.set_xticks(list(x), labels, fontsize=7)
-  fig.suptitle("bench model (11.4M params, 32k vocab), batch 16 x 256, float32")
+  fig.suptitle("demo model (4.2M params, 4k vocab), batch 16 x 128, float32")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
