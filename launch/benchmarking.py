@@ -9,9 +9,13 @@ import time
 import jax
 import numpy as np
 
+from launch import hardware
 from launch import train_state as ts
-from launch.context import RunContext
+from launch.config import Config
+from launch.context import RunContext, build_context
+from launch.memory_report import compile_train_step
 from launch.step import batch_sharding, jit_train_step
+from lm import flops
 
 
 @dataclasses.dataclass
@@ -80,3 +84,61 @@ def write_table(rows: list[dict], out_dir: str, name: str, title: str, command: 
   with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
     f.write(markdown)
   return markdown
+
+
+def variant(cfg: Config, dtype: str, rules: str | None = None, mesh: dict | None = None,
+            num_devices: int = 1) -> Config:
+  model = dataclasses.replace(cfg.model, dtype=dtype)
+  mesh_cfg = dataclasses.replace(cfg.mesh, num_devices=num_devices, rules=rules or cfg.mesh.rules,
+                                 **(mesh or dict(data=1, fsdp=1, tensor=1)))
+  return dataclasses.replace(cfg, model=model, mesh=mesh_cfg)
+
+
+_PEAKS: dict = {}
+
+
+def peak_for(cfg: Config, devices) -> tuple[float, str]:
+  """Peak FLOP/s of `devices` in the config's dtype, measured once per dtype and device count."""
+  key = cfg.model.dtype  # one peak per dtype, so every row of a run is divided by the same number
+  if key not in _PEAKS:
+    tokens = cfg.train.global_batch_size * cfg.data.seq_len
+    shape = (tokens, cfg.model.d_model, max(cfg.model.mlp_dim, cfg.model.vocab_size))
+    _PEAKS[key] = hardware.peak_flops(cfg.model.dtype, shape, devices)
+  return _PEAKS[key]
+
+
+def bench_row(label: str, cfg: Config, steps: int, warmup: int, profile_dir: str | None = None):
+  """Times one configuration; returns (row dict, compiled step)."""
+  ctx = build_context(cfg)
+  compiled, _ = compile_train_step(ctx)
+  timing = time_train_step(ctx, steps=steps, warmup=warmup, step_fn=compiled)
+  tokens = cfg.train.global_batch_size * cfg.data.seq_len
+  model_flops = flops.train_flops_per_token(cfg.model, cfg.data.seq_len) * tokens
+  peak, source = peak_for(cfg, list(ctx.mesh.devices.flat))
+  row = {"config": label, "devices": ctx.num_devices,
+         "mesh": "x".join(f"{k}{v}" for k, v in ctx.mesh.shape.items() if v > 1) or "1",
+         "dtype": cfg.model.dtype, "step_s": timing.median_s, "spread": timing.spread,
+         "tokens_per_s": tokens / timing.median_s, "model_tflops": model_flops / timing.median_s / 1e12,
+         "peak_tflops": peak / 1e12, "mfu": model_flops / timing.median_s / peak, "peak_source": source}
+  print(f"{label:28s} {row['devices']} dev {row['dtype']:9s} step {timing.median_s * 1e3:8.1f} ms "
+        f"(spread {timing.spread:.0%})  {row['tokens_per_s']:9.0f} tok/s  {row['model_tflops']:.3f} TFLOP/s  "
+        f"MFU {row['mfu']:.1%} of {source}")
+  if profile_dir:
+    state = ts.init_train_state(ctx.mdef, ctx.tx, ctx.shardings, seed=0)
+    batch = random_batch(ctx)
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+      for _ in range(3):
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+  return row, compiled
+
+
+def profile_markdown(summary: dict, label: str) -> str:
+  lines = [f"## Where the step's time goes: {label}", "",
+           "| kind | share of op time |", "|---|---|"]
+  lines += [f"| {kind} | {share:.1%} |" for kind, share in summary["share"].items()]
+  lines += ["", "| top ops | kind | ms (3 steps, summed over threads) | share |", "|---|---|---|---|"]
+  lines += [f"| {op} | {kind} | {us / 1e3:.1f} | {share:.1%} |" for op, kind, us, share in summary["top_ops"]]
+  return "\n".join(lines) + "\n"

@@ -20,11 +20,6 @@ import time
 
 from absl import app, flags
 
-flags.DEFINE_integer("num_processes", 2, "Processes to start.")
-flags.DEFINE_integer("cpu_devices", 4, "CPU devices per process.")
-flags.DEFINE_string("module", "launch.train", "Entry module each process runs.")
-flags.DEFINE_integer("hang_timeout", 300, "Stop everything if no process prints for this many seconds.")
-flags.DEFINE_integer("grace", 15, "Seconds between SIGTERM and SIGKILL when stopping processes.")
 FLAGS = flags.FLAGS
 
 
@@ -100,4 +95,10 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Flags are defined only when run as a command, so tests can import run_local.
+  flags.DEFINE_integer("num_processes", 2, "Processes to start.")
+  flags.DEFINE_integer("cpu_devices", 4, "CPU devices per process.")
+  flags.DEFINE_string("module", "launch.train", "Entry module each process runs.")
+  flags.DEFINE_integer("hang_timeout", 300, "Stop everything if no process prints for this many seconds.")
+  flags.DEFINE_integer("grace", 15, "Seconds between SIGTERM and SIGKILL when stopping processes.")
   app.run(main)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import pytest
 
 from configs.smoke import get_config
-from launch import bench
+from launch import benchmarking as bench
 from launch.benchmarking import write_table
 from launch.config import validate
 from launch.profile_summary import classify_ops, summarize_trace
