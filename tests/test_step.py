@@ -108,3 +108,22 @@ def test_flop_formula_matches_xla_cost_analysis_for_bench_preset():
   analysis = analysis[0] if isinstance(analysis, list) else analysis
   formula = flops.train_flops_per_token(cfg.model, cfg.data.seq_len) * cfg.train.global_batch_size * cfg.data.seq_len
   assert analysis["flops"] == pytest.approx(formula, rel=0.10)
+
+
+def test_gradient_accumulation_matches_one_big_batch():
+  """Two micro-batches of 4 give the same update as one batch of 8 (the loss is a mean over tokens)."""
+  results = []
+  for accum in (1, 2):
+    c = smoke_config()
+    c.train.grad_accum_steps = accum
+    c.mesh.update(dict(num_devices=1, data=1))
+    ctx = build_context(validate(c))
+    state = ts.init_train_state(ctx.mdef, ctx.tx, ctx.shardings, seed=0)
+    step = step_lib.jit_train_step(ctx.mdef, ctx.tx, ctx.schedule, accum, ctx.mesh, ctx.rules, ctx.shardings)
+    batch = random_batch(ctx)
+    for _ in range(2):
+      state, metrics = step(state, batch)
+    results.append((float(metrics["loss"]), jax.device_get(state.params)))
+  assert results[1][0] == pytest.approx(results[0][0], rel=1e-5)
+  for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
