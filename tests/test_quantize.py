@@ -197,8 +197,12 @@ def w8a8_checkpoint(float_checkpoint, tmp_path_factory):
 
 def test_quantized_checkpoint_round_trips(float_checkpoint, w8a8_checkpoint):
   out, report = w8a8_checkpoint
-  assert report["smooth"] and report["quantized_param_bytes"] < report["float_param_bytes"]
+  assert report["smooth"] and report["quantized_param_bytes"] > 0
   loaded = load_checkpoint(out)
+  # Array bytes, not bytes on disk: for a model this tiny, orbax's per-array metadata outweighs the
+  # int8 saving and varies between installs (the demo model's files are 3.9x smaller; docs/quantization.md).
+  array_bytes = lambda params: sum(x.nbytes for x in jax.tree.leaves(params))
+  assert array_bytes(loaded.params) < array_bytes(load_checkpoint(float_checkpoint).params)
   assert (loaded.cfg.model.quant, loaded.cfg.model.quant_embedding, loaded.cfg.model.quant_skip) == (
       "w8a8", True, "attention.out")
   assert loaded.step == 3
