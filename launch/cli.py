@@ -56,3 +56,9 @@ def config_from_file(path: str, overrides: list[str] = ()):
     return _parse_config_args(["launcher", f"--config={path}", *overrides])
   except flags.Error as e:
     raise ValueError(f"Bad override value: {e}. Overrides look like --config.model.remat=full.") from e
+
+
+def define_checkpoint_flags(what: str = "A run's checkpoint directory (<workdir>/checkpoints).") -> None:
+  """Defines --checkpoint_dir (described by `what`) and --step, shared by the commands that read one."""
+  flags.DEFINE_string("checkpoint_dir", None, what)
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")

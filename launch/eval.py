@@ -7,11 +7,10 @@ import json
 
 from absl import app, flags
 
-from launch.cli import quiet_logs
+from launch.cli import define_checkpoint_flags, quiet_logs
 from launch.evaluate import eval_checkpoint
 
-flags.DEFINE_string("checkpoint_dir", None, "A run's checkpoint directory (<workdir>/checkpoints).")
-flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+define_checkpoint_flags("A run's checkpoint directory (<workdir>/checkpoints).")
 flags.DEFINE_integer("eval_batches", 0, "Validation batches (0: the whole split).")
 FLAGS = flags.FLAGS
 

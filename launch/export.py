@@ -13,11 +13,10 @@ import jax
 from absl import app, flags
 
 from compress.export import save_servable
-from launch.cli import quiet_logs
+from launch.cli import define_checkpoint_flags, quiet_logs
 from launch.inference import load_checkpoint
 
-flags.DEFINE_string("checkpoint_dir", None, "A checkpoint directory (float or from launch.quantize).")
-flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+define_checkpoint_flags("A checkpoint directory (float or from launch.quantize).")
 flags.DEFINE_string("out_dir", None, "Directory for the artifact.")
 flags.DEFINE_integer("seq_len", 0, "Token positions per call (0: the run's data.seq_len).")
 flags.DEFINE_integer("batch", 0, "Fixed batch size (0: symbolic, any batch).")

@@ -6,12 +6,11 @@
 
 from absl import app, flags
 
-from launch.cli import quiet_logs
+from launch.cli import define_checkpoint_flags, quiet_logs
 from launch.inference import generate_text, load_checkpoint
 from lm.generate import check_sampling_args
 
-flags.DEFINE_string("checkpoint_dir", None, "A run's checkpoint directory (<workdir>/checkpoints).")
-flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+define_checkpoint_flags("A run's checkpoint directory (<workdir>/checkpoints).")
 flags.DEFINE_multi_string("prompt", ["ROMEO."], "Prompt text; repeat the flag for several prompts.")
 flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate after each prompt.")
 flags.DEFINE_float("temperature", 0.8, "0 for greedy decoding.")

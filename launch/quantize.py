@@ -15,11 +15,10 @@ import json
 from absl import app, flags
 
 from compress.quantize import MODES
-from launch.cli import quiet_logs
+from launch.cli import define_checkpoint_flags, quiet_logs
 from launch.quantizer import quantize_checkpoint
 
-flags.DEFINE_string("checkpoint_dir", None, "The float run's checkpoint directory (<workdir>/checkpoints).")
-flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+define_checkpoint_flags("The float run's checkpoint directory (<workdir>/checkpoints).")
 flags.DEFINE_string("out_dir", None, "Where the quantized checkpoint goes (must hold no checkpoint yet).")
 flags.DEFINE_enum("mode", "w8a16", MODES, "w8a16: int8 weights; w8a8: int8 weights and activations.")
 flags.DEFINE_bool("quantize_embedding", False, "Also int8 the embedding (and so a tied output projection).")
