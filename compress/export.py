@@ -18,11 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from launch.run.restore import load_checkpoint
 from lm.config import ModelConfig
 
 Params = dict[str, Any]
-
-ARTIFACT_FILES = ("forward.stablehlo", "params.npz", "servable.json")
 
 
 def export_forward(graphdef: nnx.GraphDef, params: Params, *, batch: int | None, seq_len: int):
@@ -67,3 +66,17 @@ def save_servable(out_dir: str, graphdef: nnx.GraphDef, params: Params, cfg: Mod
   with open(os.path.join(out_dir, "servable.json"), "w") as f:
     json.dump(info, f, indent=2)
   return info
+
+
+def export_checkpoint(checkpoint_dir: str, out_dir: str, *, step: int | None = None, seq_len: int = 0,
+                      batch: int = 0) -> dict:
+  """Writes the servable artifact of `checkpoint_dir` (float or quantized) to `out_dir`; returns its info.
+
+  `seq_len` 0 means the run's data.seq_len; `batch` 0 a symbolic batch. Parameters are restored onto
+  one device.
+  """
+  if not out_dir:
+    raise ValueError("out_dir is required: the directory the artifact is written to.")
+  loaded = load_checkpoint(checkpoint_dir, step, devices=jax.devices()[:1])
+  return save_servable(out_dir, loaded.ctx.mdef.graphdef, loaded.params, loaded.cfg.model,
+                       batch=batch or None, seq_len=seq_len or loaded.cfg.data.seq_len, step=loaded.step)

@@ -12,16 +12,18 @@ import math
 import os
 
 import jax
-from absl import app, flags
+from absl import flags
 
-from launch.cli import FLAGS, load_config, quiet_logs
-from launch.inference import generate_text, load_checkpoint
-from launch.preemption import StopRequest
-from launch.trainer import train
+from launch.run import cli
+from launch.run.devices import simulate_cpu_devices
+from launch.run.loop import train
+from launch.run.preemption import StopRequest
+from launch.run.restore import load_checkpoint
 from lm.data import baseline
 
 flags.DEFINE_string("workdir", "runs/demo", "Directory for checkpoints, metrics and plots.")
 flags.DEFINE_integer("cpu_devices", 8, "Simulated CPU devices when running on CPU.")
+FLAGS = flags.FLAGS
 
 PROMPTS = ["ROMEO.\n", "To be, or not to be", "KING.\nWhat news"]
 
@@ -36,9 +38,9 @@ def summary_table(rows: list[tuple[str, str]]) -> str:
 
 def main(argv):
   del argv
-  quiet_logs()
-  jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)  # no-op on GPU/TPU
-  cfg = load_config()
+  cli.quiet_logs()
+  simulate_cpu_devices(FLAGS.cpu_devices)  # no-op on GPU/TPU
+  cfg = cli.load_config()
   workdir = FLAGS.workdir
   print(f"Demo: {cfg.model.num_params() / 1e6:.1f}M-parameter model, {cfg.train.steps} steps, "
         f"{len(jax.devices())} {jax.devices()[0].platform} devices, workdir {workdir}")
@@ -49,7 +51,7 @@ def main(argv):
 
   loaded = load_checkpoint(result.checkpoint_dir)
   unigram = baseline.unigram_perplexity(cfg.data.data_dir, loaded.tokenizer, cfg.data.seq_len)
-  samples = generate_text(loaded, PROMPTS, max_new_tokens=60, temperature=0.8, top_k=50, seed=cfg.seed)
+  samples = loaded.generate(PROMPTS, max_new_tokens=60, temperature=0.8, top_k=50, seed=cfg.seed)
   print("\nSamples (temperature 0.8, top-k 50):")
   for text in samples:
     print("-" * 60)
@@ -78,4 +80,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

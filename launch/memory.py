@@ -12,24 +12,12 @@ treat temporaries as an estimate (within tens of percent), parameters and optimi
 
 import dataclasses
 import json
-import os
-import re
-import sys
 
-if __name__ == "__main__":
-  # Devices must be simulated before jax starts; the scheduler flag makes CPU memory honour remat.
-  match = next((re.match(r"--devices[= ](\d+)", a) for a in sys.argv if a.startswith("--devices")), None)
-  if match is None and "--devices" in sys.argv:
-    match = re.match(r"(\d+)", sys.argv[sys.argv.index("--devices") + 1])
-  flags_text = os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_concurrency_optimized_scheduler=false"
-  if match:
-    flags_text += f" --xla_force_host_platform_device_count={match.group(1)}"
-  os.environ["XLA_FLAGS"] = flags_text.strip()
+from absl import flags
 
-from absl import app, flags  # noqa: E402
-
-from launch.cli import load_config, quiet_logs  # noqa: E402
-from launch.memory_report import format_bytes, memory_report  # noqa: E402
+from launch.measure.memory import format_bytes, memory_report
+from launch.run import cli
+from launch.run.devices import simulate_cpu_devices
 
 flags.DEFINE_integer("devices", None, "Simulated CPU devices to plan for (default: those present).")
 flags.DEFINE_bool("json", False, "Print the report as one JSON object instead of a table.")
@@ -38,8 +26,10 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  quiet_logs()
-  cfg = load_config()
+  cli.quiet_logs()
+  # Before jax starts: the device count, and the CPU schedule whose memory_analysis() honours remat.
+  simulate_cpu_devices(FLAGS.devices, memory_schedule=True)
+  cfg = cli.load_config()
   report = memory_report(cfg)
   if FLAGS.json:
     print(json.dumps({**dataclasses.asdict(report), "total_bytes": report.total_bytes}))
@@ -57,4 +47,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -12,13 +12,13 @@ report with the parameter bytes of both checkpoints. See docs/quantization.md.
 
 import json
 
-from absl import app, flags
+from absl import flags
 
 from compress.quantize import MODES
-from launch.cli import define_checkpoint_flags, quiet_logs
-from launch.quantizer import quantize_checkpoint
+from compress.quantize_run import quantize_checkpoint
+from launch.run import cli
 
-define_checkpoint_flags("The float run's checkpoint directory (<workdir>/checkpoints).")
+cli.define_checkpoint_flags("The float run's checkpoint directory (<workdir>/checkpoints).")
 flags.DEFINE_string("out_dir", None, "Where the quantized checkpoint goes (must hold no checkpoint yet).")
 flags.DEFINE_enum("mode", "w8a16", MODES, "w8a16: int8 weights; w8a8: int8 weights and activations.")
 flags.DEFINE_bool("quantize_embedding", False, "Also int8 the embedding (and so a tied output projection).")
@@ -31,9 +31,8 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  quiet_logs()
-  if not FLAGS.checkpoint_dir:
-    raise app.UsageError("--checkpoint_dir is required.")
+  cli.quiet_logs()
+  cli.require("checkpoint_dir", "out_dir")
   report = quantize_checkpoint(
       FLAGS.checkpoint_dir, FLAGS.out_dir, mode=FLAGS.mode, step=FLAGS.step,
       quantize_embedding=FLAGS.quantize_embedding, skip=tuple(FLAGS.skip), smooth=FLAGS.smooth,
@@ -42,4 +41,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -11,12 +11,11 @@ import dataclasses
 import json
 
 import jax
-from absl import app, flags
+from absl import flags
 
-from launch import distributed
-from launch.cli import FLAGS, load_config, quiet_logs
-from launch.preemption import StopRequest
-from launch.trainer import train
+from launch.run import cli, distributed
+from launch.run.loop import train
+from launch.run.preemption import StopRequest
 
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
 flags.DEFINE_bool("resume", False, "Continue the run whose checkpoints are in --workdir.")
@@ -25,20 +24,20 @@ flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for a m
 flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
 flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
 flags.DEFINE_integer("cpu_devices", None, "CPU devices of this process (simulated; CPU runs only).")
+FLAGS = flags.FLAGS
 
 
 def main(argv):
   del argv
-  quiet_logs()
-  if not FLAGS.workdir:
-    raise app.UsageError("--workdir is required.")
+  cli.quiet_logs()
+  cli.require("workdir")
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                          FLAGS.cpu_devices)
-  cfg = load_config()
+  cfg = cli.load_config()
   result = train(cfg, FLAGS.workdir, resume=FLAGS.resume, stop=StopRequest().install())
   if jax.process_index() == 0:
     print(json.dumps(dataclasses.asdict(result), indent=2))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

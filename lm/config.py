@@ -14,26 +14,30 @@ DENSE_LAYERS = ("attention.query", "attention.key", "attention.value", "attentio
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Shapes and numerics of a decoder-only transformer (see configs/base.py for each key)."""
-  vocab_size: int = 2048
-  d_model: int = 128
-  num_layers: int = 2
-  num_heads: int = 4
-  num_kv_heads: int = 4
-  head_dim: int = 32
-  mlp_dim: int = 512
-  max_seq_len: int = 128
-  rope_theta: float = 10_000.0
-  norm_eps: float = 1e-5
-  tie_embeddings: bool = True
-  dtype: str = "float32"
-  param_dtype: str = "float32"
-  remat: str = "none"
-  scan_unroll: int = 1
-  logits_chunk_size: int = 0
-  quant: str = "none"
-  quant_embedding: bool = False
-  quant_skip: str = ""
+  """Shapes and numerics of a decoder-only transformer.
+
+  Every field is required: the defaults and the meaning of each key are written once, in
+  configs/base.py (`launch.run.config.model_config(**changes)` builds one from them).
+  """
+  vocab_size: int
+  d_model: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  max_seq_len: int
+  rope_theta: float
+  norm_eps: float
+  tie_embeddings: bool
+  dtype: str
+  param_dtype: str
+  remat: str
+  scan_unroll: int
+  logits_chunk_size: int
+  quant: str
+  quant_embedding: bool
+  quant_skip: str
 
   @property
   def quant_skip_layers(self) -> tuple[str, ...]:

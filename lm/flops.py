@@ -23,7 +23,3 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
   return 6.0 * matmul_params(cfg) + attention
 
-
-def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-  """Returns forward-only FLOPs per token (a third of training's)."""
-  return train_flops_per_token(cfg, seq_len) / 3.0

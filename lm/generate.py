@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from lm.axes import constrain
@@ -189,3 +190,30 @@ def make_generate_fn(graphdef: nnx.GraphDef, *, max_new_tokens: int, temperature
                     temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id)
 
   return jax.jit(fn)
+
+
+def generate_text(graphdef: nnx.GraphDef, params: Params, tokenizer, prompts: list[str], *, max_seq_len: int,
+                  max_new_tokens: int, temperature: float, top_k: int = 0, top_p: float = 1.0,
+                  seed: int = 0) -> list[str]:
+  """Returns one continuation per prompt string (prompt text included), sampled with the KV cache.
+
+  `tokenizer` has encode / decode / eos_id (lm.data.tokenizer). Prompts run one at a time so that
+  each keeps its own length (batched rows share a length). Raises ValueError for a prompt that is
+  empty or leaves no room for `max_new_tokens` within `max_seq_len`.
+  """
+  check_sampling_args(temperature, top_k, top_p)
+  fn = make_generate_fn(graphdef, max_new_tokens=max_new_tokens, temperature=temperature,
+                        top_k=top_k, top_p=top_p, eos_id=tokenizer.eos_id)
+  outputs = []
+  for i, prompt in enumerate(prompts):
+    ids = tokenizer.encode(prompt)
+    limit = max_seq_len - max_new_tokens
+    if not ids or len(ids) > limit:
+      raise ValueError(f"prompt {prompt[:40]!r} has {len(ids)} tokens; it needs 1 to {limit} "
+                       f"(model.max_seq_len={max_seq_len} minus max_new_tokens).")
+    tokens_1xT = fn(params, np.asarray([ids], np.int32), jax.random.key(seed + i))
+    generated = [int(t) for t in np.asarray(tokens_1xT[0, len(ids):])]
+    if tokenizer.eos_id in generated:
+      generated = generated[:generated.index(tokenizer.eos_id)]
+    outputs.append(prompt + tokenizer.decode(generated))
+  return outputs

@@ -10,6 +10,8 @@ from typing import Sequence
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from sharding.mesh import MESH_AXES
+
 Rules = tuple[tuple[str, tuple[str, ...]], ...]
 
 _BATCH = ("batch", ("data", "fsdp"))
@@ -30,10 +32,23 @@ RULE_PRESETS: dict[str, Rules] = {
 # pure replication on top of FSDP x TP.
 RULE_PRESETS["dp_fsdp_tp"] = RULE_PRESETS["fsdp_tp"]
 
+# One 8-device mesh per preset: what launch.bench --presets and the docs' pictures use.
+EXAMPLE_MESHES_8: dict[str, dict[str, int]] = {
+    "dp": dict(data=8, fsdp=1, tensor=1), "fsdp": dict(data=1, fsdp=8, tensor=1),
+    "tp": dict(data=2, fsdp=1, tensor=4), "fsdp_tp": dict(data=1, fsdp=2, tensor=4),
+    "dp_fsdp_tp": dict(data=2, fsdp=2, tensor=2)}
+
+
+def preset_for_mesh(shape: dict[str, int]) -> str:
+  """The rule preset a mesh shape implies: which of fsdp and tensor are split (data adds replication)."""
+  fsdp, tensor = shape.get("fsdp", 1) > 1, shape.get("tensor", 1) > 1
+  if fsdp and tensor:
+    return "dp_fsdp_tp" if shape.get("data", 1) > 1 else "fsdp_tp"
+  return "fsdp" if fsdp else "tp" if tensor else "dp"
+
 
 # Every logical name the model uses (lm/transformer.py, lm/layers.py).
 LOGICAL_NAMES = ("batch", "length", "embed", "heads", "kv_heads", "kv", "mlp", "vocab", "layers")
-MESH_AXIS_NAMES = ("data", "fsdp", "tensor")
 
 
 def get_rules(name: str, custom: str = "") -> Rules:
@@ -64,9 +79,9 @@ def parse_rules(text: str) -> Rules:
                        f"logical names: {list(LOGICAL_NAMES)}.")
     axes = tuple(a.strip() for a in axes_text.split("+") if a.strip())
     for axis in axes:
-      if axis not in MESH_AXIS_NAMES:
+      if axis not in MESH_AXES:
         raise ValueError(f"mesh.custom_rules maps {name!r} to {axis!r}, which is not a mesh axis; "
-                         f"mesh axes: {list(MESH_AXIS_NAMES)}.")
+                         f"mesh axes: {list(MESH_AXES)}.")
     rules.append((name, axes))
   return tuple(rules)
 

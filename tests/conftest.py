@@ -6,7 +6,9 @@ import sys
 # Not --xla_cpu_enable_concurrency_optimized_scheduler=false: it makes CPU memory_analysis() honour
 # remat but can deadlock multi-device CPU collectives; memory tests run `launch.memory` in a
 # subprocess, which sets it for a single device.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from launch.run.devices import simulate_cpu_devices  # noqa: E402
+
+simulate_cpu_devices(8)

@@ -1,17 +1,16 @@
 """The benchmark tooling: MFU arithmetic, the written table, and the profile's op classification."""
 
 import csv
-import os
 
 import jax
 import jax.numpy as jnp
 import pytest
 
 from configs.smoke import get_config
-from launch import benchmarking as bench
-from launch.benchmarking import write_table
-from launch.config import validate
-from launch.profile_summary import classify_ops, summarize_trace
+from launch.measure import timing as bench
+from launch.measure.tables import write_table
+from launch.run.config import validate
+from launch.measure.profile import classify_ops, summarize_trace
 
 
 def test_bench_row_reports_consistent_numbers(tmp_path):

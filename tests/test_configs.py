@@ -5,9 +5,9 @@ import importlib
 import jax
 import pytest
 
-from launch import train_state as ts
-from launch.config import check_against_mesh, validate
-from launch.context import build_context
+from launch.run import state as ts
+from launch.run.config import check_against_mesh, validate
+from launch.run.context import build_context
 from sharding import mesh as mesh_lib
 from sharding import rules as rules_lib
 

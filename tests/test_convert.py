@@ -17,13 +17,13 @@ import pytest
 from safetensors.numpy import save_file
 
 from configs.base import base_config
-from launch import checkpoint as ckpt_lib
-from launch import convert
-from launch import hf_checkpoint as hf_lib
-from launch import train_state as ts
-from launch.config import validate
-from launch.step import activation_constraint
-from launch.trainer import train
+from launch.run import checkpoint as ckpt_lib
+from launch.huggingface import convert
+from launch.huggingface import checkpoint as hf_lib
+from launch.run import state as ts
+from launch.run.config import model_config, validate
+from launch.run.step import activation_constraint
+from launch.run.loop import train
 from lm import axes
 from lm.config import ModelConfig
 from sharding import mesh as mesh_lib
@@ -34,7 +34,7 @@ VARIANTS = ("hf_llama_untied", "hf_llama_tied")
 
 
 def fixture_config(name: str) -> ModelConfig:
-  return ModelConfig(**hf_lib.model_fields_from_hf(hf_lib.read_hf_config(os.path.join(FIXTURES, name))))
+  return model_config(**hf_lib.model_fields_from_hf(hf_lib.read_hf_config(os.path.join(FIXTURES, name))))
 
 
 def imported_logits(name: str, mesh_shape: dict, rules: str):
@@ -182,7 +182,7 @@ def finetune_config(data_dir: str, init_checkpoint: str, model: dict):
 
 def test_fine_tune_starts_from_converted_parameters(tmp_path):
   """export -> import of a byte-vocabulary model, then train.init_checkpoint: step 0, those params."""
-  model = ModelConfig(vocab_size=259, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+  model = model_config(vocab_size=259, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
                       mlp_dim=64, max_seq_len=64, tie_embeddings=False)
   source = ts.init_params(ts.model_def(model), jax.random.key(7))
   hf_dir, ckpt = str(tmp_path / "hf"), str(tmp_path / "converted")
@@ -200,7 +200,7 @@ def test_fine_tune_starts_from_converted_parameters(tmp_path):
 
   result = train(finetune_config(data_dir, ckpt, fields), str(tmp_path / "run"))
   assert result.final_step == 2 and np.isfinite(result.val_loss)
-  mdef = ts.model_def(ModelConfig(**fields))
+  mdef = ts.model_def(model_config(**fields))
   checkpointer = ckpt_lib.Checkpointer(result.checkpoint_dir, read_only=True)
   tuned, meta = checkpointer.restore_params(mdef.abstract_params)
   assert meta["step"] == 2  # a fresh run: counted from 0, not from the converted step

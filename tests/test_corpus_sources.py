@@ -219,13 +219,13 @@ def test_sentencepiece_model_file_loads(tmp_path):
 
 def test_vocabulary_mismatch_names_both_sizes_and_the_key(tmp_path):
   path = _hf_tokenizer_json(tmp_path)
-  with pytest.raises(ValueError, match=r"huggingface tokenizer loaded from c\.data\.tokenizer_path="
-                                       r".* has 300 tokens but c\.model\.vocab_size=512; set "
-                                       r"c\.model\.vocab_size = 300"):
+  with pytest.raises(ValueError, match=r"huggingface tokenizer loaded from data\.tokenizer_path="
+                                       r".* has 300 tokens but model\.vocab_size=512; set "
+                                       r"model\.vocab_size = 300"):
     tokenizer_lib.load_tokenizer("huggingface", "", 512, str(path))
   sp_path = tmp_path / "my.model"
   sp_path.write_bytes(tokenizer_lib.train_sentencepiece(_expected_documents("jsonl"), 350))
-  with pytest.raises(ValueError, match=r"has 350 tokens but c\.model\.vocab_size=2048"):
+  with pytest.raises(ValueError, match=r"has 350 tokens but model\.vocab_size=2048"):
     loader.prepare(str(tmp_path / "d"), "sentencepiece", 2048, source=_source("jsonl"),
                    tokenizer_path=str(sp_path))
   with pytest.raises(ValueError, match="byte tokenizer has 259 tokens"):
@@ -262,7 +262,7 @@ def test_parquet_errors_name_the_column_or_the_install(monkeypatch):
 
 def test_bad_settings_are_refused_by_the_config():
   from configs.base import base_config  # pylint: disable=g-import-not-at-top
-  from launch.config import validate  # pylint: disable=g-import-not-at-top
+  from launch.run.config import validate  # pylint: disable=g-import-not-at-top
   c = base_config()
   c.data.corpus, c.data.tokenizer = "jsonl", "huggingface"
   c.data.field, c.data.validation_fraction = "", 1.5
@@ -281,8 +281,8 @@ def test_bad_settings_are_refused_by_the_config():
 # End to end.
 
 def test_training_on_a_text_glob_runs(tmp_path):
-  from launch.config import validate  # pylint: disable=g-import-not-at-top
-  from launch.trainer import train  # pylint: disable=g-import-not-at-top
+  from launch.run.config import validate  # pylint: disable=g-import-not-at-top
+  from launch.run.loop import train  # pylint: disable=g-import-not-at-top
   from configs.smoke import get_config  # pylint: disable=g-import-not-at-top
   c = get_config()
   c.data.corpus = "text"

@@ -9,12 +9,12 @@ import pytest
 
 from compress import distill as kd
 from configs.smoke import get_config
-from launch import checkpoint as ckpt_lib
-from launch import train_state as ts
-from launch.config import validate
-from launch.context import build_context
-from launch.distill import distill, distill_hook, load_teacher
-from launch.step import jit_train_step
+from launch.run import checkpoint as ckpt_lib
+from launch.run import state as ts
+from launch.run.config import validate, with_overrides
+from launch.run.context import build_context
+from compress.distill_run import distill, distill_hook, load_teacher
+from launch.run.step import jit_train_step
 
 
 def numpy_kd(student, teacher, targets, alpha, temperature):
@@ -44,10 +44,7 @@ def config(**overrides):
   """The smoke model as teacher shape; overrides as "section__key" = value."""
   c = get_config()
   c.train.tensorboard = False
-  for key, value in overrides.items():
-    section, name = key.split("__")
-    c[section][name] = value
-  return validate(c)
+  return validate(with_overrides(c, {k.replace("__", "."): v for k, v in overrides.items()}))
 
 
 STUDENT = dict(model__num_layers=1, model__d_model=32, model__num_heads=2, model__num_kv_heads=2,
@@ -147,8 +144,8 @@ def test_bad_distill_inputs_are_named(teacher_dir, tmp_path):
 
 def test_distilled_student_is_an_ordinary_checkpoint(teacher_dir, tmp_path_factory):
   """launch.distill end to end on the corpus; launch.eval and launch.generate read the student."""
-  from launch.evaluate import eval_checkpoint
-  from launch.inference import generate_text, load_checkpoint
+  from launch.run.evaluation import eval_checkpoint
+  from launch.run.restore import load_checkpoint
 
   data_dir = str(tmp_path_factory.mktemp("data"))
   cfg = config(distill__teacher_checkpoint=teacher_dir, data__data_dir=data_dir, train__steps=3,
@@ -159,4 +156,4 @@ def test_distilled_student_is_an_ordinary_checkpoint(teacher_dir, tmp_path_facto
                                                                                              rel=1e-5)
   loaded = load_checkpoint(result.checkpoint_dir)
   assert loaded.cfg.model.num_layers == 1 and loaded.cfg.distill.teacher_checkpoint == teacher_dir
-  assert len(generate_text(loaded, ["ROMEO."], max_new_tokens=4, temperature=0.0)) == 1
+  assert len(loaded.generate(["ROMEO."], max_new_tokens=4, temperature=0.0)) == 1

@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from lm import generate as gen_lib
-from lm.config import ModelConfig
+from launch.run.config import model_config
 from lm.transformer import Transformer, init_cache
 
 nnx.use_eager_sharding(False)
@@ -31,7 +31,7 @@ BATCH, PROMPT_LEN, NEW_TOKENS = 3, 5, 12
 
 def _build(**overrides):
   """Returns (cfg, graphdef, params dict) of a freshly initialized tiny model."""
-  cfg = ModelConfig(**{**TINY, **overrides})
+  cfg = model_config(**{**TINY, **overrides})
   graphdef, state = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
   return cfg, graphdef, nnx.to_pure_dict(state)
 

@@ -2,18 +2,17 @@
 
 import os
 import subprocess
-import sys
 import threading
 import time
 
 import pytest
 
 from configs.smoke import get_config
-from launch.config import validate
-from launch.evaluate import eval_checkpoint
-from launch.local import run_local
-from launch.logger import read_metrics
-from launch.trainer import train
+from launch.run.config import validate, with_overrides
+from launch.run.evaluation import eval_checkpoint
+from launch.run.processes import run_local
+from launch.run.logger import read_metrics
+from launch.run.loop import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = {"train.steps": 3, "train.log_every": 1, "train.eval_batches": 1, "train.tensorboard": False,
@@ -37,11 +36,8 @@ def data_dir(tmp_path_factory):
 
 def test_two_processes_train_like_one_and_their_checkpoint_restores_in_one(data_dir, tmp_path, monkeypatch):
   monkeypatch.chdir(REPO)
-  c = get_config()
-  for key, value in {**OVERRIDES, "data.data_dir": data_dir}.items():
-    section, name = key.split(".")
-    c[section][name] = value
-  single = train(validate(c), str(tmp_path / "one"))  # 1 process x 8 devices (tests/conftest.py)
+  single = train(validate(with_overrides(get_config(), {**OVERRIDES, "data.data_dir": data_dir})),
+                 str(tmp_path / "one"))  # 1 process x 8 devices (tests/conftest.py)
 
   output = []
   code = run_local(_args(data_dir, tmp_path / "two"), num_processes=2, cpu_devices=4,

@@ -10,8 +10,8 @@ import pytest
 
 from compress import prune as pruning
 from configs.smoke import get_config
-from launch import train_state as ts
-from launch.config import validate
+from launch.run import state as ts
+from launch.run.config import validate
 from sharding import mesh as mesh_lib
 from sharding import rules as rules_lib
 
@@ -152,9 +152,9 @@ def test_group_size_that_does_not_divide_inputs_is_named(model):
 
 def test_prune_run_saves_a_sparse_ordinary_checkpoint(tmp_path_factory):
   """launch.prune fine-tunes from a checkpoint; launch.eval reads the result; sparsity is measured."""
-  from launch.evaluate import eval_checkpoint
-  from launch.prune import prune, prune_one_shot
-  from launch.trainer import train
+  from launch.run.evaluation import eval_checkpoint
+  from compress.prune_run import prune, prune_one_shot
+  from launch.run.loop import train
 
   data_dir = str(tmp_path_factory.mktemp("data"))
   base = get_config()

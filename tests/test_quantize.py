@@ -1,5 +1,5 @@
 """Tests for int8 quantization: lm/quant.py (layers, math), compress/ (conversion, calibration,
-export) and launch/quantizer.py (checkpoints, errors).
+export) and compress/quantize_run.py (checkpoints, errors).
 
 Numerics are checked against NumPy references (int64 integer matmuls, float64 float ones). Models
 are tiny and every jitted function is compiled once per module.
@@ -21,14 +21,13 @@ from compress import quantize as quantize_lib
 from compress.export import save_servable
 from compress.servable import Servable
 from configs.base import base_config
-from launch import checkpoint as ckpt_lib
-from launch import train_state as ts
-from launch.config import validate
-from launch.context import build_context
-from launch.inference import load_checkpoint
-from launch.quantizer import quantize_checkpoint
+from launch.run import checkpoint as ckpt_lib
+from launch.run import state as ts
+from launch.run.config import model_config, validate
+from launch.run.context import build_context
+from launch.run.restore import load_checkpoint
+from compress.quantize_run import quantize_checkpoint
 from lm import quant
-from lm.config import ModelConfig
 from lm.generate import make_generate_fn
 from lm.transformer import Transformer
 from sharding import rules as rules_lib
@@ -38,7 +37,7 @@ TINY = dict(vocab_size=259, d_model=32, num_layers=2, num_heads=4, num_kv_heads=
 
 
 def _float_model(**overrides):
-  cfg = ModelConfig(**{**TINY, **overrides})
+  cfg = model_config(**{**TINY, **overrides})
   params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param)))()
   return cfg, params
 
@@ -260,7 +259,7 @@ def test_unknown_skip_layer_is_a_clear_error(float_model):
   with pytest.raises(ValueError, match="'unembed', which is not a dense layer"):
     quantize_lib.quantized_config(dataclasses.replace(cfg, tie_embeddings=True), "w8a16", skip=("unembed",))
   with pytest.raises(ValueError, match="model.quant_skip names 'mlp.dwn'"):
-    ModelConfig(**TINY, quant="w8a8", quant_skip="mlp.dwn")
+    model_config(**TINY, quant="w8a8", quant_skip="mlp.dwn")
   with pytest.raises(ValueError, match="'mlp.dwn', which is not a dense layer"):  # before loading
     quantize_checkpoint("/nowhere", "/nowhere/out", mode="w8a16", skip=("mlp.dwn",))
   with pytest.raises(ValueError, match="mode='int4'"):

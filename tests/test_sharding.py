@@ -13,11 +13,11 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from configs.smoke import get_config
-from launch import checkpoint as ckpt_lib
-from launch import train_state as ts
-from launch.config import validate
-from launch.context import build_context
-from launch.step import batch_sharding, jit_train_step
+from launch.run import checkpoint as ckpt_lib
+from launch.run import state as ts
+from launch.run.config import validate
+from launch.run.context import build_context
+from launch.run.step import batch_sharding, jit_train_step
 from sharding import mesh as mesh_lib
 from sharding import rules as rules_lib
 

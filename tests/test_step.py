@@ -8,13 +8,13 @@ import pytest
 
 from configs.bench import get_config as bench_config
 from configs.smoke import get_config as smoke_config
-from launch import step as step_lib
-from launch import train_state as ts
-from launch import trainer
-from launch.benchmarking import random_batch
-from launch.config import validate
-from launch.context import build_context
-from launch.memory_report import compile_train_step
+from launch.run import step as step_lib
+from launch.run import state as ts
+from launch.run import loop
+from launch.measure.timing import random_batch
+from launch.run.config import validate
+from launch.run.context import build_context
+from launch.measure.memory import compile_train_step
 from lm import flops
 from lm.loss import chunked_cross_entropy, cross_entropy
 
@@ -76,7 +76,7 @@ def test_chunk_size_must_divide_sequence():
 
 def test_train_loop_compiles_the_step_exactly_once(tmp_path, monkeypatch):
   traces, jitted = [], []
-  original_step, original_jit = step_lib.train_step, trainer.jit_train_step
+  original_step, original_jit = step_lib.train_step, loop.jit_train_step
 
   def counting_step(*args, **kwargs):
     traces.append(1)
@@ -87,12 +87,12 @@ def test_train_loop_compiles_the_step_exactly_once(tmp_path, monkeypatch):
     return jitted[-1]
 
   monkeypatch.setattr(step_lib, "train_step", counting_step)
-  monkeypatch.setattr(trainer, "jit_train_step", capture)
+  monkeypatch.setattr(loop, "jit_train_step", capture)
   c = smoke_config()
   c.data.data_dir = str(tmp_path / "data")
   c.train.update(dict(steps=5, log_every=1, eval_batches=1, tensorboard=False))
   c.checkpoint.save_every = 2
-  result = trainer.train(validate(c), str(tmp_path / "run"))
+  result = loop.train(validate(c), str(tmp_path / "run"))
   assert result.final_step == 5
   assert len(traces) == 1
   assert jitted[0].jitted._cache_size() == 1

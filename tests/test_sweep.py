@@ -1,11 +1,14 @@
-"""launch.sweep: the grid syntax, a tiny sweep that records an invalid point and goes on, resume, compile-only."""
+"""launch/measure/sweep.py and python -m launch.sweep: the grid syntax, a tiny sweep that records an invalid point and goes on, resume, compile-only."""
 
 import csv
 import os
+import subprocess
+import sys
 
 import pytest
 
-from launch import sweep, sweep_report
+from launch.measure import sweep, sweep_report
+from sharding.rules import preset_for_mesh
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "configs", "smoke.py")
@@ -22,7 +25,7 @@ def test_grid_parses_into_points_with_inferred_rules():
       "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2", "--config.mesh.rules=dp_fsdp_tp",
       "--config.model.remat=none", "--config.train.global_batch_size=16")
   assert points[2].slug == "mesh-data2.fsdp2.tensor2_remat-none_batch-16"
-  assert [sweep.infer_rules(sweep.parse_mesh_point(m)) for m in ("data8", "fsdp8", "data2.fsdp4", "data2.tensor4",
+  assert [preset_for_mesh(sweep.parse_mesh_point(m)) for m in ("data8", "fsdp8", "data2.fsdp4", "data2.tensor4",
                                                                  "fsdp2.tensor4")] == ["dp", "fsdp", "fsdp", "tp", "fsdp_tp"]
 
 
@@ -122,9 +125,12 @@ def test_markdown_and_sweep_wide_peak():
   assert "| tensor8 | invalid |" in table and "heads / cannot be split" in table
 
 
-def test_command_line_refuses_bad_input(tmp_path, capsys):
+def test_command_line_refuses_bad_input(tmp_path):
   out = str(tmp_path / "cli")
-  assert sweep.main(["--config", SMOKE, "--grid", "mesh=gpu8", "--out", out]) == 2
-  assert "is not an axis and a size" in capsys.readouterr().err
-  with pytest.raises(SystemExit):
-    sweep.main(["--config", SMOKE, "--grid", "mesh=data8", "--out", out, "--colour", "red"])
+  command = [sys.executable, "-m", "launch.sweep", "--config", SMOKE, "--out", out]
+  bad_grid = subprocess.run([*command, "--grid", "mesh=gpu8"], capture_output=True, text=True, cwd=ROOT)
+  assert bad_grid.returncode == 2 and bad_grid.stderr.startswith("error: ")
+  assert "is not an axis and a size" in bad_grid.stderr and "Traceback" not in bad_grid.stderr
+  bad_flag = subprocess.run([*command, "--grid", "mesh=data8", "--colour", "red"], capture_output=True, text=True,
+                            cwd=ROOT)
+  assert bad_flag.returncode != 0 and "colour" in bad_flag.stderr and not os.path.exists(out)

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from configs.smoke import get_config
-from launch import checkpoint as ckpt_lib
-from launch.config import validate
-from launch.logger import read_metrics
-from launch.preemption import StopRequest
-from launch.trainer import train
+from launch.run import checkpoint as ckpt_lib
+from launch.run.config import validate, with_overrides
+from launch.run.logger import read_metrics
+from launch.run.preemption import StopRequest
+from launch.run.loop import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,10 +36,7 @@ def smoke_config(data_dir, **train_overrides):
   c.train.tensorboard = False
   c.checkpoint.save_every = 2
   c.checkpoint.async_save = True
-  for key, value in train_overrides.items():
-    section, name = key.split("__")
-    c[section][name] = value
-  return validate(c)
+  return validate(with_overrides(c, {k.replace("__", "."): v for k, v in train_overrides.items()}))
 
 
 def losses(workdir):
@@ -145,7 +142,7 @@ def test_corrupt_checkpoint_gets_clear_error_and_keeps_older_ones(uninterrupted,
     if os.path.isfile(path):
       with open(path, "wb") as f:
         f.write(b"garbage")
-  from launch.inference import load_checkpoint
+  from launch.run.restore import load_checkpoint
   with pytest.raises(ckpt_lib.CheckpointError, match=r"step 8 .* corrupt or incomplete.*Other steps here: \[4, 6\]"):
     load_checkpoint(ckpt_dir)
   loaded = load_checkpoint(ckpt_dir, step=6)  # the previous good checkpoint still restores

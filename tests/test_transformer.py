@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from launch import train_state as ts
+from launch.run import state as ts
 from lm import layers
+from launch.run.config import model_config
 from lm.config import ModelConfig
 from lm.transformer import Transformer
 
-CFG = ModelConfig(vocab_size=61, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+CFG = model_config(vocab_size=61, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
                   mlp_dim=48, max_seq_len=16, tie_embeddings=False)
 
 

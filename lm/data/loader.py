@@ -59,7 +59,7 @@ def prepare(data_dir: str, tokenizer_kind: str, vocab_size: int, *,
 
 
 def prepare_from_config(data, vocab_size: int) -> tokenizer_lib.Tokenizer:
-  """`prepare` with the settings of a DataConfig (launch.config): data_dir, tokenizer,
+  """`prepare` with the settings of a DataConfig (launch.run.config): data_dir, tokenizer,
   tokenizer_path and the source keys (see sources.from_config)."""
   return prepare(data.data_dir, data.tokenizer, vocab_size, source=sources.from_config(data),
                  tokenizer_path=data.tokenizer_path)
@@ -133,13 +133,13 @@ def _local_batch_size(global_batch_size: int, process_index: int, process_count:
     raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count}).")
   if global_batch_size < 1 or global_batch_size % process_count:
     raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of "
-                     f"process_count={process_count}; set c.train.global_batch_size to a multiple.")
+                     f"process_count={process_count}; set train.global_batch_size to a multiple.")
   return global_batch_size // process_count
 
 
 def _check_seq_len(seq_len: int) -> None:
   if seq_len < 1:
-    raise ValueError(f"seq_len={seq_len} must be positive (c.data.seq_len).")
+    raise ValueError(f"seq_len={seq_len} must be positive (data.seq_len).")
 
 
 def _json_state_to_grain(state: Any) -> Any:
@@ -217,10 +217,10 @@ def train_iterator(data_dir: str, tokenizer: tokenizer_lib.Tokenizer, *, seq_len
   _check_seq_len(seq_len)
   local_batch = _local_batch_size(global_batch_size, process_index, process_count)
   if num_workers < 0:
-    raise ValueError(f"num_workers={num_workers} must be >= 0 (c.data.num_workers; 0: no workers).")
+    raise ValueError(f"num_workers={num_workers} must be >= 0 (data.num_workers; 0: no workers).")
   if process_sharding not in ("documents", "rows"):
     raise ValueError(f"process_sharding={process_sharding!r}: choose 'documents' or 'rows' "
-                     "(c.data.process_sharding).")
+                     "(data.process_sharding).")
   source = tfds_builder.data_source(data_dir, "train")
   by_rows = process_sharding == "rows"
   docs = grain.MapDataset.source(source)

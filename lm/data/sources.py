@@ -69,7 +69,7 @@ class CorpusSource:
 
 
 def from_config(data) -> CorpusSource | None:
-  """Returns the source named by a DataConfig (`launch.config`), or None for the bundled corpus.
+  """Returns the source named by a DataConfig (`launch.run.config`), or None for the bundled corpus.
 
   Reads the attributes corpus, path, field, validation_path and validation_fraction.
   """

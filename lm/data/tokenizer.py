@@ -153,7 +153,7 @@ class HuggingFaceTokenizer(Tokenizer):
     try:
       import tokenizers  # pylint: disable=g-import-not-at-top
     except ImportError as e:
-      raise ValueError("c.data.tokenizer='huggingface' needs the tokenizers package: "
+      raise ValueError("data.tokenizer='huggingface' needs the tokenizers package: "
                        "pip install tokenizers.") from e
     self._json, self._specials = tokenizer_json, dict(specials)
     self._tok = tokenizers.Tokenizer.from_str(tokenizer_json)
@@ -245,7 +245,7 @@ def train_sentencepiece(texts: Sequence[str], vocab_size: int) -> bytes:
     )
   except RuntimeError as e:
     raise ValueError(f"Cannot train a SentencePiece model with vocab_size={vocab_size}: {e} "
-                     "Set c.model.vocab_size within the bound above (e.g. 2048).") from e
+                     "Set model.vocab_size within the bound above (e.g. 2048).") from e
   return model.getvalue()
 
 
@@ -292,7 +292,7 @@ def _tokenizer_file(kind: str, path: str) -> pathlib.Path:
     file = file / "tokenizer.json"
   if not file.is_file():
     example = "tokenizer.json" if kind == "huggingface" else "tokenizer.model"
-    raise ValueError(f"c.data.tokenizer_path={path!r} is not a file; point it at a {kind} "
+    raise ValueError(f"data.tokenizer_path={path!r} is not a file; point it at a {kind} "
                      f"tokenizer (e.g. /models/llama/{example}), or set it to '' to train one.")
   return file
 
@@ -301,23 +301,23 @@ def load_tokenizer(kind: str, data_dir: str | pathlib.Path, vocab_size: int,
                    path: str = "") -> Tokenizer:
   """Returns the tokenizer `kind` ("sentencepiece", "byte" or "huggingface") of `vocab_size` ids.
 
-  With `path` (c.data.tokenizer_path) the tokenizer is loaded from that file: a SentencePiece
+  With `path` (data.tokenizer_path) the tokenizer is loaded from that file: a SentencePiece
   `.model`, or a Hugging Face `tokenizer.json` (or its directory). Without it, "sentencepiece" is
   read from `sentencepiece_path(data_dir, vocab_size)`, trained on data_dir's train split first if
   that file does not exist (~1 s). Raises ValueError for an unknown kind, a missing file, or when
-  the tokenizer's vocabulary differs from `vocab_size` (c.model.vocab_size), naming both numbers
+  the tokenizer's vocabulary differs from `vocab_size` (model.vocab_size), naming both numbers
   and the key to change.
   """
   if kind not in KINDS:
-    raise ValueError(f"c.data.tokenizer={kind!r} is not one of {KINDS}.")
+    raise ValueError(f"data.tokenizer={kind!r} is not one of {KINDS}.")
   if kind == "byte":
     if path:
-      raise ValueError(f"c.data.tokenizer='byte' reads no file; set c.data.tokenizer_path='' "
+      raise ValueError(f"data.tokenizer='byte' reads no file; set data.tokenizer_path='' "
                        f"(it is {path!r}).")
     tokenizer = ByteTokenizer()
   elif kind == "huggingface" or path:
     if not path:
-      raise ValueError("c.data.tokenizer='huggingface' needs c.data.tokenizer_path, a "
+      raise ValueError("data.tokenizer='huggingface' needs data.tokenizer_path, a "
                        "tokenizer.json file or the directory holding it.")
     file = _tokenizer_file(kind, path)
     tokenizer = (HuggingFaceTokenizer.from_file(file) if kind == "huggingface"
@@ -331,10 +331,10 @@ def load_tokenizer(kind: str, data_dir: str | pathlib.Path, vocab_size: int,
     if kind == "sentencepiece" and not path:
       fix = f"delete {sentencepiece_path(data_dir, vocab_size)} so it is retrained"
     else:
-      fix = (f"set c.model.vocab_size = {tokenizer.vocab_size}"
-             + (f", or point c.data.tokenizer_path at a tokenizer with {vocab_size} tokens"
+      fix = (f"set model.vocab_size = {tokenizer.vocab_size}"
+             + (f", or point data.tokenizer_path at a tokenizer with {vocab_size} tokens"
                 if path else ""))
-    source = f" loaded from c.data.tokenizer_path={path!r}" if path else ""
+    source = f" loaded from data.tokenizer_path={path!r}" if path else ""
     raise ValueError(f"The {kind} tokenizer{source} has {tokenizer.vocab_size} tokens but "
-                     f"c.model.vocab_size={vocab_size}; {fix}.")
+                     f"model.vocab_size={vocab_size}; {fix}.")
   return tokenizer

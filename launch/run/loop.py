@@ -13,19 +13,18 @@ import time
 import jax
 import numpy as np
 
-from configs.base import base_config
-from launch import checkpoint as ckpt_lib
-from launch import data_state as data_states
-from launch import hardware
-from launch import train_state as ts
-from launch.config import Config
-from launch.context import RunContext, build_context
-from launch.evaluate import evaluate
-from launch.logger import MetricLogger, plot_loss_curve
-from launch.preemption import StopRequest
-from launch.prefetch import Prefetcher
-from launch.step import LossHook, batch_sharding, jit_eval_step, jit_train_step
-from lm import flops
+from launch.run import checkpoint as ckpt_lib
+from launch.run import data_state as data_states
+from launch.run import throughput as throughput_lib
+from launch.run import state as ts
+from launch.run.config import Config
+from launch.run.context import RunContext, build_context
+from launch.run.evaluation import evaluate
+from launch.run.logger import MetricLogger, plot_loss_curve
+from launch.run.preemption import StopRequest
+from launch.run.prefetch import Prefetcher
+from launch.run.restore import init_from_checkpoint, saved_config
+from launch.run.step import LossHook, batch_sharding, global_batch, jit_eval_step, jit_train_step
 from lm.data import loader
 
 @dataclasses.dataclass
@@ -43,45 +42,6 @@ class TrainResult:
   stopped_early: bool
 
 
-def global_batch(local_batch: dict, sharding) -> dict:
-  """Assembles global arrays from this process's rows (the same call works single- or multi-host)."""
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
-
-
-def _model_fields(cfg: Config) -> dict:
-  return dataclasses.asdict(cfg.model)
-
-
-# The model.* fields that shape the weights; the others (dtype, remat, max_seq_len, ...) may change.
-WEIGHT_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-                 "mlp_dim", "rope_theta", "norm_eps", "tie_embeddings")
-
-
-def init_from_checkpoint(ctx: RunContext, checkpoint_dir: str) -> ts.TrainState:
-  """A step-0 TrainState: `checkpoint_dir`'s latest parameters and a fresh optimizer state, sharded.
-
-  The checkpoint may be params-only (launch.convert) or another run's. Raises ValueError naming the
-  flags to set when the run's model differs from the saved one in a field of WEIGHT_FIELDS.
-  """
-  checkpointer = ckpt_lib.Checkpointer(checkpoint_dir, read_only=True)
-  saved = checkpointer.read_meta().get("config", {}).get("model", {})
-  now = _model_fields(ctx.cfg)
-  diff = [k for k in WEIGHT_FIELDS if k in saved and saved[k] != now[k]]
-  if diff:
-    raise ValueError(
-        f"train.init_checkpoint={checkpoint_dir} holds a different model ("
-        + ", ".join(f"model.{k}={now[k]!r}, saved {saved[k]!r}" for k in diff) + "); set "
-        + " ".join(f"--config.model.{k}={saved[k]}" for k in diff) + " (nothing was written).")
-  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          ctx.mdef.abstract_params, ctx.shardings.params)
-  params, _ = checkpointer.restore_params(abstract)
-  checkpointer.close()
-
-  def fresh(p):
-    return ts.TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=p, opt_state=ctx.tx.init(p))
-  return jax.jit(fresh, out_shardings=ctx.shardings, donate_argnums=0)(params)
-
-
 def restore_or_init(ctx: RunContext, checkpointer: ckpt_lib.Checkpointer, resume: bool, init_state=None):
   """Returns (state, data_state or None): the latest checkpoint when resuming, else a fresh init.
 
@@ -97,12 +57,10 @@ def restore_or_init(ctx: RunContext, checkpointer: ckpt_lib.Checkpointer, resume
     if init_state is not None:
       return init_state(ctx), None
     return ts.init_train_state(ctx.mdef, ctx.tx, ctx.shardings, ctx.cfg.seed), None
-  meta = checkpointer.read_meta()
-  saved_model = meta.get("config", {}).get("model")
-  if saved_model is not None:  # keys added to the model config since the save take their defaults
-    saved_model = {**base_config().model.to_dict(), **saved_model}
-  if saved_model is not None and saved_model != _model_fields(ctx.cfg):
-    diff = {k: (saved_model.get(k), v) for k, v in _model_fields(ctx.cfg).items() if saved_model.get(k) != v}
+  saved_model = dataclasses.asdict(saved_config(checkpointer.read_meta(), checkpointer.directory).model)
+  now_model = dataclasses.asdict(ctx.cfg.model)
+  if saved_model != now_model:
+    diff = {k: (saved_model[k], v) for k, v in now_model.items() if saved_model[k] != v}
     raise ValueError(f"The checkpoint in {checkpointer.directory} was made with a different model "
                      f"(key: (saved, now)) {diff}; resume with the saved model config.")
   abstract = ts.abstract_state(ctx.mdef, ctx.tx, ctx.shardings)
@@ -148,14 +106,8 @@ def train(cfg: Config, workdir: str, *, resume: bool = False, stop: StopRequest 
   eval_fn = jit_eval_step(ctx.mdef, ctx.mesh, ctx.rules, ctx.shardings.params)
   data_sharding = batch_sharding(ctx.mesh, ctx.rules)
 
-  tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
-  flops_per_step = flops.train_flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step
-  micro = cfg.train.global_batch_size // cfg.train.grad_accum_steps
-  # On CPU the peak is measured on the model's largest matmul shape: the micro-batch's tokens
-  # times d_model times the wider of the MLP and the vocabulary.
-  peak, peak_source = hardware.peak_flops(
-      cfg.model.dtype, (micro * cfg.data.seq_len, cfg.model.d_model, max(cfg.model.mlp_dim, cfg.model.vocab_size)),
-      list(ctx.mesh.devices.flat))
+  devices = list(ctx.mesh.devices.flat)
+  peak, peak_source = throughput_lib.run_peak_flops(cfg, devices)
 
   logger = MetricLogger(workdir, total_steps=cfg.train.steps, start_step=start_step,
                         tensorboard=cfg.train.tensorboard, primary=primary)
@@ -188,8 +140,8 @@ def train(cfg: Config, workdir: str, *, resume: bool = False, stop: StopRequest 
     if timer["steps"]:
       step_time = (now - timer["start"]) / timer["steps"]
       step_times.append(step_time)
-      values.update(step_time_s=step_time, tokens_per_s=tokens_per_step / step_time,
-                    mfu=flops_per_step / step_time / peak)
+      speed = throughput_lib.throughput(cfg, step_time, devices)
+      values.update(step_time_s=step_time, tokens_per_s=speed["tokens_per_s"], mfu=speed["mfu"])
       timer["start"], timer["steps"] = now, 0
     logger.log(done_step, values)
     return values["loss"]
@@ -226,8 +178,9 @@ def train(cfg: Config, workdir: str, *, resume: bool = False, stop: StopRequest 
   if primary:
     plot_loss_curve(workdir)
   step_time = float(np.median(step_times)) if step_times else float("nan")
+  speed = throughput_lib.throughput(cfg, step_time, devices)
   return TrainResult(workdir=workdir, final_step=step, train_loss=last_loss, val_loss=val_loss,
                      val_perplexity=math.exp(val_loss) if not math.isnan(val_loss) else float("nan"),
-                     tokens_per_s=tokens_per_step / step_time, step_time_s=step_time,
-                     mfu=flops_per_step / step_time / peak, peak_source=peak_source,
+                     tokens_per_s=speed["tokens_per_s"], step_time_s=step_time,
+                     mfu=speed["mfu"], peak_source=peak_source,
                      checkpoint_dir=checkpointer.directory, stopped_early=stopped)

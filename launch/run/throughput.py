@@ -1,10 +1,17 @@
-"""Peak FLOP/s of the machine, the denominator of MFU: a table of known chips, or a measured matmul on CPU."""
+"""Tokens/s, model FLOP/s and MFU of a train step: the one formula used by training logs, launch.bench and sweeps.
 
+The peak (MFU's denominator) is a table of known chips, or on CPU a matmul of the model's largest
+shape measured once per process.
+"""
+
+import functools
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from lm import flops
 
 # Dense peak TFLOP/s per chip from the vendors' spec sheets (no sparsity). fp32 on GPUs is the
 # non-tensor-core rate; TPUs run fp32 matmuls through bf16 passes, so no fp32 entry is given.
@@ -70,3 +77,33 @@ def peak_flops(dtype: str, matmul_shape: tuple[int, int, int], devices=None) -> 
   m, k, n = matmul_shape
   hosts = f" x {jax.process_count()} hosts" if jax.process_count() > 1 else ""
   return measured * jax.process_count(), f"measured {m}x{k}x{n} {dtype} matmul on {devices[0].platform}{hosts}"
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_peak(dtype: str, matmul_shape: tuple[int, int, int], devices: tuple) -> tuple[float, str]:
+  return peak_flops(dtype, matmul_shape, list(devices))
+
+
+def run_peak_flops(cfg, devices) -> tuple[float, str]:
+  """(peak FLOP/s, its source) for a run of `cfg` (a launch.run.config.Config) on `devices`.
+
+  On CPU the matmul measured is the model's largest: the micro-batch's tokens times d_model times
+  the wider of the MLP and the vocabulary. Measured once per process and shape, so every figure a
+  process prints is divided by the same number.
+  """
+  micro = cfg.train.global_batch_size // cfg.train.grad_accum_steps
+  shape = (micro * cfg.data.seq_len, cfg.model.d_model, max(cfg.model.mlp_dim, cfg.model.vocab_size))
+  return _cached_peak(cfg.model.dtype, shape, tuple(devices))
+
+
+def throughput(cfg, step_time_s: float, devices) -> dict[str, float | str]:
+  """Returns tokens_per_s, model_tflops, mfu, peak_tflops and peak_source of one train step of `cfg`
+  (a launch.run.config.Config) that took `step_time_s` seconds on `devices`.
+
+  Model FLOPs are lm.flops.train_flops_per_token times the global batch's tokens.
+  """
+  tokens = cfg.train.global_batch_size * cfg.data.seq_len
+  model_flops = flops.train_flops_per_token(cfg.model, cfg.data.seq_len) * tokens
+  peak, source = run_peak_flops(cfg, devices)
+  return {"tokens_per_s": tokens / step_time_s, "model_tflops": model_flops / step_time_s / 1e12,
+          "mfu": model_flops / step_time_s / peak, "peak_tflops": peak / 1e12, "peak_source": source}

@@ -88,3 +88,13 @@ def summarize_trace(trace_dir: str, hlo_text: str, top: int = 10) -> dict:
   return {"trace": paths[-1], "total_us": total,
           "share": {k: v / total for k, v in by_kind.most_common()},
           "top_ops": [(op, kind, us, us / total) for (op, kind), us in by_op.most_common(top)]}
+
+
+def profile_markdown(summary: dict, label: str) -> str:
+  """The output of `summarize_trace` as Markdown tables (share per kind of op, top ops)."""
+  lines = [f"## Where the step's time goes: {label}", "",
+           "| kind | share of op time |", "|---|---|"]
+  lines += [f"| {kind} | {share:.1%} |" for kind, share in summary["share"].items()]
+  lines += ["", "| top ops | kind | ms (3 steps, summed over threads) | share |", "|---|---|---|---|"]
+  lines += [f"| {op} | {kind} | {us / 1e3:.1f} | {share:.1%} |" for op, kind, us, share in summary["top_ops"]]
+  return "\n".join(lines) + "\n"

@@ -258,7 +258,7 @@ def import_params(tensors: HfTensors, cfg: ModelConfig, abstract_params, shardin
     key = tuple(p.key for p in path)
     if key not in maps:
       raise HfConfigError(f"our parameter {'.'.join(key)} has no Hugging Face counterpart in "
-                          "launch/hf_checkpoint.tensor_maps; add one there.")
+                          "launch/huggingface/checkpoint.tensor_maps; add one there.")
     m = maps[key]
     cache: dict[Any, np.ndarray] = {}  # devices holding the same block (replicas) read it once
 

@@ -9,6 +9,8 @@ import os
 
 import jax
 
+from launch.run.devices import simulate_cpu_devices
+
 
 def _cluster_detected() -> bool:
   """True inside a multi-process SLURM job or on a multi-host TPU slice (jax auto-detects these)."""
@@ -26,7 +28,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   answering makes the others fail after `heartbeat_timeout_s` instead of hanging.
   """
   if cpu_devices:
-    jax.config.update("jax_num_cpu_devices", cpu_devices)
+    simulate_cpu_devices(cpu_devices)
   if coordinator_address:
     if num_processes is None or process_id is None:
       raise ValueError("--coordinator_address needs --num_processes and --process_id as well.")

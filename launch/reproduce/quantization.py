@@ -1,6 +1,6 @@
 """The int8 table the papers print: float vs W8A16 vs W8A8 vs W8A8 + SmoothQuant, on a trained model.
 
-  python -m launch.benchmarks.quantization --checkpoint_dir runs/demo/checkpoints \
+  python -m launch.reproduce.quantization --checkpoint_dir runs/demo/checkpoints \
       --out docs/results/quantization
 
 For each variant: validation perplexity (the whole split) and its relative change, parameter bytes
@@ -19,10 +19,10 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from launch.cli import quiet_logs
-from launch.evaluate import eval_checkpoint
-from launch.inference import load_checkpoint
-from launch.quantizer import checkpoint_bytes, quantize_checkpoint
+from compress.quantize_run import checkpoint_bytes, quantize_checkpoint
+from launch.run import cli
+from launch.run.evaluation import eval_checkpoint
+from launch.run.restore import load_checkpoint
 from lm.generate import make_generate_fn
 
 flags.DEFINE_string("checkpoint_dir", None, "The trained float run's checkpoint directory.")
@@ -112,7 +112,7 @@ def markdown(rows: list[dict]) -> str:
 
 def main(argv):
   del argv
-  quiet_logs()
+  cli.quiet_logs()
   if not FLAGS.checkpoint_dir:
     raise app.UsageError("--checkpoint_dir is required.")
   work_dir = FLAGS.work_dir or os.path.join(os.path.dirname(os.path.abspath(FLAGS.checkpoint_dir)), "quantized")
@@ -131,4 +131,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -1,6 +1,7 @@
 """The training state, and creating it directly in its sharded layout (never whole on one device)."""
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -40,9 +41,9 @@ class ModelDef:
     return nnx.merge(self.graphdef, params)
 
 
-def model_def(cfg: ModelConfig, remat: str | None = None) -> ModelDef:
-  """Traces the model's shapes without allocating; `remat` (default cfg.remat) picks the remat policy."""
-  wrapper = remat_lib.remat_wrapper(cfg.remat if remat is None else remat)
+def model_def(cfg: ModelConfig) -> ModelDef:
+  """Traces the model's shapes without allocating; cfg.remat picks the remat policy."""
+  wrapper = remat_lib.remat_wrapper(cfg.remat)
   abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), remat_wrapper=wrapper))
   graphdef, state = nnx.split(abstract)
   specs = nnx.to_pure_dict(nnx.get_partition_spec(state))
@@ -74,6 +75,12 @@ def state_shardings(mdef: ModelDef, tx: optax.GradientTransformation, mesh: Mesh
   return TrainState(step=replicated, params=p_shard, opt_state=opt_shard)
 
 
+def abstract_params(mdef: ModelDef, shardings: Params) -> Params:
+  """The parameters as jax.ShapeDtypeStructs carrying `shardings` (a restore target)."""
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                      mdef.abstract_params, shardings)
+
+
 def abstract_state(mdef: ModelDef, tx: optax.GradientTransformation, shardings: TrainState) -> TrainState:
   """The TrainState as jax.ShapeDtypeStructs carrying their shardings (a restore target)."""
   shapes = jax.eval_shape(lambda: TrainState(jnp.zeros((), jnp.int32), mdef.abstract_params,
@@ -82,10 +89,21 @@ def abstract_state(mdef: ModelDef, tx: optax.GradientTransformation, shardings: 
                       shapes, shardings)
 
 
+def _fresh(params: Params, tx: optax.GradientTransformation) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
 def init_train_state(mdef: ModelDef, tx: optax.GradientTransformation, shardings: TrainState,
                      seed: int) -> TrainState:
   """Initializes parameters and optimizer state inside jit, each array born in its sharded layout."""
-  def init(rng):
-    params = init_params(mdef, rng)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  init = lambda rng: _fresh(init_params(mdef, rng), tx)
   return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
+
+
+def train_state_from_params(params: Params, tx: optax.GradientTransformation,
+                            shardings: TrainState) -> TrainState:
+  """A step-0 TrainState around `params` (e.g. restored ones) with a fresh optimizer state, sharded.
+
+  `params` are donated: their buffers become the state's.
+  """
+  return jax.jit(functools.partial(_fresh, tx=tx), out_shardings=shardings, donate_argnums=0)(params)

@@ -1,12 +1,13 @@
-"""AdamW with linear warmup, cosine decay and global-norm clipping, as one optax transformation."""
+"""AdamW with linear warmup, cosine decay and global-norm clipping, as one optax transformation.
+
+Each function takes the run's `train` section (launch.run.config.TrainConfig).
+"""
 
 import jax
 import optax
 
-from launch.config import TrainConfig
 
-
-def learning_rate_schedule(t: TrainConfig) -> optax.Schedule:
+def learning_rate_schedule(t) -> optax.Schedule:
   """Returns step -> learning rate: linear warmup to t.learning_rate, cosine decay to min_lr_ratio of it."""
   warmup = min(t.warmup_steps, max(t.steps - 1, 0))
   return optax.warmup_cosine_decay_schedule(
@@ -20,7 +21,7 @@ def _decay_mask(params):
       lambda path, _: getattr(path[-1], "key", None) in ("kernel", "table"), params)
 
 
-def make_optimizer(t: TrainConfig) -> optax.GradientTransformation:
+def make_optimizer(t) -> optax.GradientTransformation:
   """Returns clip-by-global-norm (if t.clip_grad_norm > 0) followed by AdamW."""
   adamw = optax.adamw(learning_rate_schedule(t), b1=t.b1, b2=t.b2, eps=t.eps,
                       weight_decay=t.weight_decay, mask=_decay_mask)

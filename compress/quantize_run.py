@@ -1,5 +1,5 @@
-"""Post-training int8 quantization of a checkpoint into a new checkpoint (the library behind
-`python -m launch.quantize`; see that file for commands and docs/quantization.md for the method).
+"""Post-training int8 quantization of a checkpoint into a new checkpoint, end to end (the command is
+`python -m launch.quantize`; docs/quantization.md describes the method).
 
 The output directory is an ordinary checkpoint (params + meta, the config saying model.quant=...),
 so `launch.eval`, `launch.generate` and `launch.export` take it like a float one.
@@ -10,13 +10,12 @@ import os
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
 from compress import calibrate as calibrate_lib
 from compress import quantize as quantize_lib
-from launch import checkpoint as ckpt_lib
-from launch import train_state as ts
-from launch.inference import LoadedModel, load_checkpoint
+from launch.run import checkpoint as ckpt_lib
+from launch.run import state as ts
+from launch.run.restore import LoadedModel, load_checkpoint
 from lm.config import DENSE_LAYERS
 from lm.data import loader
 
@@ -86,9 +85,7 @@ def quantize_checkpoint(checkpoint_dir: str, out_dir: str, *, mode: str, step: i
               "source": os.path.abspath(checkpoint_dir), "source_step": loaded.step}
   cfg = dataclasses.replace(loaded.cfg, model=quant_cfg)
   checkpointer = ckpt_lib.Checkpointer(out_dir, keep=1, async_save=False)
-  checkpointer.manager.save(loaded.step, args=ocp.args.Composite(
-      params=ocp.args.StandardSave(params),
-      meta=ocp.args.JsonSave({"step": loaded.step, "config": cfg.to_dict(), "quantization": settings})))
+  checkpointer.save_params(loaded.step, params, {"config": cfg.to_dict(), "quantization": settings})
   checkpointer.close()
   float_bytes = checkpoint_bytes(checkpoint_dir, loaded.step)
   quant_bytes = checkpoint_bytes(out_dir, loaded.step)

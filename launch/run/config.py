@@ -10,6 +10,8 @@ import ml_collections
 
 from configs.base import base_config
 from lm.config import ModelConfig
+from lm.data.sources import KINDS as FILE_CORPORA
+from lm.data.tokenizer import KINDS as TOKENIZERS
 from sharding.mesh import MESH_AXES
 from sharding.remat import REMAT_POLICIES
 from sharding.rules import RULE_PRESETS, parse_rules
@@ -98,10 +100,6 @@ class PruneConfig:
   end_step: int
   frequency: int
 
-  def final_sparsity(self) -> float:
-    """The fraction of zeros each pruned kernel ends with."""
-    return {"none": 0.0, "magnitude": self.sparsity, "n_m": 1 - self.n / self.m}[self.method]
-
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -122,9 +120,9 @@ class Config:
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
              "checkpoint": CheckpointConfig, "mesh": MeshConfig, "distill": DistillConfig,
              "prune": PruneConfig}
-_PRUNE_METHODS = ("none", "magnitude", "n_m")
-_CORPORA = ("shakespeare", "text", "jsonl", "parquet")
-_TOKENIZERS = ("sentencepiece", "byte", "huggingface")
+CORPORA = ("shakespeare", *FILE_CORPORA)
+# prune.method: none, unstructured magnitude, or n of every m weights along the input (compress/prune.py).
+PRUNE_METHODS = ("none", "magnitude", "n_m")
 
 
 def _check_keys(raw: dict, reference: dict, prefix: str = "") -> None:
@@ -172,6 +170,32 @@ def default_compute_dtype() -> str:
   return "bfloat16" if jax.default_backend() in ("gpu", "tpu") else "float32"
 
 
+def with_overrides(raw: ml_collections.ConfigDict | dict, changes: dict[str, Any]) -> dict:
+  """Returns a copy of `raw` as nested dicts with dotted-key `changes` applied, e.g. {"mesh.rules": "fsdp"}.
+
+  Raises ValueError for a key that is not in the config (every key is listed in configs/base.py).
+  """
+  out = raw.to_dict() if isinstance(raw, ml_collections.ConfigDict) else raw
+  out = {k: dict(v) if isinstance(v, dict) else v for k, v in out.items()}
+  for key, value in changes.items():
+    section, _, name = key.partition(".")
+    if section not in out or (name and (not isinstance(out[section], dict) or name not in out[section])):
+      raise ValueError(f"Unknown config key '{key}'; every key is listed in configs/base.py.")
+    if name:
+      out[section][name] = value
+    else:
+      out[section] = value
+  return out
+
+
+def model_config(**changes) -> ModelConfig:
+  """A ModelConfig from the defaults of configs/base.py with `changes` (dtype "auto" resolved here)."""
+  fields = {**base_config().model.to_dict(), **changes}
+  if fields["dtype"] == "auto":
+    fields["dtype"] = default_compute_dtype()
+  return ModelConfig(**fields)
+
+
 def validate(raw: ml_collections.ConfigDict | dict) -> Config:
   """Checks a raw config completely and returns the frozen `Config`; raises ValueError on any problem."""
   raw_dict = raw.to_dict() if isinstance(raw, ml_collections.ConfigDict) else dict(raw)
@@ -195,10 +219,10 @@ def _cross_checks(cfg: Config) -> list[str]:
   m, d, t, c, mesh = cfg.model, cfg.data, cfg.train, cfg.checkpoint, cfg.mesh
   if m.remat not in REMAT_POLICIES:
     errors.append(f"model.remat={m.remat!r}: choose one of {sorted(REMAT_POLICIES)}.")
-  if d.corpus not in _CORPORA:
-    errors.append(f"data.corpus={d.corpus!r}: choose one of {list(_CORPORA)}.")
-  if d.tokenizer not in _TOKENIZERS:
-    errors.append(f"data.tokenizer={d.tokenizer!r}: choose one of {list(_TOKENIZERS)}.")
+  if d.corpus not in CORPORA:
+    errors.append(f"data.corpus={d.corpus!r}: choose one of {list(CORPORA)}.")
+  if d.tokenizer not in TOKENIZERS:
+    errors.append(f"data.tokenizer={d.tokenizer!r}: choose one of {list(TOKENIZERS)}.")
   errors += _corpus_source_errors(d)
   if d.process_sharding not in ("documents", "rows"):
     errors.append(f"data.process_sharding={d.process_sharding!r}: choose 'documents' or 'rows'.")
@@ -254,8 +278,8 @@ def _compression_errors(cfg: Config) -> list[str]:
     errors.append(f"distill.alpha={kd.alpha}: must be in [0, 1] (1: only the teacher, 0: only the tokens).")
   if kd.hidden_weight < 0:
     errors.append(f"distill.hidden_weight={kd.hidden_weight}: must be >= 0 (0 disables it).")
-  if p.method not in _PRUNE_METHODS:
-    errors.append(f"prune.method={p.method!r}: choose one of {list(_PRUNE_METHODS)}.")
+  if p.method not in PRUNE_METHODS:
+    errors.append(f"prune.method={p.method!r}: choose one of {list(PRUNE_METHODS)}.")
   if not 0 <= p.sparsity < 1:
     errors.append(f"prune.sparsity={p.sparsity}: must be in [0, 1), e.g. 0.5 for half the weights zero.")
   if not (p.m >= 2 and 0 < p.n < p.m):
@@ -278,7 +302,7 @@ def _corpus_source_errors(d: DataConfig) -> list[str]:
   if d.corpus == "shakespeare" and (d.path or d.validation_path):
     errors.append(f"data.path={d.path!r} / data.validation_path={d.validation_path!r} are read only "
                   "for data.corpus = text | jsonl | parquet; set data.corpus or clear them.")
-  if d.corpus in ("text", "jsonl", "parquet"):
+  if d.corpus in FILE_CORPORA:
     if not d.path:
       errors.append(f"data.corpus={d.corpus!r} needs data.path, a glob of your files "
                     "(e.g. '/data/books/*.txt').")

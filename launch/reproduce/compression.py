@@ -1,6 +1,6 @@
 """Distillation and pruning against their baselines, on the trained demo model.
 
-  python -m launch.benchmarks.compression --out docs/results/compression
+  python -m launch.reproduce.compression --out docs/results/compression
   # teacher: --teacher runs/demo/checkpoints (make it with
   #   python -m launch.demo --config configs/demo.py --workdir runs/demo)
 
@@ -22,13 +22,14 @@ import time
 import jax
 from absl import app, flags
 
-from configs.base import base_config
-from launch.cli import quiet_logs
-from launch.config import Config, validate
-from launch.distill import distill, read_teacher_config
-from launch.evaluate import eval_checkpoint
-from launch.prune import prune, prune_one_shot
-from launch.trainer import train
+from compress.distill_run import distill
+from compress.prune_run import prune, prune_one_shot
+from launch.run import cli
+from launch.run.config import Config, validate, with_overrides
+from launch.run.devices import simulate_cpu_devices
+from launch.run.evaluation import eval_checkpoint
+from launch.run.loop import train
+from launch.run.restore import read_saved_config
 
 flags.DEFINE_string("teacher", "runs/demo/checkpoints", "The trained teacher's checkpoint directory.")
 flags.DEFINE_string("out", "docs/results/compression", "Output path prefix for .md and .csv.")
@@ -48,11 +49,7 @@ STUDENT = {"model.num_layers": 2, "model.d_model": 128, "model.num_heads": 4, "m
 
 def variant(raw: dict, changes: dict) -> Config:
   """Validates a copy of the raw config dict with dotted-key changes applied."""
-  out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
-  for key, value in changes.items():
-    section, name = key.split(".")
-    out[section][name] = value
-  return validate(out)
+  return validate(with_overrides(raw, changes))
 
 
 @dataclasses.dataclass
@@ -86,17 +83,15 @@ def timed(fn, *args, **kwargs):
 
 def main(argv):
   del argv
-  quiet_logs()
-  jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)  # no-op on GPU/TPU
+  cli.quiet_logs()
+  simulate_cpu_devices(FLAGS.cpu_devices)  # no-op on GPU/TPU
   if not os.path.isdir(FLAGS.teacher):
     raise app.UsageError(f"No teacher at {FLAGS.teacher}; train one with `python -m launch.demo --config "
                          "configs/demo.py --workdir runs/demo` or pass --teacher.")
   if os.path.isdir(FLAGS.workdir):
     shutil.rmtree(FLAGS.workdir)  # this benchmark's own scratch runs from a previous invocation
-  saved, teacher_step = read_teacher_config(FLAGS.teacher)
-  # The teacher's config, with defaults for keys added since it was saved.
-  raw = {k: {**v, **saved.get(k, {})} if isinstance(v, dict) else saved.get(k, v)
-         for k, v in base_config().to_dict().items()}
+  saved, teacher_step = read_saved_config(FLAGS.teacher)
+  raw = saved.to_dict()
   common = {"train.tensorboard": False, "train.eval_every": 0, "train.eval_batches": FLAGS.eval_batches,
             "checkpoint.keep": 1, "checkpoint.async_save": False, "mesh.num_devices": 0}
   teacher_cfg = variant(raw, common)
@@ -159,7 +154,7 @@ def main(argv):
   print(table + "\n\n" + note)
   os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
   with open(FLAGS.out + ".md", "w") as fh:
-    fh.write("Made by `python -m launch.benchmarks.compression --out docs/results/compression`.\n\n")
+    fh.write("Made by `python -m launch.reproduce.compression --out docs/results/compression`.\n\n")
     fh.write(table + "\n\n" + note + "\n")
   with open(FLAGS.out + ".csv", "w", newline="") as fh:
     writer = csv.writer(fh)
@@ -168,4 +163,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

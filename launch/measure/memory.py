@@ -2,14 +2,15 @@
 
 import dataclasses
 import math
+import time
 
 import jax
 import jax.numpy as jnp
 
-from launch import train_state as ts
-from launch.config import Config
-from launch.context import RunContext, build_context
-from launch.step import batch_sharding, jit_train_step
+from launch.run import state as ts
+from launch.run.config import Config
+from launch.run.context import RunContext, build_context
+from launch.run.step import batch_sharding, jit_train_step
 
 
 @dataclasses.dataclass
@@ -29,7 +30,7 @@ class MemoryReport:
     return self.argument_bytes + self.temp_bytes
 
 
-def _per_device_bytes(abstract_tree) -> int:
+def per_device_bytes(abstract_tree) -> int:
   """Bytes one device holds of a tree of ShapeDtypeStructs with shardings (max over devices)."""
   total = 0
   for leaf in jax.tree.leaves(abstract_tree):
@@ -49,23 +50,23 @@ def compile_train_step(ctx: RunContext):
   return step.lower(abstract, {"inputs": tokens, "targets": tokens}).compile(), abstract
 
 
-def memory_report(cfg: Config, devices: list | None = None) -> MemoryReport:
-  """Builds the run's context, compiles its train step and reads memory per device."""
-  import time
-  ctx = build_context(cfg, devices)
+def memory_report(cfg: Config, devices: list | None = None, ctx: RunContext | None = None) -> MemoryReport:
+  """Compiles the train step of `cfg` (or of a prebuilt `ctx`) and reads its memory per device."""
+  ctx = ctx or build_context(cfg, devices)
   start = time.perf_counter()
   compiled, abstract = compile_train_step(ctx)
   compile_s = time.perf_counter() - start
   analysis = compiled.memory_analysis()
   return MemoryReport(
       devices=ctx.num_devices, mesh=dict(ctx.mesh.shape),
-      params_bytes=_per_device_bytes(abstract.params),
-      optimizer_bytes=_per_device_bytes(abstract.opt_state),
+      params_bytes=per_device_bytes(abstract.params),
+      optimizer_bytes=per_device_bytes(abstract.opt_state),
       argument_bytes=int(analysis.argument_size_in_bytes), output_bytes=int(analysis.output_size_in_bytes),
       temp_bytes=int(analysis.temp_size_in_bytes), compile_s=compile_s)
 
 
 def format_bytes(n: float) -> str:
+  """'1.5 GiB' for 1.5 * 2**30; bytes below 1 KiB as an integer."""
   for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
     if abs(n) < 1024 or unit == "TiB":
       return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"

@@ -3,10 +3,9 @@
 import math
 
 import jax
-import numpy as np
 
-from launch.inference import load_checkpoint
-from launch.step import batch_sharding, jit_eval_step
+from launch.run.restore import load_checkpoint
+from launch.run.step import batch_sharding, global_batch, jit_eval_step
 from lm.data import baseline, loader
 
 
@@ -21,8 +20,7 @@ def evaluate(eval_fn, params, cfg, tokenizer, data_sharding) -> float:
       process_index=jax.process_index(), process_count=jax.process_count(),
       max_batches=cfg.train.eval_batches)
   for local in batches:
-    batch = {k: jax.make_array_from_process_local_data(data_sharding, np.asarray(v)) for k, v in local.items()}
-    out = jax.device_get(eval_fn(params, batch))
+    out = jax.device_get(eval_fn(params, global_batch(local, data_sharding)))
     loss_sum += float(out["loss_sum"])
     tokens += float(out["tokens"])
   if tokens == 0:

@@ -1,34 +1,31 @@
 """Sharding benchmark: per-device memory, step time and tokens/s for every parallelism preset and remat
 policy on 8 simulated CPU devices, and activation memory against Korthikanti et al. (2022).
 
-  python -m launch.benchmarks.sharding --out docs/results/sharding
+  python -m launch.reproduce.sharding --out docs/results/sharding
 
 Writes presets.{md,csv}, activations.{md,csv} and sharding.png into --out.
 """
 
 import os
 
-# Memory comes from `launch.memory` subprocesses, which set the CPU scheduler flag that makes
-# memory_analysis honour remat; that flag can deadlock collectives when steps run, so timing runs
-# here without it.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+import functools
+import json
+import subprocess
+import sys
 
-import functools  # noqa: E402
-import json  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
+import jax
+import jax.numpy as jnp
+from absl import flags
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from absl import app, flags  # noqa: E402
-
-from configs.demo import get_config  # noqa: E402
-from launch import train_state as ts  # noqa: E402
-from launch.benchmarking import time_train_step, write_table  # noqa: E402
-from launch.cli import quiet_logs  # noqa: E402
-from launch.config import validate  # noqa: E402
-from launch.context import build_context  # noqa: E402
-from lm.loss import cross_entropy  # noqa: E402
+from configs.demo import get_config
+from launch.run import state as ts
+from launch.measure.tables import write_table
+from launch.measure.timing import time_train_step
+from launch.run import cli
+from launch.run.devices import simulate_cpu_devices
+from launch.run.config import validate, with_overrides
+from launch.run.context import build_context
+from lm.loss import cross_entropy
 
 flags.DEFINE_string("out", "docs/results/sharding", "Output directory.")
 flags.DEFINE_integer("steps", 3, "Timed steps per configuration.")
@@ -62,11 +59,7 @@ def preset_overrides(rules, axes, remat) -> dict:
 
 
 def preset_config(overrides: dict):
-  c = get_config()
-  for key, value in overrides.items():
-    section, name = key.split(".")
-    c[section][name] = value
-  return validate(c)
+  return validate(with_overrides(get_config(), overrides))
 
 
 def memory_of(overrides: dict, config_file: str = "configs/demo.py") -> dict:
@@ -182,8 +175,12 @@ def plot(rows, path):
 
 def main(argv):
   del argv
-  quiet_logs()
-  command = "python -m launch.benchmarks.sharding --out " + FLAGS.out
+  cli.quiet_logs()
+  # Memory comes from `launch.memory` subprocesses, which set the CPU schedule that makes
+  # memory_analysis honour remat; that schedule can deadlock collectives when steps run, so the
+  # steps timed here run without it.
+  simulate_cpu_devices(8)
+  command = "python -m launch.reproduce.sharding --out " + FLAGS.out
   rows = preset_rows(FLAGS.steps)
   print(write_table(rows, FLAGS.out, "presets", "Parallelism presets and remat policies (8 simulated CPU devices)",
                     command, "Memory is per device from the compiled step's memory_analysis(); step time is "
@@ -198,4 +195,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -6,12 +6,13 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
 from lm import axes
 from lm.loss import chunked_cross_entropy
-from launch.train_state import ModelDef, TrainState
+from launch.run.state import ModelDef, TrainState
 from sharding import rules as rules_lib
 
 Batch = dict[str, jax.Array]  # {"inputs": int32 [B, L], "targets": int32 [B, L]}
@@ -84,6 +85,11 @@ def eval_step(params, batch: Batch, *, mdef: ModelDef) -> dict:
 def batch_sharding(mesh: Mesh, rules: rules_lib.Rules) -> NamedSharding:
   """Sharding of a [batch, length] token array: rows split over the data axes."""
   return NamedSharding(mesh, rules_lib.logical_to_spec(("batch", "length"), rules))
+
+
+def global_batch(local_batch: dict, sharding: NamedSharding) -> Batch:
+  """Assembles global arrays from this process's rows (the same call works single- or multi-host)."""
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
 
 
 def activation_constraint(mesh: Mesh, rules: rules_lib.Rules):

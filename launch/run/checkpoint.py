@@ -37,9 +37,6 @@ class Checkpointer:
     """Steps with a complete checkpoint, oldest first."""
     return sorted(self.manager.all_steps())
 
-  def latest_step(self) -> int | None:
-    return self.manager.latest_step()
-
   def save(self, step: int, state, meta: dict[str, Any]) -> None:
     """Starts saving `state` (a TrainState) and `meta` at `step`; returns before the write ends if async."""
     self.manager.save(step, args=ocp.args.Composite(
@@ -56,10 +53,6 @@ class Checkpointer:
     self.manager.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(params),
         meta=ocp.args.JsonSave({**meta, "step": int(step), PARAMS_ONLY: True})), force=True)
-
-  def wait(self) -> None:
-    """Blocks until every started save is complete on disk."""
-    self.manager.wait_until_finished()
 
   def close(self) -> None:
     self.manager.wait_until_finished()

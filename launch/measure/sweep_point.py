@@ -1,0 +1,103 @@
+"""One point of a sweep: compile the train step, read its memory, time a few steps; never raise.
+
+The command is `python -m launch.sweep_point` (launch.sweep starts one per point). A result is a
+dict with `status` and `reason`:
+  ok       compiled (and timed unless compile-only)
+  invalid  the config or the plan was rejected before compiling (the ValueError's message)
+  oom      compiling or running ran out of memory (RESOURCE_EXHAUSTED, MemoryError)
+  error    anything else (the exception), so the sweep that started the point can go on
+Memory columns are per device, from the compiled step's `memory_analysis()`; tokens/s and MFU come
+from launch.run.throughput, as in launch.bench. On CPU the memory compile uses the memory schedule
+(launch/run/devices.py) and the steps are timed in a child process with XLA's default schedule,
+because the former deadlocks some multi-device programs in a collective (`speed_in_subprocess`).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import traceback
+
+from launch.measure.memory import compile_train_step, memory_report
+from launch.measure.timing import mesh_label, time_train_step
+from launch.run.config import validate
+from launch.run.context import RunContext, build_context
+from launch.run.throughput import throughput
+
+_OOM_MARKERS = ("RESOURCE_EXHAUSTED", "out of memory", "Out of memory", "OOM")
+
+
+def _first_lines(text: str, limit: int = 600) -> str:
+  """The message on one line (newlines as ' | '), cut to `limit` characters."""
+  flat = " | ".join(line.strip() for line in text.strip().splitlines() if line.strip())
+  return flat if len(flat) <= limit else flat[:limit - 3] + "..."
+
+
+def measure_memory(ctx: RunContext) -> dict:
+  """Compiles the run's train step and returns its per-device memory columns (bytes) and compile_s."""
+  cfg = ctx.cfg
+  report = memory_report(cfg, ctx=ctx)
+  return {"devices": ctx.num_devices, "mesh_shape": mesh_label(ctx), "rules": cfg.mesh.custom_rules or cfg.mesh.rules,
+          "platform": ctx.mesh.devices.flat[0].platform, "dtype": cfg.model.dtype, "compile_s": report.compile_s,
+          "params_bytes": report.params_bytes, "optimizer_bytes": report.optimizer_bytes,
+          "argument_bytes": report.argument_bytes, "temp_bytes": report.temp_bytes,
+          "peak_bytes": report.total_bytes}
+
+
+def measure_speed(ctx: RunContext, steps: int, warmup: int) -> dict:
+  """Times the train step as launch.bench does; returns step_s (median), tokens/s over the mesh, MFU."""
+  compiled, _ = compile_train_step(ctx)
+  timing = time_train_step(ctx, steps=steps, warmup=warmup, step_fn=compiled)
+  speed = throughput(ctx.cfg, timing.median_s, list(ctx.mesh.devices.flat))
+  return dict(step_s=timing.median_s, spread=timing.spread, **speed)
+
+
+def speed_in_subprocess(argv: list[str], out: str) -> dict:
+  """Reruns `python -m launch.sweep_point` with `argv` (this point's arguments) and --timing_only;
+  returns its JSON.
+
+  Timing runs without the memory schedule flag: on CPU, XLA's non-concurrency-optimized schedule
+  deadlocks some multi-device programs in a collective ("Termination timeout for ... RendezvousKey",
+  seen for fsdp8 and data2.fsdp2.tensor2 meshes of the demo model), while its memory numbers are
+  the ones that show remat.
+  """
+  timing_out = out.removesuffix(".json") + ".timing.json"
+  argv = [a for a in argv if not a.startswith("--out")] + [f"--out={timing_out}", "--timing_only"]
+  proc = subprocess.run([sys.executable, "-m", "launch.sweep_point", *argv], capture_output=True, text=True)
+  try:
+    with open(timing_out) as f:
+      result = json.load(f)
+    os.remove(timing_out)
+    return result
+  except (OSError, ValueError):
+    sys.stderr.write(proc.stdout + proc.stderr)
+    tail = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()][-1:] or ["(no output)"]
+    return {"status": "error", "reason": f"timing process exited with {proc.returncode}: {tail[0][:300]}"}
+
+
+def run_point(raw_config, compile_only: bool, steps: int, warmup: int, timing_only: bool = False,
+              out: str = "", argv: list[str] = ()) -> dict:
+  """Returns {"status", "reason", ...columns} for one config; never raises for a bad point.
+
+  A ValueError while validating the config or building the run's context (mesh, batch split,
+  rule divisibility, remat support) makes the point `invalid`; a failure after that is `oom` or `error`.
+  """
+  try:
+    ctx = build_context(validate(raw_config))
+  except ValueError as e:
+    return {"status": "invalid", "reason": _first_lines(str(e))}
+  try:
+    if timing_only:
+      return {"status": "ok", "reason": "", **measure_speed(ctx, steps, warmup)}
+    row = {"status": "ok", "reason": "", **measure_memory(ctx)}
+    if not compile_only and ctx.mesh.devices.flat[0].platform != "cpu":
+      row.update(measure_speed(ctx, steps, warmup))
+    elif not compile_only:
+      speed = speed_in_subprocess(list(argv), out)
+      row.update({k: v for k, v in speed.items() if k not in ("mode", "steps", "wall_s", "jax_version")})
+    return row
+  except Exception as e:  # noqa: BLE001 - every failure becomes a recorded row
+    text = f"{type(e).__name__}: {e}"
+    oom = isinstance(e, MemoryError) or any(m in text for m in _OOM_MARKERS)
+    traceback.print_exception(e)
+    return {"status": "oom" if oom else "error", "reason": _first_lines(text)}

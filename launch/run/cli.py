@@ -1,0 +1,130 @@
+"""The one command line of every command: absl flags, `--config file.py --config.a.b=value`, and the error edge.
+
+Every `python -m launch.<command>` defines its flags with absl and starts with `cli.run(main)`, which
+turns the project's own errors (a bad config, a missing or corrupt checkpoint, a bad argument) into
+one `error: ...` line and exit status 2, with no traceback. Tracebacks are kept for our bugs (and
+shown for every error when SHARDLM_TRACEBACK=1).
+"""
+
+import os
+import sys
+from typing import Callable
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from launch.run.config import Config, validate
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file with get_config(); override keys with --config.section.key=value.",
+    lock_config=True)
+
+FLAGS = flags.FLAGS
+USAGE_EXIT = 2
+
+
+def load_config() -> Config:
+  """Returns the validated Config from --config (after absl parsed the flags)."""
+  if _CONFIG.value is None:
+    raise ValueError("--config is required, e.g. --config configs/demo.py")
+  return validate(_CONFIG.value)
+
+
+def config_path() -> str | None:
+  """The file --config named (None when it was not given)."""
+  return config_flags.get_config_filename(FLAGS["config"]) if FLAGS["config"].present else None
+
+
+def quiet_logs() -> None:
+  """Keeps the console for our progress bar and tables: library INFO and WARNING logs (orbax, absl) are hidden."""
+  logging.set_verbosity(logging.ERROR)
+
+
+def config_overrides(argv: list[str]) -> list[str]:
+  """The `--config.a.b=value` items of `argv`, in order (for launchers that forward them to other processes).
+
+  Raises ValueError for one written without '=' (it could not be forwarded unambiguously).
+  """
+  found = [a for a in argv if a.startswith("--config.")]
+  bad = [a for a in found if "=" not in a]
+  if bad:
+    raise ValueError(f"config override {bad[0]!r} has no value; write it as {bad[0]}=VALUE.")
+  return found
+
+
+def _parse_config_args(argv: list[str]):
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "config file", flag_values=values, lock_config=True,
+                                  sys_argv=argv)
+  values(argv)
+  if not hasattr(values.config, "keys"):  # config_flags defers a file that failed to load
+    raise ValueError(f"{argv[1]}: the config file could not be loaded: {values.config}")
+  return values.config
+
+
+def config_from_file(path: str, overrides: list[str] = ()):
+  """Loads `path` with `--config.a.b=value` overrides exactly as --config does; returns the ConfigDict.
+
+  The one parser of override strings. Raises ValueError naming an override key the config does not
+  have, or a value of the wrong type.
+  """
+  if not os.path.isfile(path):
+    raise ValueError(f"--config={path}: no such file; pass a config file such as configs/demo.py.")
+  try:
+    plain = _parse_config_args(["launcher", f"--config={path}"])
+  except flags.Error as e:
+    raise ValueError(f"--config={path}: {e}") from e
+  for item in overrides:
+    key = item.split("=", 1)[0].removeprefix("--config.")
+    node = plain
+    for part in key.split("."):
+      if not hasattr(node, "keys") or part not in node:
+        raise ValueError(f"Unknown config key '{key}' in {item!r}; every key is listed in configs/base.py.")
+      node = node[part]
+  try:
+    return _parse_config_args(["launcher", f"--config={path}", *overrides])
+  except flags.Error as e:
+    raise ValueError(f"Bad override value: {e}. Overrides look like --config.model.remat=full.") from e
+
+
+def define_checkpoint_flags(what: str = "A run's checkpoint directory (<workdir>/checkpoints).") -> None:
+  """Defines --checkpoint_dir (described by `what`) and --step, shared by the commands that read one."""
+  flags.DEFINE_string("checkpoint_dir", None, what)
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+
+
+def require(*names: str) -> None:
+  """Raises app.UsageError naming the first of the flags `names` that was not given."""
+  for name in names:
+    if FLAGS[name].value in (None, ""):
+      raise app.UsageError(f"--{name} is required.")
+
+
+def _precheck_config_overrides(argv: list[str]) -> None:
+  """Checks `--config.a.b=value` keys before absl parses them (its own message is a chained traceback)."""
+  overrides = [a for a in argv[1:] if a.startswith("--config.")]
+  path = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), None)
+  if path is None and "--config" in argv[:-1]:
+    path = argv[argv.index("--config") + 1]
+  if overrides and path:
+    config_from_file(path, config_overrides(overrides))
+
+
+def run(main: Callable[[list[str]], int | None]) -> None:
+  """Runs `main(argv)` under absl with the error edge: ValueError (our config, checkpoint and argument
+  errors) and usage errors print one `error: ...` line and exit with status 2."""
+  def guarded(argv):
+    try:
+      return main(argv)
+    except (ValueError, app.UsageError) as e:
+      if os.environ.get("SHARDLM_TRACEBACK"):
+        raise
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(USAGE_EXIT)
+
+  try:
+    _precheck_config_overrides(sys.argv)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(USAGE_EXIT)
+  app.run(guarded)

@@ -1,0 +1,87 @@
+"""Everything a run derives from its Config before compiling: mesh, rules, model definition, optimizer.
+
+All checks that can fail (mesh vs devices, batch vs data axes, rules vs shapes, remat vs backend)
+run here, so a bad config stops before any compile or write.
+"""
+
+import dataclasses
+import math
+
+import jax
+import optax
+from jax.sharding import Mesh
+
+from launch.run import optimizer as optimizer_lib
+from launch.run import state as ts
+from launch.run.config import Config, check_against_mesh
+from sharding import mesh as mesh_lib
+from sharding import remat as remat_lib
+from sharding import rules as rules_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class RunContext:
+  cfg: Config
+  mesh: Mesh
+  rules: rules_lib.Rules
+  mdef: ts.ModelDef
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  shardings: ts.TrainState   # NamedSharding per leaf of the TrainState
+
+  @property
+  def num_devices(self) -> int:
+    return self.mesh.devices.size
+
+
+def select_devices(cfg: Config) -> list:
+  """The devices the run uses: all, or the first mesh.num_devices."""
+  devices = jax.devices()
+  if cfg.mesh.num_devices:
+    if cfg.mesh.num_devices > len(devices):
+      raise ValueError(f"mesh.num_devices={cfg.mesh.num_devices} but only {len(devices)} devices exist.")
+    devices = devices[:cfg.mesh.num_devices]
+  return devices
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshPlan:
+  """The mesh a config asks for on a number of devices: per-axis sizes within a slice and across slices."""
+  ici: dict[str, int]      # sizes within a slice or host (fast links)
+  dcn: dict[str, int]      # factors across slices or hosts (slow links); all 1 for one slice
+
+  @property
+  def shape(self) -> dict[str, int]:
+    """The mesh axes' total sizes (ici x dcn)."""
+    return {name: self.ici[name] * self.dcn[name] for name in self.ici}
+
+
+def plan_mesh(cfg: Config, num_devices: int, platform: str) -> MeshPlan:
+  """Resolves the config's mesh for `num_devices` devices of `platform` ("cpu", "gpu", "tpu").
+
+  The one pre-compile check of a plan, shared by the run (build_context) and the cluster launcher's
+  dry run: DCN factors vs devices, mesh vs device count, batch vs the data axes, remat vs platform.
+  Raises ValueError naming what does not fit and how to fix it.
+  """
+  dcn = cfg.mesh.dcn_shape()
+  num_dcn = math.prod(dcn.values())
+  if num_devices % num_dcn:
+    raise ValueError(f"mesh.dcn_* = {dcn} splits the devices into {num_dcn} slices, which does not "
+                     f"divide the {num_devices} devices.")
+  plan = MeshPlan(mesh_lib.resolve_mesh_shape(cfg.mesh.requested_shape(), num_devices // num_dcn), dcn)
+  check_against_mesh(cfg, plan.shape)
+  remat_lib.check_remat_supported(cfg.model.remat, platform)
+  return plan
+
+
+def build_context(cfg: Config, devices: list | None = None) -> RunContext:
+  """Validates `cfg` against the devices and returns the run's static pieces; raises ValueError early."""
+  devices = devices or select_devices(cfg)
+  plan = plan_mesh(cfg, len(devices), devices[0].platform)
+  mesh = mesh_lib.make_mesh(plan.ici, devices, plan.dcn)
+  rules = rules_lib.get_rules(cfg.mesh.rules, cfg.mesh.custom_rules)
+  mdef = ts.model_def(cfg.model)
+  tx = optimizer_lib.make_optimizer(cfg.train)
+  schedule = optimizer_lib.learning_rate_schedule(cfg.train)
+  shardings = ts.state_shardings(mdef, tx, mesh, rules)
+  return RunContext(cfg, mesh, rules, mdef, tx, schedule, shardings)

@@ -1,0 +1,120 @@
+"""The one way back from a checkpoint: its saved config as a `Config`, its parameters onto shardings.
+
+Every command that reads a checkpoint (train --resume and train.init_checkpoint, eval, generate,
+quantize, distill's teacher, prune, export, convert --to-hf) comes through here, so a saved config
+is read by one rule: keys added to configs/base.py since the save take their defaults, keys the
+code no longer knows are refused (the checkpoint was written by another version).
+"""
+
+import dataclasses
+from typing import Any
+
+from configs.base import base_config
+from launch.run import checkpoint as ckpt_lib
+from launch.run import state as ts
+from launch.run.config import Config, validate, with_overrides
+from launch.run.context import RunContext, build_context
+from lm.data import loader
+from lm.generate import generate_text
+
+# The model.* fields that shape the weights; the others (dtype, remat, max_seq_len, ...) may change.
+WEIGHT_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                 "mlp_dim", "rope_theta", "norm_eps", "tie_embeddings")
+
+
+def saved_config(meta: dict[str, Any], where: str = "checkpoint", overrides: dict | None = None) -> Config:
+  """The validated Config stored in a checkpoint's `meta`, with dotted-key `overrides` applied.
+
+  Raises CheckpointError when the meta has no config or holds keys this code does not know, and
+  ValueError when an override names a model key (shapes come from the checkpoint).
+  """
+  raw = meta.get("config")
+  if not isinstance(raw, dict) or "model" not in raw:
+    raise ckpt_lib.CheckpointError(f"{where} step {meta.get('step')} has no saved config; it was not "
+                                   "written by launch.train, launch.convert or compress/.")
+  defaults = base_config().to_dict()
+  unknown = [f"{s}.{k}" if isinstance(v, dict) else s for s, v in raw.items()
+             for k in (v if isinstance(v, dict) else [None])
+             if s not in defaults or (k is not None and k not in defaults[s])]
+  if unknown:
+    raise ckpt_lib.CheckpointError(f"{where} step {meta.get('step')} was saved with config keys this code "
+                                   f"does not know: {unknown}; read it with the version that wrote it.")
+  merged = {s: {**d, **raw.get(s, {})} if isinstance(d, dict) else raw.get(s, d) for s, d in defaults.items()}
+  model_keys = [k for k in (overrides or {}) if k.startswith("model.")]
+  if model_keys:
+    raise ValueError(f"{model_keys[0]}: model shapes come from the checkpoint and cannot be overridden.")
+  return validate(with_overrides(merged, overrides or {}))
+
+
+def read_saved_config(checkpoint_dir: str, step: int | None = None,
+                      overrides: dict | None = None) -> tuple[Config, int]:
+  """Returns (the Config `checkpoint_dir` was saved with, the step read); CheckpointError if unreadable."""
+  checkpointer = ckpt_lib.Checkpointer(checkpoint_dir, read_only=True)
+  try:
+    meta = checkpointer.read_meta(step)
+  finally:
+    checkpointer.close()
+  return saved_config(meta, checkpoint_dir, overrides), int(meta["step"])
+
+
+def restore_params(checkpoint_dir: str, mdef: ts.ModelDef, shardings: ts.Params,
+                   step: int | None = None) -> tuple[ts.Params, dict]:
+  """Restores `step`'s (default: latest) parameters of `mdef`'s shapes onto `shardings`; returns (params, meta)."""
+  checkpointer = ckpt_lib.Checkpointer(checkpoint_dir, read_only=True)
+  try:
+    return checkpointer.restore_params(ts.abstract_params(mdef, shardings), step)
+  finally:
+    checkpointer.close()
+
+
+def check_same_weights(cfg: Config, saved: Config, what: str) -> None:
+  """Raises ValueError naming the flags to set when `cfg`'s model differs from `saved`'s in a weight shape."""
+  now, then = dataclasses.asdict(cfg.model), dataclasses.asdict(saved.model)
+  diff = [k for k in WEIGHT_FIELDS if then[k] != now[k]]
+  if diff:
+    raise ValueError(
+        f"{what} holds a different model ("
+        + ", ".join(f"model.{k}={now[k]!r}, saved {then[k]!r}" for k in diff) + "); set "
+        + " ".join(f"--config.model.{k}={then[k]}" for k in diff) + " (nothing was written).")
+
+
+def init_from_checkpoint(ctx: RunContext, checkpoint_dir: str) -> ts.TrainState:
+  """A step-0 TrainState: `checkpoint_dir`'s latest parameters and a fresh optimizer state, sharded.
+
+  The checkpoint may be params-only (launch.convert) or another run's. Raises ValueError naming the
+  flags to set when the run's model differs from the saved one in a field of WEIGHT_FIELDS.
+  """
+  saved, step = read_saved_config(checkpoint_dir)
+  check_same_weights(ctx.cfg, saved, f"train.init_checkpoint={checkpoint_dir}")
+  params, _ = restore_params(checkpoint_dir, ctx.mdef, ctx.shardings.params, step)
+  return ts.train_state_from_params(params, ctx.tx, ctx.shardings)
+
+
+@dataclasses.dataclass
+class LoadedModel:
+  cfg: Config
+  ctx: RunContext
+  params: dict
+  tokenizer: object
+  step: int
+
+  def generate(self, prompts: list[str], **sampling) -> list[str]:
+    """lm.generate.generate_text with this checkpoint's model and tokenizer; `sampling`: max_new_tokens,
+    temperature, top_k, top_p, seed. Returns one string per prompt (prompt included)."""
+    return generate_text(self.ctx.mdef.graphdef, self.params, self.tokenizer, prompts,
+                         max_seq_len=self.cfg.model.max_seq_len, **sampling)
+
+
+def load_checkpoint(checkpoint_dir: str, step: int | None = None, devices: list | None = None,
+                    overrides: dict | None = None) -> LoadedModel:
+  """Restores parameters (not optimizer state) and the run's config from `checkpoint_dir`.
+
+  `overrides` maps dotted keys ("mesh.rules", "train.global_batch_size", ...) to new values, e.g. to
+  evaluate on another mesh; model shapes come from the checkpoint. Raises CheckpointError for a
+  missing or unreadable checkpoint before anything compiles.
+  """
+  cfg, step = read_saved_config(checkpoint_dir, step, overrides)
+  tokenizer = loader.prepare_from_config(cfg.data, cfg.model.vocab_size)
+  ctx = build_context(cfg, devices)
+  params, _ = restore_params(checkpoint_dir, ctx.mdef, ctx.shardings.params, step)
+  return LoadedModel(cfg, ctx, params, tokenizer, step)
