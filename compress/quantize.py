@@ -86,6 +86,8 @@ def _quantize_linear(target: Params, source: Params, ranges: Params | None, num_
     kernel = kernel * smooth.reshape(smooth.shape + (1,) * num_out)
     out["smooth"] = smooth
   out["kernel"], out["scale"] = quantize_kernel(kernel, num_stacked, num_in)
+  if "bias" in target:  # model.qkv_bias: the bias stays float32, unchanged by smoothing
+    out["bias"] = source["bias"].astype(jnp.float32)
   return out
 
 
@@ -132,7 +134,7 @@ def dequantize_params(params: Params) -> Params:
       kernel = kernel * scale
       if "smooth" in node:
         kernel = kernel / node["smooth"].reshape(node["smooth"].shape + (1,) * num_out)
-      return {"kernel": kernel}
+      return {"kernel": kernel, **({"bias": node["bias"]} if "bias" in node else {})}
     if isinstance(node, dict) and "table" in node and node["table"].dtype == jnp.int8:
       return {"table": node["table"].astype(jnp.float32) * node["scale"][:, None]}
     if isinstance(node, dict):

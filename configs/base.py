@@ -22,6 +22,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.mlp_dim = 512              # SwiGLU hidden width
   c.model.max_seq_len = 128          # longest sequence rotary tables and the KV cache are sized for
   c.model.rope_theta = 10_000.0
+  c.model.rope_scaling = "none"      # none | linear | llama3 (Llama 3.1+): rescaled rotary frequencies
+  c.model.rope_factor = 1.0          # linear, llama3: how much longer the context is than the original
+  c.model.rope_low_freq_factor = 1.0   # llama3: wavelengths above original_max_len / this are divided by factor
+  c.model.rope_high_freq_factor = 4.0  # llama3: wavelengths below original_max_len / this are kept
+  c.model.rope_original_max_len = 8192  # llama3: the context length before scaling
+  c.model.qkv_bias = False           # a bias on the query/key/value projections (Qwen2, Qwen2.5)
   c.model.norm_eps = 1e-5
   c.model.tie_embeddings = True      # output projection shares the input embedding matrix
   c.model.dtype = "auto"             # matmul compute dtype; auto: bfloat16 on GPU/TPU, float32 on CPU

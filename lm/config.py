@@ -7,6 +7,8 @@ import jax.numpy as jnp
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # "observe" is the float model recording its dense layers' input ranges (calibration, lm/quant.py).
 QUANT_MODES = ("none", "w8a16", "w8a8", "observe")
+# How the rotary inverse frequencies are rescaled (lm/layers.rope_inv_freq; Hugging Face's rope types).
+ROPE_SCALINGS = ("none", "linear", "llama3")
 # The dense layers `model.quant_skip` may name; each name covers that layer in every block.
 DENSE_LAYERS = ("attention.query", "attention.key", "attention.value", "attention.out",
                 "mlp.gate", "mlp.up", "mlp.down", "unembed")
@@ -28,6 +30,12 @@ class ModelConfig:
   mlp_dim: int
   max_seq_len: int
   rope_theta: float
+  rope_scaling: str            # none | linear | llama3: rescaled rotary frequencies (ROPE_SCALINGS)
+  rope_factor: float
+  rope_low_freq_factor: float
+  rope_high_freq_factor: float
+  rope_original_max_len: int
+  qkv_bias: bool               # a bias on the query, key and value projections (Qwen2)
   norm_eps: float
   tie_embeddings: bool
   dtype: str
@@ -49,6 +57,12 @@ class ModelConfig:
       raise ValueError("Invalid model config:\n  " + "\n  ".join(errors))
 
   @property
+  def rope_scaling_kwargs(self) -> dict:
+    """The rope scaling arguments of lm.layers.rotary_tables."""
+    return dict(scaling=self.rope_scaling, factor=self.rope_factor, low_freq_factor=self.rope_low_freq_factor,
+                high_freq_factor=self.rope_high_freq_factor, original_max_len=self.rope_original_max_len)
+
+  @property
   def compute_dtype(self):
     return DTYPES[self.dtype]
 
@@ -59,7 +73,7 @@ class ModelConfig:
   def num_params(self, include_embedding: bool = True) -> int:
     """Number of parameters; the input embedding is excluded when `include_embedding` is False."""
     d, h, kv, hd = self.d_model, self.num_heads, self.num_kv_heads, self.head_dim
-    attention = d * hd * (2 * h + 2 * kv)
+    attention = d * hd * (2 * h + 2 * kv) + (hd * (h + 2 * kv) if self.qkv_bias else 0)
     mlp = 3 * d * self.mlp_dim
     per_layer = attention + mlp + 2 * d
     total = self.num_layers * per_layer + d  # + final norm
@@ -93,6 +107,16 @@ def model_config_errors(cfg: ModelConfig) -> list[str]:
       errors.append(f"model.{key}={getattr(cfg, key)!r}: choose one of {sorted(DTYPES)}.")
   if cfg.rope_theta <= 0:
     errors.append(f"model.rope_theta={cfg.rope_theta}: must be positive.")
+  if cfg.rope_scaling not in ROPE_SCALINGS:
+    errors.append(f"model.rope_scaling={cfg.rope_scaling!r}: choose one of {list(ROPE_SCALINGS)}.")
+  elif cfg.rope_scaling != "none" and not cfg.rope_factor >= 1:
+    errors.append(f"model.rope_factor={cfg.rope_factor}: must be >= 1 with model.rope_scaling="
+                  f"{cfg.rope_scaling!r}.")
+  elif cfg.rope_scaling == "llama3" and not (
+      0 < cfg.rope_low_freq_factor < cfg.rope_high_freq_factor and cfg.rope_original_max_len > 0):
+    errors.append(f"model.rope_low_freq_factor={cfg.rope_low_freq_factor}, model.rope_high_freq_factor="
+                  f"{cfg.rope_high_freq_factor}, model.rope_original_max_len={cfg.rope_original_max_len}: "
+                  "llama3 scaling needs 0 < low < high and a positive original length.")
   if not 0 < cfg.norm_eps < 1:
     errors.append(f"model.norm_eps={cfg.norm_eps}: must be in (0, 1).")
   if cfg.logits_chunk_size < 0:

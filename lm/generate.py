@@ -6,7 +6,7 @@ Shape suffixes: B batch, P prompt length, T total length (P + max_new_tokens), V
 """
 
 import numbers
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -120,22 +120,25 @@ def check_generate_args(prompt_shape: tuple[int, ...], max_new_tokens: int, max_
 
 def generate(model: Transformer, prompt_BxP: jax.Array, *, max_new_tokens: int, rng: jax.Array,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             eos_id: int | None = None) -> jax.Array:
+             eos_id: int | Sequence[int] | None = None) -> jax.Array:
   """Continues int prompts [B, P] by `max_new_tokens` sampled tokens; returns int32 tokens [B, T].
 
   T = P + max_new_tokens, and the first P columns are the prompt. Every row shares the prompt length P
   (no padding inside prompts). The prompt is prefilled in one `decode` call, then a `lax.scan` runs
   one cached decode step per token, so tracing cost does not grow with `max_new_tokens`. Sampling
   options are as in `sample_logits`. Once a row emits `eos_id` it emits `eos_id` for the rest of the
-  output (an `eos_id` inside the prompt does not count). Traceable: call it inside `jit`.
+  output (an `eos_id` inside the prompt does not count). `eos_id` may be several ids (a chat model's
+  end-of-turn tokens): any of them stops the row, which then repeats the first. Traceable: call it
+  inside `jit`.
   """
   prompt_BxP = jnp.asarray(prompt_BxP)
   check_sampling_args(temperature, top_k, top_p)
   check_generate_args(prompt_BxP.shape, max_new_tokens, model.cfg.max_seq_len)
   if not jnp.issubdtype(prompt_BxP.dtype, jnp.integer):
     raise ValueError(f"prompt must hold integer token ids, got dtype {prompt_BxP.dtype}.")
-  if eos_id is not None and not (_is_count(eos_id) and 0 <= eos_id < model.cfg.vocab_size):
-    raise ValueError(f"eos_id={eos_id!r}: must be a token id in [0, {model.cfg.vocab_size}) or None.")
+  eos_ids = () if eos_id is None else (eos_id,) if _is_count(eos_id) else tuple(eos_id)
+  if not all(_is_count(i) and 0 <= i < model.cfg.vocab_size for i in eos_ids):
+    raise ValueError(f"eos_id={eos_id!r}: must be token ids in [0, {model.cfg.vocab_size}) or None.")
   prompt_BxP = prompt_BxP.astype(jnp.int32)
   if max_new_tokens == 0:
     return prompt_BxP
@@ -144,10 +147,10 @@ def generate(model: Transformer, prompt_BxP: jax.Array, *, max_new_tokens: int, 
       logits_BxV, jax.random.fold_in(rng, step), temperature=temperature, top_k=top_k, top_p=top_p)
 
   def stop_after_eos(token_B, done_B):
-    if eos_id is None:
+    if not eos_ids:
       return token_B, done_B
-    token_B = jnp.where(done_B, jnp.int32(eos_id), token_B)
-    return token_B, done_B | (token_B == eos_id)
+    token_B = jnp.where(done_B, jnp.int32(eos_ids[0]), token_B)
+    return token_B, done_B | jnp.isin(token_B, jnp.asarray(eos_ids, jnp.int32))
 
   cache = _constrain_cache(init_cache(model.cfg, batch, prompt_len + max_new_tokens))
   logits_BxPxV, cache = model.decode(prompt_BxP, cache, 0)
@@ -174,7 +177,7 @@ def generate(model: Transformer, prompt_BxP: jax.Array, *, max_new_tokens: int, 
 
 def make_generate_fn(graphdef: nnx.GraphDef, *, max_new_tokens: int, temperature: float = 1.0,
                      top_k: int = 0, top_p: float = 1.0,
-                     eos_id: int | None = None) -> Callable[[Params, jax.Array, jax.Array], jax.Array]:
+                     eos_id: int | Sequence[int] | None = None) -> Callable[[Params, jax.Array, jax.Array], jax.Array]:
   """Returns a jitted `fn(params, prompt_BxP, rng) -> tokens [B, P + max_new_tokens]`.
 
   `graphdef` and `params` (a nested dict, e.g. `nnx.split` + `nnx.to_pure_dict`, or a `ModelDef`'s
@@ -194,16 +197,19 @@ def make_generate_fn(graphdef: nnx.GraphDef, *, max_new_tokens: int, temperature
 
 def generate_text(graphdef: nnx.GraphDef, params: Params, tokenizer, prompts: list[str], *, max_seq_len: int,
                   max_new_tokens: int, temperature: float, top_k: int = 0, top_p: float = 1.0,
-                  seed: int = 0) -> list[str]:
+                  seed: int = 0, stop_ids: Sequence[int] = (), echo: bool = True) -> list[str]:
   """Returns one continuation per prompt string (prompt text included), sampled with the KV cache.
 
   `tokenizer` has encode / decode / eos_id (lm.data.tokenizer). Prompts run one at a time so that
   each keeps its own length (batched rows share a length). Raises ValueError for a prompt that is
-  empty or leaves no room for `max_new_tokens` within `max_seq_len`.
+  empty or leaves no room for `max_new_tokens` within `max_seq_len`. Generation stops at the
+  tokenizer's EOS or any of `stop_ids` (a chat model's end-of-turn tokens); `echo=False` returns
+  the continuations without their prompts.
   """
   check_sampling_args(temperature, top_k, top_p)
+  stops = tuple(dict.fromkeys((tokenizer.eos_id, *stop_ids)))
   fn = make_generate_fn(graphdef, max_new_tokens=max_new_tokens, temperature=temperature,
-                        top_k=top_k, top_p=top_p, eos_id=tokenizer.eos_id)
+                        top_k=top_k, top_p=top_p, eos_id=stops)
   outputs = []
   for i, prompt in enumerate(prompts):
     ids = tokenizer.encode(prompt)
@@ -213,7 +219,7 @@ def generate_text(graphdef: nnx.GraphDef, params: Params, tokenizer, prompts: li
                        f"(model.max_seq_len={max_seq_len} minus max_new_tokens).")
     tokens_1xT = fn(params, np.asarray([ids], np.int32), jax.random.key(seed + i))
     generated = [int(t) for t in np.asarray(tokens_1xT[0, len(ids):])]
-    if tokenizer.eos_id in generated:
-      generated = generated[:generated.index(tokenizer.eos_id)]
-    outputs.append(prompt + tokenizer.decode(generated))
+    ends = [i for i, t in enumerate(generated) if t in stops]
+    generated = generated[:ends[0]] if ends else generated
+    outputs.append((prompt if echo else "") + tokenizer.decode(generated))
   return outputs

@@ -38,11 +38,12 @@ class Linear(nnx.Module):
   """y = x · W contracting x's last `len(in_shape)` dims with W's first ones.
 
   The kernel has shape `in_shape + out_shape` and logical names `names`. `dot_general` is the matmul
-  used; quantized variants replace it without changing shapes or names.
+  used; quantized variants replace it without changing shapes or names. With `use_bias`, a bias of
+  shape `out_shape` (named by the output dims, zeros at init) is added.
   """
 
   def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], names: Sequence[str], *,
-               dtype, param_dtype, rngs: nnx.Rngs, init_scale: float = 1.0):
+               dtype, param_dtype, rngs: nnx.Rngs, init_scale: float = 1.0, use_bias: bool = False):
     in_shape, out_shape = tuple(in_shape), tuple(out_shape)
     if len(names) != len(in_shape) + len(out_shape):
       raise ValueError(f"Linear kernel {in_shape + out_shape} needs one logical name per dim, got {names}.")
@@ -52,6 +53,9 @@ class Linear(nnx.Module):
     init = _normal(init_scale / fan_in ** 0.5)
     self.kernel = nnx.Param(init(rngs.params(), in_shape + out_shape, param_dtype),
                             out_sharding=tuple(names))
+    self.bias = nnx.data(None)
+    if use_bias:
+      self.bias = nnx.Param(jnp.zeros(out_shape, param_dtype), out_sharding=tuple(names)[len(in_shape):])
     self.num_in = len(in_shape)
     self.dtype = dtype
 
@@ -61,7 +65,8 @@ class Linear(nnx.Module):
     x = x.astype(self.dtype)
     contract_x = tuple(range(x.ndim - self.num_in, x.ndim))
     contract_k = tuple(range(self.num_in))
-    return dot_general(x, kernel, ((contract_x, contract_k), ((), ())))
+    y = dot_general(x, kernel, ((contract_x, contract_k), ((), ())))
+    return y if self.bias is None else y + self.bias[...].astype(y.dtype)
 
 
 class Embedding(nnx.Module):
@@ -87,10 +92,37 @@ class Embedding(nnx.Module):
                       preferred_element_type=jnp.float32)
 
 
-def rotary_tables(positions_BxL: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-  """Returns (sin, cos), each [B, L, head_dim // 2] float32, for integer positions [B, L]."""
-  fraction = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
-  inv_freq = theta ** -fraction
+def rope_inv_freq(head_dim: int, theta: float, scaling: str = "none", factor: float = 1.0,
+                  low_freq_factor: float = 1.0, high_freq_factor: float = 4.0,
+                  original_max_len: int = 8192) -> jax.Array:
+  """The rotary inverse frequencies [head_dim // 2] float32, rescaled as Hugging Face's rope types do.
+
+  none: theta^(-2i/K). linear: all divided by `factor` (positions interpolated). llama3 (Llama 3.1+):
+  wavelengths 2π/f longer than original_max_len / low_freq_factor are divided by `factor`, shorter
+  than original_max_len / high_freq_factor kept, and those between interpolated smoothly.
+  """
+  inv_freq = theta ** -(jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+  if scaling == "linear":
+    return inv_freq / factor
+  if scaling == "llama3":
+    wavelen = 2 * jnp.pi / inv_freq
+    smooth = (original_max_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    scaled = jnp.where(wavelen > original_max_len / low_freq_factor, inv_freq / factor, inv_freq)
+    medium = (wavelen >= original_max_len / high_freq_factor) & (wavelen <= original_max_len / low_freq_factor)
+    return jnp.where(medium, smoothed, scaled)
+  if scaling != "none":
+    raise ValueError(f"model.rope_scaling={scaling!r}: choose none, linear or llama3.")
+  return inv_freq
+
+
+def rotary_tables(positions_BxL: jax.Array, head_dim: int, theta: float,
+                  **scaling) -> tuple[jax.Array, jax.Array]:
+  """Returns (sin, cos), each [B, L, head_dim // 2] float32, for integer positions [B, L].
+
+  `scaling`: the rope scaling arguments of `rope_inv_freq` (ModelConfig.rope_scaling_kwargs).
+  """
+  inv_freq = rope_inv_freq(head_dim, theta, **scaling)
   angles = positions_BxL.astype(jnp.float32)[..., None] * inv_freq
   return jnp.sin(angles), jnp.cos(angles)
 

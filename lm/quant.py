@@ -70,7 +70,7 @@ class QuantLinear(nnx.Module):
   """
 
   def __init__(self, in_shape, out_shape, names, *, mode: str, dtype, param_dtype, rngs: nnx.Rngs,
-               init_scale: float = 1.0):
+               init_scale: float = 1.0, use_bias: bool = False):
     del param_dtype, rngs, init_scale
     in_shape, out_shape, names = tuple(in_shape), tuple(out_shape), tuple(names)
     if mode not in ("w8a16", "w8a8"):
@@ -82,6 +82,10 @@ class QuantLinear(nnx.Module):
     self.smooth = nnx.data(None)
     if mode == "w8a8":
       self.smooth = nnx.Param(jnp.ones(in_shape, jnp.float32), out_sharding=names[:num_in])
+    # A bias (model.qkv_bias) stays float32 and is added after the int8 product.
+    self.bias = nnx.data(None)
+    if use_bias:
+      self.bias = nnx.Param(jnp.zeros(out_shape, jnp.float32), out_sharding=names[num_in:])
     self.mode, self.num_in, self.dtype = mode, num_in, dtype
 
   def __call__(self, x: jax.Array, dot_general: layers.DotGeneral = jax.lax.dot_general) -> jax.Array:
@@ -92,14 +96,15 @@ class QuantLinear(nnx.Module):
     kernel = self.kernel[...]
     contract_x = tuple(range(x.ndim - self.num_in, x.ndim))
     dims = ((contract_x, tuple(range(self.num_in))), ((), ()))
+    bias = 0.0 if self.bias is None else self.bias[...]
     if self.mode == "w8a16":
       y = dot_general(x.astype(self.dtype), kernel.astype(self.dtype), dims)
-      return (y * self.scale[...]).astype(y.dtype)
+      return (y * self.scale[...] + bias).astype(y.dtype)
     out_dtype = jax.eval_shape(functools.partial(dot_general, dimension_numbers=dims),
                                jax.ShapeDtypeStruct(x.shape, self.dtype),
                                jax.ShapeDtypeStruct(kernel.shape, self.dtype)).dtype
     x32 = x.astype(jnp.float32) / self.smooth[...]
-    return w8a8_matmul(x32, kernel, self.scale[...], self.num_in).astype(out_dtype)
+    return (w8a8_matmul(x32, kernel, self.scale[...], self.num_in) + bias).astype(out_dtype)
 
 
 class QuantEmbedding(nnx.Module):

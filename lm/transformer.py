@@ -25,9 +25,10 @@ class Attention(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype, rngs=rngs)
     d, n, g, k = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    self.query = quant.dense(cfg, "attention.query")([d], [n, k], ("embed", "heads", "kv"), **kw)
-    self.key = quant.dense(cfg, "attention.key")([d], [g, k], ("embed", "kv_heads", "kv"), **kw)
-    self.value = quant.dense(cfg, "attention.value")([d], [g, k], ("embed", "kv_heads", "kv"), **kw)
+    qkv = dict(kw, use_bias=cfg.qkv_bias)  # Qwen2's q/k/v biases (issue 14)
+    self.query = quant.dense(cfg, "attention.query")([d], [n, k], ("embed", "heads", "kv"), **qkv)
+    self.key = quant.dense(cfg, "attention.key")([d], [g, k], ("embed", "kv_heads", "kv"), **qkv)
+    self.value = quant.dense(cfg, "attention.value")([d], [g, k], ("embed", "kv_heads", "kv"), **qkv)
     self.out = quant.dense(cfg, "attention.out")([n, k], [d], ("heads", "kv", "embed"),
                              init_scale=(2 * cfg.num_layers) ** -0.5, **kw)
 
@@ -129,7 +130,7 @@ class Transformer(nnx.Module):
     start = 0 if cache_index is None else cache_index
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
-    sin, cos = layers.rotary_tables(positions_BxL, cfg.head_dim, cfg.rope_theta)
+    sin, cos = layers.rotary_tables(positions_BxL, cfg.head_dim, cfg.rope_theta, **cfg.rope_scaling_kwargs)
     x_BxLxD = constrain(self.embed(tokens_BxL), ("batch", "length", "embed"))
 
     mask_BxLxS = None

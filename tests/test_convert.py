@@ -30,7 +30,7 @@ from sharding import mesh as mesh_lib
 from sharding import rules as rules_lib
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
-VARIANTS = ("hf_llama_untied", "hf_llama_tied")
+VARIANTS = ("hf_llama_untied", "hf_llama_tied", "hf_llama3_rope", "hf_llama_linear_rope", "hf_qwen2", "hf_mistral")
 
 
 def fixture_config(name: str) -> ModelConfig:
@@ -94,11 +94,25 @@ def test_import_export_import_is_bit_equal(name, tmp_path):
   first, exported, second = (str(tmp_path / n) for n in ("first", "exported", "second"))
   saved = convert.import_hf(os.path.join(FIXTURES, name), first)
   files = convert.export_hf(first, exported)
-  assert files == ["config.json", "model.safetensors"]
+  # The tokenizer files (with generation_config.json) travel when the fixture has a tokenizer.json.
+  has_tokenizer = os.path.exists(os.path.join(FIXTURES, name, "tokenizer.json"))
+  tokenizer_files = [f for f in convert.TOKENIZER_FILES if has_tokenizer and os.path.exists(os.path.join(FIXTURES, name, f))]
+  assert files == sorted(["config.json", "model.safetensors"] + tokenizer_files)
+  for f in tokenizer_files:  # the tokenizer travels: fixture -> checkpoint -> export, unchanged
+    with open(os.path.join(FIXTURES, name, f), "rb") as a, open(os.path.join(exported, f), "rb") as b:
+      assert a.read() == b.read(), f
   with open(os.path.join(exported, "config.json")) as fh:
-    assert hf_lib.model_fields_from_hf(json.load(fh)) == hf_lib.model_fields_from_hf(
-        hf_lib.read_hf_config(os.path.join(FIXTURES, name)))
-  assert convert.import_hf(exported, second) == saved
+    exported_config = json.load(fh)
+  fixture_config_json = hf_lib.read_hf_config(os.path.join(FIXTURES, name))
+  assert hf_lib.model_fields_from_hf(exported_config) == hf_lib.model_fields_from_hf(fixture_config_json)
+  assert (exported_config["architectures"], exported_config["model_type"]) == (
+      fixture_config_json["architectures"], fixture_config_json["model_type"])  # the same family
+  again = convert.import_hf(exported, second)
+  assert again["model"] == saved["model"]
+  if tokenizer_files:
+    assert saved["data"]["tokenizer"] == "huggingface"
+    assert saved["data"]["tokenizer_path"] == os.path.join(first, convert.TOKENIZER_DIR, "tokenizer.json")
+    assert again["data"]["tokenizer_path"] == os.path.join(second, convert.TOKENIZER_DIR, "tokenizer.json")
   mdef = ts.model_def(ModelConfig(**saved["model"]))
   restored = []
   for directory in (first, second):
@@ -134,15 +148,28 @@ def _edited_fixture(tmp_path, **changes):
 
 @pytest.mark.parametrize("changes, message", [
     (dict(rope_parameters={"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5}),
-     "rope_parameters=.*'llama3'"),
-    (dict(rope_parameters=None, rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling=.*'linear'"),
+     "rope_parameters.low_freq_factor=None: rope type 'llama3' needs a number"),
+    (dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 5e5}),
+     "rope_parameters.rope_type='dynamic' is not supported"),
+    (dict(rope_parameters=None, rope_scaling={"type": "yarn", "factor": 4.0}), "rope_scaling.rope_type='yarn'"),
+    (dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 5e5},
+          rope_scaling={"rope_type": "linear", "factor": 4.0}), "rope_scaling=.* and rope_parameters=.* disagree"),
+    (dict(rope_theta=1e4), "rope_theta=10000.0 and rope_parameters.rope_theta=500000.0 disagree"),
+    (dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "attention_factor": 0.5, "rope_theta": 5e5}),
+     "rope_parameters.attention_factor=0.5 is not supported"),
     (dict(attention_bias=True), "attention_bias=True"),
     (dict(mlp_bias=True), "mlp_bias=True"),
     (dict(architectures=["MistralForCausalLM"]), "architectures=.*MistralForCausalLM"),
-    (dict(model_type="gemma"), "model_type='gemma'"),
+    (dict(model_type="gemma"), "model_type='gemma'.*families that convert are \\['llama', 'mistral', 'qwen2'\\]"),
     (dict(hidden_act="gelu"), "hidden_act='gelu'"),
+    (dict(hidden_act="gelu", mlp_bias=True), "hidden_act='gelu'.*mlp_bias=True"),  # every field is named
+    (dict(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=16),
+     "sliding_window=16: layers \\[0, 1\\] attend to the last sliding_window=16 tokens"),
+    (dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], use_sliding_window=True, sliding_window=16,
+          max_window_layers=1), "use_sliding_window=True: layers \\[1\\]"),
     (dict(hidden_size=64), "model.embed_tokens.weight has shape \\(128, 32\\); config.json implies \\(128, 64\\)"),
     (dict(tie_word_embeddings=False), "lm_head.weight is missing"),
+    (dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"]), "q_proj.bias is missing"),
 ])
 def test_unsupported_fields_are_named_before_writing(tmp_path, changes, message):
   directory = _edited_fixture(tmp_path, **changes)
@@ -156,7 +183,7 @@ def test_unexpected_bias_tensor_is_named(tmp_path):
   directory = _edited_fixture(tmp_path)
   save_file({"model.layers.0.self_attn.q_proj.bias": np.zeros(64, np.float32)},
             os.path.join(directory, "extra.safetensors"))
-  with pytest.raises(hf_lib.HfConfigError, match="q_proj.bias is unexpected: biases are not supported"):
+  with pytest.raises(hf_lib.HfConfigError, match="q_proj.bias is unexpected: config.json declares no bias"):
     convert.import_hf(directory, str(tmp_path / "out"))
 
 

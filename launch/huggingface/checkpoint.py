@@ -1,4 +1,6 @@
-"""Hugging Face `LlamaForCausalLM` checkpoints <-> our parameters: config mapping, layouts, I/O.
+"""Hugging Face Llama-layout checkpoints (Llama, Mistral, Qwen2) <-> our parameters: layouts and I/O.
+
+The config mapping of each family is in families.py.
 
 Layouts. A Hugging Face Linear weight is [out, in]; ours are [in..., out...] with heads split out,
 and per-layer tensors are stacked on a leading `layers` axis (the scanned Block):
@@ -14,6 +16,8 @@ and per-layer tensors are stacked on a leading `layers` axis (the scanned Block)
   model.layers.{l}.post_attention_ln    [D]          blocks.mlp_norm.scale        [L, D]
   model.norm.weight                     [D]          final_norm.scale             [D]
   lm_head.weight (untied only)          [V, D]       unembed.kernel               [D, V]
+  model.layers.{l}.self_attn.q_proj.bias [N*K] (Qwen2) blocks.attention.query.bias  [L, N, K]
+  model.layers.{l}.self_attn.k/v_proj.bias [G*K]       blocks.attention.key/value.bias [L, G, K]
 
 Row n*K + k of q_proj is head n, dimension k (transformers views q as [..., N, K]). Both models
 rotate dimension i with i + K/2 (`rotate_half`), so q and k need no permutation: a reshape and a
@@ -38,75 +42,15 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from launch.huggingface.families import HfConfigError, hf_config_from_model, model_fields_from_hf, read_hf_config
 from lm.config import DTYPES, ModelConfig
 
-ARCHITECTURE = "LlamaForCausalLM"
+__all__ = ["HfConfigError", "hf_config_from_model", "model_fields_from_hf", "read_hf_config"]  # re-exported
 INDEX_FILE = "model.safetensors.index.json"
 EXPORT_FILE = "model.safetensors"
 _FILE_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 # Buffers some older checkpoints store; recomputed from rope_theta, so they are skipped.
 _IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
-
-
-class HfConfigError(ValueError):
-  """A Hugging Face config.json or tensor set this converter does not support, with the field named."""
-
-
-def model_fields_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
-  """Maps a Llama config.json (a dict) to our `model.*` fields; raises HfConfigError naming the field.
-
-  Accepts both the transformers 4 spelling (`rope_theta`, `rope_scaling`) and the 5 one
-  (`rope_parameters`).
-  """
-  def fail(field, why):
-    raise HfConfigError(f"config.json: {field}={hf.get(field)!r} is not supported: {why}")
-
-  archs = hf.get("architectures") or [ARCHITECTURE]
-  if archs != [ARCHITECTURE]:
-    fail("architectures", f"only {ARCHITECTURE} converts (our model is a Llama decoder).")
-  if hf.get("model_type", "llama") != "llama":
-    fail("model_type", "only 'llama' converts.")
-  if hf.get("hidden_act", "silu") != "silu":
-    fail("hidden_act", "our MLP is SwiGLU (silu); convert only silu models.")
-  for field in ("attention_bias", "mlp_bias"):
-    if hf.get(field, False):
-      fail(field, "our linear layers have no bias; convert a model trained without biases.")
-  rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-  rope_field = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
-  rope_type = rope.get("rope_type", rope.get("type", "default"))
-  if rope_type != "default":
-    fail(rope_field, f"rope type {rope_type!r} rescales the rotary frequencies and our rotary "
-         "embedding implements only the default one (e.g. 'llama3' scaling of Llama 3.1+ is not "
-         "implemented yet).")
-  for field in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                "vocab_size"):
-    if not isinstance(hf.get(field), int):
-      fail(field, "this size is required (a positive integer).")
-  heads = hf["num_attention_heads"]
-  head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
-  return dict(
-      vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
-      num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads, head_dim=head_dim,
-      mlp_dim=hf["intermediate_size"], max_seq_len=hf.get("max_position_embeddings", 2048),
-      rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0))),
-      norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-      tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
-
-
-def hf_config_from_model(cfg: ModelConfig, dtype: str, base: dict[str, Any] | None = None) -> dict:
-  """Returns a config.json dict for `cfg`; `base` (the imported config.json) keeps token ids etc."""
-  hf = {k: v for k, v in (base or {}).items()
-        if k not in ("rope_scaling", "rope_parameters", "transformers_version")}
-  hf.update(
-      architectures=[ARCHITECTURE], model_type="llama", hidden_act="silu", attention_bias=False,
-      mlp_bias=False, vocab_size=cfg.vocab_size, hidden_size=cfg.d_model,
-      num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-      num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, intermediate_size=cfg.mlp_dim,
-      max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
-      tie_word_embeddings=cfg.tie_embeddings, dtype=dtype, torch_dtype=dtype,  # 5 and 4 spellings
-      # Both spellings: transformers 4 reads rope_theta, 5 reads rope_parameters.
-      rope_theta=cfg.rope_theta, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})
-  return hf
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +97,10 @@ def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
   ]
   if not cfg.tie_embeddings:
     maps.append(TensorMap(("unembed", "kernel"), "lm_head.weight", ((v,), (d,)), (1, 0), False))
+  if cfg.qkv_bias:
+    for ours, proj, heads in (("query", "q", n), ("key", "k", g), ("value", "v", g)):
+      maps.append(TensorMap(("blocks", "attention", ours, "bias"), layer + f"self_attn.{proj}_proj.bias",
+                            ((heads, k),), (0, 1), True))
   return maps
 
 
@@ -179,9 +127,21 @@ class HfTensors:
     if missing:
       raise HfConfigError(f"{INDEX_FILE} in {directory} names files that are not there: {missing}.")
     self._stack = contextlib.ExitStack()
-    self._handles = {f: self._stack.enter_context(safe_open(os.path.join(directory, f), framework="flax"))
-                     for f in files}
+    self._handles = {}
+    for i, f in enumerate(files):
+      path = os.path.join(directory, f)
+      try:
+        self._handles[f] = self._stack.enter_context(safe_open(path, framework="flax"))
+      except Exception as e:  # safetensors raises its own SafetensorError (and OSError) for bad files
+        self._stack.close()
+        raise HfConfigError(f"{path} (file {i + 1} of {len(files)}, {os.path.getsize(path)} bytes) cannot be "
+                            f"read as safetensors: {e}. It is truncated or corrupt; download it again.") from e
     self.file_of = weight_map or {name: f for f, h in self._handles.items() for name in h.keys()}
+    for name, f in self.file_of.items():
+      if name not in self._handles[f].keys():
+        self._stack.close()
+        raise HfConfigError(f"{INDEX_FILE} in {directory} puts tensor {name} in {f}, which does not hold "
+                            "it; the file or the index is from another download.")
 
   def __enter__(self):
     return self
@@ -215,11 +175,12 @@ def check_tensors(tensors: HfTensors, cfg: ModelConfig) -> None:
   for name in sorted(set(tensors.file_of) - set(expected)):
     if _IGNORED.fullmatch(name) or (name == "lm_head.weight" and cfg.tie_embeddings):
       continue
-    why = "biases are not supported" if name.endswith(".bias") else "our Llama model has no such weight"
+    why = ("config.json declares no bias for this layer" if name.endswith(".bias")
+           else "the model config.json describes has no such weight")
     errors.append(f"tensor {name} is unexpected: {why}.")
   if errors:
     shown = errors[:12] + ([f"... and {len(errors) - 12} more."] if len(errors) > 12 else [])
-    raise HfConfigError(f"{tensors.directory}: the tensors do not match a Llama model:\n  " +
+    raise HfConfigError(f"{tensors.directory}: the tensors do not match its config.json:\n  " +
                         "\n  ".join(shown))
 
 
@@ -311,13 +272,3 @@ def write_hf(directory: str, params, cfg: ModelConfig, dtype: str, base_config: 
     json.dump(hf_config_from_model(cfg, dtype, base_config), fh, indent=2, sort_keys=True)
   save_file(tensors, os.path.join(directory, EXPORT_FILE), metadata={"format": "pt"})
   return sorted(os.listdir(directory))
-
-
-def read_hf_config(directory: str) -> dict[str, Any]:
-  """Returns config.json of a HF checkpoint directory as a dict; HfConfigError if absent."""
-  path = os.path.join(directory, "config.json")
-  if not os.path.exists(path):
-    raise HfConfigError(f"{directory} has no config.json; pass a Hugging Face model directory "
-                        "(save_pretrained output or a hub snapshot).")
-  with open(path) as fh:
-    return json.load(fh)

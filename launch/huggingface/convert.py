@@ -9,6 +9,7 @@ Every check runs before anything is written.
 """
 
 import os
+import shutil
 
 import jax
 
@@ -19,6 +20,15 @@ from launch.run import state as ts
 from launch.run.config import validate
 from launch.run.context import build_context
 from launch.run.restore import WEIGHT_FIELDS, restore_params, saved_config
+from lm.data import tokenizer as tokenizer_lib
+
+# The files of a Hugging Face tokenizer (and its generation settings) that travel with the weights:
+# import copies them to <checkpoint>/tokenizer/, export copies them next to the exported weights.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "chat_template.json", "generation_config.json", "added_tokens.json", "tokenizer.model",
+                   "vocab.json", "merges.txt")
+TOKENIZER_DIR = "tokenizer"
+
 
 def _check_out_dir(out: str) -> None:
   if os.path.exists(out) and os.listdir(out):
@@ -41,6 +51,11 @@ def import_hf(hf_dir: str, out: str, raw_config=None, param_dtype: str | None = 
     raw.model[key] = value
   if param_dtype is not None:
     raw.model.param_dtype = param_dtype
+  has_tokenizer = os.path.isfile(os.path.join(hf_dir, "tokenizer.json"))
+  if has_tokenizer and not raw.data.tokenizer_path:  # the model's own tokenizer, copied below
+    tokenizer_lib.load_tokenizer("huggingface", "", fields["vocab_size"], hf_dir)  # checks the vocabulary
+    raw.data.tokenizer = "huggingface"
+    raw.data.tokenizer_path = os.path.join(os.path.abspath(out), TOKENIZER_DIR, "tokenizer.json")
   cfg = validate(raw)
   ctx = build_context(cfg)  # the mesh and rule table the run will use; checks they fit the model
   with hf_lib.HfTensors(hf_dir) as tensors:
@@ -51,18 +66,31 @@ def import_hf(hf_dir: str, out: str, raw_config=None, param_dtype: str | None = 
   checkpointer.save_params(0, params, {"data_state": None, "config": cfg.to_dict(), "hf_config": hf_config,
                                       "source": os.path.abspath(hf_dir)})
   checkpointer.close()
+  if has_tokenizer:
+    copy_tokenizer_files(hf_dir, os.path.join(out, TOKENIZER_DIR))
   return cfg.to_dict()
+
+
+def copy_tokenizer_files(source: str, dest: str) -> list[str]:
+  """Copies the TOKENIZER_FILES present in `source` into `dest` (created); returns their names."""
+  names = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(source, f))]
+  os.makedirs(dest, exist_ok=True)
+  for name in names:
+    shutil.copyfile(os.path.join(source, name), os.path.join(dest, name))
+  return names
 
 
 def export_hf(ckpt_dir: str, out: str, step: int | None = None, dtype: str | None = None) -> list[str]:
   """Writes config.json + model.safetensors for the checkpoint in `ckpt_dir` to `out`; returns file names.
 
   Parameters are restored onto one host device (the export gathers every tensor to host memory).
+  The tokenizer files beside the run's `data.tokenizer_path` (a Hugging Face tokenizer) are copied too.
   """
   _check_out_dir(out)
   checkpointer = ckpt_lib.Checkpointer(ckpt_dir, read_only=True)
   meta = checkpointer.read_meta(step)
-  cfg = saved_config(meta, ckpt_dir).model
+  run_cfg = saved_config(meta, ckpt_dir)
+  cfg = run_cfg.model
   if cfg.quant != "none":
     raise ValueError(f"{ckpt_dir} step {meta['step']} is quantized (model.quant={cfg.quant!r}); "
                      "export the float checkpoint it was made from.")
@@ -74,7 +102,11 @@ def export_hf(ckpt_dir: str, out: str, step: int | None = None, dtype: str | Non
     device = jax.devices()[0]
   single = jax.sharding.SingleDeviceSharding(device)
   params, _ = restore_params(ckpt_dir, mdef, jax.tree.map(lambda _: single, mdef.abstract_params), meta["step"])
-  return hf_lib.write_hf(out, params, cfg, dtype or cfg.param_dtype, _imported_hf_config(meta))
+  files = hf_lib.write_hf(out, params, cfg, dtype or cfg.param_dtype, _imported_hf_config(meta))
+  if files and run_cfg.data.tokenizer == "huggingface" and os.path.isfile(run_cfg.data.tokenizer_path):
+    copy_tokenizer_files(os.path.dirname(run_cfg.data.tokenizer_path), out)
+    files = sorted(os.listdir(out))
+  return files
 
 
 def _imported_hf_config(meta: dict) -> dict | None:

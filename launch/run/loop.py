@@ -23,7 +23,7 @@ from launch.run.evaluation import evaluate
 from launch.run.logger import MetricLogger, plot_loss_curve
 from launch.run.preemption import StopRequest
 from launch.run.prefetch import Prefetcher
-from launch.run.restore import init_from_checkpoint, saved_config
+from launch.run.restore import inherit_tokenizer, init_from_checkpoint, saved_config
 from launch.run.step import LossHook, batch_sharding, global_batch, jit_eval_step, jit_train_step
 from lm.data import loader
 
@@ -83,6 +83,7 @@ def train(cfg: Config, workdir: str, *, resume: bool = False, stop: StopRequest 
     raise ValueError(f"model.quant={cfg.model.quant!r} is for inference: int8 weights have no gradient. "
                      "Train (or fine-tune) the float model, then run python -m launch.quantize.")
   stop = stop or StopRequest()
+  cfg = inherit_tokenizer(cfg)  # issue 14: a converted checkpoint's tokenizer, unless cfg names one
   tokenizer = loader.prepare_from_config(cfg.data, cfg.model.vocab_size)
   ctx = ctx or build_context(cfg)
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep,

@@ -18,8 +18,10 @@ from lm.data import loader
 from lm.generate import generate_text
 
 # The model.* fields that shape the weights; the others (dtype, remat, max_seq_len, ...) may change.
+# (rope_scaling.. and qkv_bias: issue 14; they change what the weights compute or their tree.)
 WEIGHT_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-                 "mlp_dim", "rope_theta", "norm_eps", "tie_embeddings")
+                 "mlp_dim", "rope_theta", "rope_scaling", "rope_factor", "rope_low_freq_factor",
+                 "rope_high_freq_factor", "rope_original_max_len", "qkv_bias", "norm_eps", "tie_embeddings")
 
 
 def saved_config(meta: dict[str, Any], where: str = "checkpoint", overrides: dict | None = None) -> Config:
@@ -76,6 +78,26 @@ def check_same_weights(cfg: Config, saved: Config, what: str) -> None:
         f"{what} holds a different model ("
         + ", ".join(f"model.{k}={now[k]!r}, saved {then[k]!r}" for k in diff) + "); set "
         + " ".join(f"--config.model.{k}={then[k]}" for k in diff) + " (nothing was written).")
+
+
+# --- issue 14: a fine-tune reads text with the tokenizer its init_checkpoint was trained with ---
+def inherit_tokenizer(cfg: Config) -> Config:
+  """`cfg` with train.init_checkpoint's Hugging Face tokenizer when `cfg` leaves the tokenizer at its
+  default (data.tokenizer='sentencepiece', data.tokenizer_path=''), which would train a new one.
+
+  A converted checkpoint (launch.convert --from-hf) saves data.tokenizer='huggingface' and a
+  data.tokenizer_path inside itself; a run fine-tuned from it inherits that and saves it in turn,
+  so eval, generate, quantize and export of the fine-tuned run use the same tokenizer.
+  """
+  d = cfg.data
+  if not cfg.train.init_checkpoint or d.tokenizer != "sentencepiece" or d.tokenizer_path:
+    return cfg
+  saved, _ = read_saved_config(cfg.train.init_checkpoint)
+  if saved.data.tokenizer != "huggingface":
+    return cfg
+  data = dataclasses.replace(d, tokenizer=saved.data.tokenizer, tokenizer_path=saved.data.tokenizer_path)
+  return dataclasses.replace(cfg, data=data)
+# --- end issue 14 ---
 
 
 def init_from_checkpoint(ctx: RunContext, checkpoint_dir: str) -> ts.TrainState:

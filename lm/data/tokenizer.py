@@ -327,14 +327,28 @@ def load_tokenizer(kind: str, data_dir: str | pathlib.Path, vocab_size: int,
     if not cached.exists():
       _train_and_cache(cached, data_dir, vocab_size)
     tokenizer = SentencePieceTokenizer.from_file(cached)
-  if tokenizer.vocab_size != vocab_size:
-    if kind == "sentencepiece" and not path:
-      fix = f"delete {sentencepiece_path(data_dir, vocab_size)} so it is retrained"
-    else:
-      fix = (f"set model.vocab_size = {tokenizer.vocab_size}"
-             + (f", or point data.tokenizer_path at a tokenizer with {vocab_size} tokens"
-                if path else ""))
-    source = f" loaded from data.tokenizer_path={path!r}" if path else ""
-    raise ValueError(f"The {kind} tokenizer{source} has {tokenizer.vocab_size} tokens but "
-                     f"model.vocab_size={vocab_size}; {fix}.")
+  # A Hugging Face model's embedding may have more rows than its tokenizer has tokens (Qwen2.5 pads
+  # 151665 tokens to 151936 rows): every id the tokenizer makes has a row, so that is fine.
+  fits = tokenizer.vocab_size <= vocab_size if kind == "huggingface" else tokenizer.vocab_size == vocab_size
+  if not fits:
+    raise ValueError(vocab_mismatch_message(kind, path, tokenizer.vocab_size, vocab_size, data_dir))
   return tokenizer
+
+
+def vocab_mismatch_message(kind: str, path: str, tokenizer_size: int, vocab_size: int,
+                           data_dir: str | pathlib.Path) -> str:
+  """The one instruction for a tokenizer that does not fit model.vocab_size (the embedding's rows).
+
+  The model's vocabulary is fixed by its weights whenever it comes from a checkpoint, so the fix
+  offered first is the tokenizer; model.vocab_size is only for a model trained from scratch.
+  """
+  source = f" loaded from data.tokenizer_path={path!r}" if path else ""
+  if kind == "sentencepiece" and not path:
+    fix = f"delete {sentencepiece_path(data_dir, vocab_size)} so it is retrained with {vocab_size} tokens"
+  else:
+    fix = ("with a checkpoint (train.init_checkpoint, launch.eval/generate/quantize), use the tokenizer it "
+           "was trained with: leave data.tokenizer and data.tokenizer_path unset, or point "
+           "data.tokenizer_path at <checkpoint>/tokenizer/tokenizer.json; training a new model from "
+           f"scratch, set --config.model.vocab_size={tokenizer_size}")
+  return (f"The {kind} tokenizer{source} has {tokenizer_size} tokens but model.vocab_size={vocab_size} "
+          f"(the embedding's rows); {fix}.")
