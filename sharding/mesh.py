@@ -17,6 +17,7 @@ def resolve_mesh_shape(requested: dict[str, int], num_devices: int) -> dict[str,
   Takes {"stage": s, "data": d, "fsdp": f, "tensor": t} (positive, or -1 for at most one axis) and returns the
   same dict with every entry positive. Raises ValueError naming the axes when they cannot fit.
   """
+  requested = {name: requested.get(name, 1) for name in MESH_AXES}  # an axis left out has size 1
   unknown = [name for name in MESH_AXES if requested[name] == -1]
   for name in MESH_AXES:
     if requested[name] != -1 and (not isinstance(requested[name], int) or requested[name] < 1):
@@ -56,9 +57,9 @@ def make_mesh(shape: dict[str, int], devices: list | None = None,
   slices only the DCN factors cross the slow network. Axes use automatic (GSPMD) propagation.
   """
   devices = jax.devices() if devices is None else devices
-  dcn_shape = dcn_shape or {name: 1 for name in MESH_AXES}
-  ici = tuple(shape[name] for name in MESH_AXES)
-  dcn = tuple(dcn_shape[name] for name in MESH_AXES)
+  dcn_shape = dcn_shape or {}
+  ici = tuple(shape.get(name, 1) for name in MESH_AXES)   # an axis left out has size 1
+  dcn = tuple(dcn_shape.get(name, 1) for name in MESH_AXES)
   if math.prod(ici) * math.prod(dcn) != len(devices):
     raise ValueError(f"mesh shape {shape} x dcn {dcn_shape} does not cover the {len(devices)} devices given.")
   if math.prod(dcn) > 1:
