@@ -71,6 +71,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.eval_batches = 8           # validation batches per evaluation (0: the whole split)
   c.train.tensorboard = True
   c.train.init_checkpoint = ""       # start from this checkpoint's params, fresh optimizer (docs/huggingface.md)
+  c.train.microbatches = 1           # pipeline (mesh.stage > 1): micro-batches each step is split into
+  c.train.pipeline_schedule = "gpipe"  # gpipe | circular (each stage holds pipeline_repeats layer groups)
+  c.train.pipeline_repeats = 1       # circular: non-consecutive layer groups per stage (cuts the bubble)
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.save_every = 50       # steps between checkpoints (the last step is always saved)
@@ -78,14 +81,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.async_save = True
 
   c.mesh = ml_collections.ConfigDict()
+  c.mesh.stage = 1                   # pipeline stages: the layer stack split over devices (docs/sharding.md)
   c.mesh.data = -1                   # -1 absorbs the devices the other axes leave
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
   c.mesh.rules = "dp"                # logical-axis rule table: dp | fsdp | tp | fsdp_tp | dp_fsdp_tp
   c.mesh.custom_rules = ""           # overrides `rules`: "batch=data+fsdp,embed=fsdp,heads=tensor,..."
-  c.mesh.dcn_data = 1                # multi-slice / multi-host: the data, fsdp, tensor sizes above are
-  c.mesh.dcn_fsdp = 1                # within a slice (ICI); each axis is further multiplied by its
-  c.mesh.dcn_tensor = 1              # dcn_* size across slices or hosts (DCN)
+  c.mesh.dcn_stage = 1               # multi-slice / multi-host: the stage, data, fsdp, tensor sizes above are
+  c.mesh.dcn_data = 1                # within a slice (ICI); each axis is further multiplied by its
+  c.mesh.dcn_fsdp = 1                # dcn_* size across slices or hosts (DCN)
+  c.mesh.dcn_tensor = 1
   c.mesh.num_devices = 0             # 0: all visible devices; n: the first n (for single-device references)
 
   # Knowledge distillation (python -m launch.distill); docs/compression.md.

@@ -7,12 +7,13 @@
 The grid is `;`-separated dimensions, each `key=value,value,...`; the sweep runs their Cartesian
 product (the first dimension varies slowest). Keys:
   mesh    a mesh point: axes and sizes joined by `.`, e.g. `data8`, `fsdp8`, `data2.tensor4`,
-          `data2.fsdp2.tensor2` (axes left out are 1). The rule table follows from the axes used
+          `data2.fsdp2.tensor2`, `stage4.data2` (axes left out are 1). The rule table follows from the axes used
           (data only: dp; fsdp: fsdp; tensor: tp; fsdp and tensor: fsdp_tp, dp_fsdp_tp with data)
           unless the grid also has `rules`.
   rules   mesh.rules            remat  model.remat          batch  train.global_batch_size
   accum   train.grad_accum_steps dtype model.dtype          layers model.num_layers
-  seq     data.seq_len
+  seq     data.seq_len           micro  train.microbatches   schedule train.pipeline_schedule
+  repeats train.pipeline_repeats
   a.b     any config key, e.g. `model.d_model=128,256` or `mesh.custom_rules=...` (no commas inside)
 `--config.a.b=value` flags after the sweep's own flags apply to every point.
 

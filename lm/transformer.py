@@ -17,6 +17,10 @@ from lm.config import ModelConfig
 
 KVCache = dict[str, jax.Array]  # {"k": [layers, B, S, G, K], "v": [layers, B, S, G, K]}
 RematWrapper = Callable[[Callable[..., Any]], Callable[..., Any]]
+# Runs the stacked blocks in another way than one scan (a pipeline, sharding/pipeline.py):
+# layer_stack(layer_fn, blocks, x_BxLxD, row_inputs, constrain) -> x_BxLxD, where
+# layer_fn(x, block, *rows) applies one layer and row_inputs are per-row arrays [B, ...] it reads.
+LayerStack = Callable[..., jax.Array]
 
 
 class Attention(nnx.Module):
@@ -98,12 +102,16 @@ class Transformer(nnx.Module):
   """Decoder-only language model; the layer stack is one `Block` with a leading `layers` axis.
 
   `remat_wrapper` (from `sharding.remat`) wraps the per-layer function to choose what the backward
-  pass recomputes; None keeps every activation.
+  pass recomputes; None keeps every activation. `layer_stack` (from `sharding.pipeline`) runs the
+  layers of a full forward pass (training, evaluation) instead of one scan; the KV-cache path
+  always scans. Neither changes the parameters.
   """
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, remat_wrapper: RematWrapper | None = None):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, remat_wrapper: RematWrapper | None = None,
+               layer_stack: LayerStack | None = None):
     self.cfg = cfg
     self.remat_wrapper = remat_wrapper
+    self.layer_stack = layer_stack
     kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype, rngs=rngs)
     self.embed = quant.embedding(cfg)(cfg.vocab_size, cfg.d_model, **kw)
 
@@ -141,6 +149,14 @@ class Transformer(nnx.Module):
 
     def layer(x, block, kv):
       return block(x, sin, cos, mask_BxLxS, kv, cache_index)
+
+    if self.layer_stack is not None and cache is None:
+      def stage_layer(x, block, sin_rows, cos_rows):
+        return block(x, sin_rows, cos_rows)[0]
+      if self.remat_wrapper is not None:
+        stage_layer = self.remat_wrapper(stage_layer)
+      x_BxLxD = self.layer_stack(stage_layer, self.blocks, x_BxLxD, (sin, cos), constrain)
+      return self.final_norm(x_BxLxD), None
 
     if self.remat_wrapper is not None:
       layer = self.remat_wrapper(layer)

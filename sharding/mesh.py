@@ -7,15 +7,17 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
-MESH_AXES = ("data", "fsdp", "tensor")
+# Outermost first: `stage` usually spans the slowest links (DCN), `tensor` the fastest.
+MESH_AXES = ("stage", "data", "fsdp", "tensor")
 
 
 def resolve_mesh_shape(requested: dict[str, int], num_devices: int) -> dict[str, int]:
   """Fills the one axis given as -1 so the product equals `num_devices`.
 
-  Takes {"data": d, "fsdp": f, "tensor": t} (positive, or -1 for at most one axis) and returns the
+  Takes {"stage": s, "data": d, "fsdp": f, "tensor": t} (positive, or -1 for at most one axis) and returns the
   same dict with every entry positive. Raises ValueError naming the axes when they cannot fit.
   """
+  requested = {name: requested.get(name, 1) for name in MESH_AXES}  # an axis left out has size 1
   unknown = [name for name in MESH_AXES if requested[name] == -1]
   for name in MESH_AXES:
     if requested[name] != -1 and (not isinstance(requested[name], int) or requested[name] < 1):
@@ -33,7 +35,7 @@ def resolve_mesh_shape(requested: dict[str, int], num_devices: int) -> dict[str,
   if fixed != num_devices:
     raise ValueError(
         f"mesh {shape_text} needs {fixed} devices but {num_devices} are available; make the product "
-        f"of mesh.data, mesh.fsdp and mesh.tensor equal {num_devices}, or set one of them to -1.")
+        f"of {', '.join('mesh.' + n for n in MESH_AXES)} equal {num_devices}, or set one of them to -1.")
   return dict(requested)
 
 
@@ -47,7 +49,7 @@ def num_granules(devices: list) -> tuple[int, str]:
 
 def make_mesh(shape: dict[str, int], devices: list | None = None,
               dcn_shape: dict[str, int] | None = None) -> Mesh:
-  """Returns a Mesh over `devices` (default: all) with axes ("data", "fsdp", "tensor").
+  """Returns a Mesh over `devices` (default: all) with axes ("stage", "data", "fsdp", "tensor").
 
   `shape` gives each axis's size within a slice (ICI); `dcn_shape` (default all 1) multiplies each
   axis across slices or hosts (DCN), so the mesh axis `data` is dcn_data x data, and so on. Within a
@@ -55,9 +57,9 @@ def make_mesh(shape: dict[str, int], devices: list | None = None,
   slices only the DCN factors cross the slow network. Axes use automatic (GSPMD) propagation.
   """
   devices = jax.devices() if devices is None else devices
-  dcn_shape = dcn_shape or {name: 1 for name in MESH_AXES}
-  ici = tuple(shape[name] for name in MESH_AXES)
-  dcn = tuple(dcn_shape[name] for name in MESH_AXES)
+  dcn_shape = dcn_shape or {}
+  ici = tuple(shape.get(name, 1) for name in MESH_AXES)   # an axis left out has size 1
+  dcn = tuple(dcn_shape.get(name, 1) for name in MESH_AXES)
   if math.prod(ici) * math.prod(dcn) != len(devices):
     raise ValueError(f"mesh shape {shape} x dcn {dcn_shape} does not cover the {len(devices)} devices given.")
   if math.prod(dcn) > 1:
@@ -65,8 +67,8 @@ def make_mesh(shape: dict[str, int], devices: list | None = None,
     if granules != math.prod(dcn):
       raise ValueError(
           f"mesh.dcn_* = {dcn_shape} asks for {math.prod(dcn)} slices/hosts but the {len(devices)} "
-          f"devices span {granules} {kind}; make the product of mesh.dcn_data, mesh.dcn_fsdp and "
-          f"mesh.dcn_tensor equal {granules}.")
+          f"devices span {granules} {kind}; make the product of the mesh.dcn_* sizes equal "
+          f"{granules}.")
     grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices,
                                                 process_is_granule=(kind == "hosts"))
   else:

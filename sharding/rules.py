@@ -34,9 +34,9 @@ RULE_PRESETS["dp_fsdp_tp"] = RULE_PRESETS["fsdp_tp"]
 
 # One 8-device mesh per preset: what launch.bench --presets and the docs' pictures use.
 EXAMPLE_MESHES_8: dict[str, dict[str, int]] = {
-    "dp": dict(data=8, fsdp=1, tensor=1), "fsdp": dict(data=1, fsdp=8, tensor=1),
-    "tp": dict(data=2, fsdp=1, tensor=4), "fsdp_tp": dict(data=1, fsdp=2, tensor=4),
-    "dp_fsdp_tp": dict(data=2, fsdp=2, tensor=2)}
+    "dp": dict(stage=1, data=8, fsdp=1, tensor=1), "fsdp": dict(stage=1, data=1, fsdp=8, tensor=1),
+    "tp": dict(stage=1, data=2, fsdp=1, tensor=4), "fsdp_tp": dict(stage=1, data=1, fsdp=2, tensor=4),
+    "dp_fsdp_tp": dict(stage=1, data=2, fsdp=2, tensor=2)}
 
 
 def preset_for_mesh(shape: dict[str, int]) -> str:
@@ -48,19 +48,30 @@ def preset_for_mesh(shape: dict[str, int]) -> str:
 
 
 # Every logical name the model uses (lm/transformer.py, lm/layers.py).
-LOGICAL_NAMES = ("batch", "length", "embed", "heads", "kv_heads", "kv", "mlp", "vocab", "layers")
+LOGICAL_NAMES = ("batch", "length", "embed", "heads", "kv_heads", "kv", "mlp", "vocab", "layers", "stage")
 
 
-def get_rules(name: str, custom: str = "") -> Rules:
-  """Returns the rule table: `custom` parsed when non-empty, else the preset called `name`.
+# Pipeline stages (sharding/pipeline.py): the stacked layers and the pipeline's stage buffers are
+# split over `stage`; added to any table when the mesh has more than one stage.
+STAGE_RULES: Rules = (("layers", ("stage",)), ("stage", ("stage",)))
+
+
+def get_rules(name: str, custom: str = "", pipelined: bool = False) -> Rules:
+  """Returns the rule table: `custom` parsed when non-empty, else the preset called `name`, plus the
+  stage rules when `pipelined` (and the table does not place `layers` or `stage` itself).
 
   Raises ValueError listing the presets for an unknown name.
   """
   if custom:
-    return parse_rules(custom)
-  if name not in RULE_PRESETS:
+    rules = parse_rules(custom)
+  elif name not in RULE_PRESETS:
     raise ValueError(f"mesh.rules={name!r} is not a rule preset; choose one of {sorted(RULE_PRESETS)}.")
-  return RULE_PRESETS[name]
+  else:
+    rules = RULE_PRESETS[name]
+  if pipelined:
+    placed = {logical for logical, _ in rules}
+    rules = rules + tuple(rule for rule in STAGE_RULES if rule[0] not in placed)
+  return rules
 
 
 def parse_rules(text: str) -> Rules:

@@ -61,3 +61,40 @@ def draw(ctx: RunContext, title: str, path: str) -> None:
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   fig.savefig(path, dpi=110)
   plt.close(fig)
+
+
+def draw_pipeline_timeline(pipe, num_layers: int, path: str) -> None:
+  """Draws which micro-batch each stage runs at every iteration of the forward pass (a Gantt chart),
+  with the layers each stage holds; `pipe` is a sharding.pipeline.Pipeline. Bubble cells are grey."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  from matplotlib.patches import Rectangle
+
+  from sharding.pipeline import stage_of_layer
+
+  m, p = pipe.microbatches, pipe.stages
+  fig, ax = plt.subplots(figsize=(max(6, pipe.iterations * 0.45), 1 + 0.5 * p))
+  cmap = plt.get_cmap("tab10")
+  for t in range(pipe.iterations):
+    for s in range(p):
+      entered = t - s  # the iteration this micro-batch entered stage 0
+      rounds = m * (pipe.repeats if pipe.schedule == "circular" else 1)
+      busy = 0 <= entered < rounds
+      micro, repeat = entered % m, entered // m
+      ax.add_patch(Rectangle((t, p - 1 - s), 1, 1, facecolor=cmap(micro % 10) if busy else "0.9",
+                             alpha=0.2 + 0.6 / (1 + repeat) if busy else 1, edgecolor="white"))
+      if busy:
+        ax.text(t + 0.5, p - 0.5 - s, f"{micro}" + (f"/{repeat}" if pipe.schedule == "circular" else ""),
+                ha="center", va="center", fontsize=7)
+  holds = {s: [l for l in range(num_layers) if stage_of_layer(pipe, l, num_layers) == s] for s in range(p)}
+  ax.set_yticks([p - 0.5 - s for s in range(p)])
+  ax.set_yticklabels([f"stage {s}: layers {','.join(map(str, holds[s]))}" for s in range(p)], fontsize=7)
+  ax.set_xlim(0, pipe.iterations)
+  ax.set_ylim(0, p)
+  ax.set_xlabel("iteration (forward); cell: micro-batch" + ("/round" if pipe.schedule == "circular" else ""))
+  ax.set_title(f"{pipe.schedule}: {p} stages, {m} micro-batches, bubble {pipe.bubble:.0%}", fontsize=9)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)

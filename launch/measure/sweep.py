@@ -26,7 +26,8 @@ from sharding.rules import preset_for_mesh
 
 ALIASES = {"rules": "mesh.rules", "remat": "model.remat", "batch": "train.global_batch_size",
            "accum": "train.grad_accum_steps", "dtype": "model.dtype", "layers": "model.num_layers",
-           "seq": "data.seq_len"}
+           "seq": "data.seq_len", "micro": "train.microbatches", "schedule": "train.pipeline_schedule",
+           "repeats": "train.pipeline_repeats"}
 RETRYABLE = ("error", "timeout", "oom")
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -51,6 +51,9 @@ class TrainConfig:
   eval_batches: int
   tensorboard: bool
   init_checkpoint: str
+  microbatches: int
+  pipeline_schedule: str
+  pipeline_repeats: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,12 +65,14 @@ class CheckpointConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
+  stage: int
   data: int
   fsdp: int
   tensor: int
   rules: str
   num_devices: int
   custom_rules: str
+  dcn_stage: int
   dcn_data: int
   dcn_fsdp: int
   dcn_tensor: int

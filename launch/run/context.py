@@ -15,6 +15,7 @@ from launch.run import optimizer as optimizer_lib
 from launch.run import state as ts
 from launch.run.config import Config, check_against_mesh
 from sharding import mesh as mesh_lib
+from sharding import pipeline as pipeline_lib
 from sharding import remat as remat_lib
 from sharding import rules as rules_lib
 
@@ -71,7 +72,26 @@ def plan_mesh(cfg: Config, num_devices: int, platform: str) -> MeshPlan:
   plan = MeshPlan(mesh_lib.resolve_mesh_shape(cfg.mesh.requested_shape(), num_devices // num_dcn), dcn)
   check_against_mesh(cfg, plan.shape)
   remat_lib.check_remat_supported(cfg.model.remat, platform)
+  pipe = pipeline_for(cfg, plan)
+  t = cfg.train
+  if pipe is None and t.microbatches != 1:
+    raise ValueError(f"train.microbatches={t.microbatches} splits a step for a pipeline, but mesh.stage=1 "
+                     "(no pipeline); set --config.mesh.stage to 2 or more, or use train.grad_accum_steps "
+                     "to split a step without one.")
+  if pipe is not None:
+    errors = pipeline_lib.pipeline_errors(pipe, cfg.model.num_layers, t.global_batch_size // t.grad_accum_steps,
+                                          plan.shape["data"] * plan.shape["fsdp"])
+    if errors:
+      raise ValueError("Invalid pipeline:\n  " + "\n  ".join(errors))
   return plan
+
+
+def pipeline_for(cfg: Config, plan: MeshPlan) -> pipeline_lib.Pipeline | None:
+  """The run's pipeline when the mesh has more than one stage, else None."""
+  if plan.shape["stage"] == 1:
+    return None
+  return pipeline_lib.Pipeline(stages=plan.shape["stage"], microbatches=cfg.train.microbatches,
+                               schedule=cfg.train.pipeline_schedule, repeats=cfg.train.pipeline_repeats)
 
 
 def build_context(cfg: Config, devices: list | None = None) -> RunContext:
@@ -79,8 +99,9 @@ def build_context(cfg: Config, devices: list | None = None) -> RunContext:
   devices = devices or select_devices(cfg)
   plan = plan_mesh(cfg, len(devices), devices[0].platform)
   mesh = mesh_lib.make_mesh(plan.ici, devices, plan.dcn)
-  rules = rules_lib.get_rules(cfg.mesh.rules, cfg.mesh.custom_rules)
-  mdef = ts.model_def(cfg.model)
+  pipe = pipeline_for(cfg, plan)
+  rules = rules_lib.get_rules(cfg.mesh.rules, cfg.mesh.custom_rules, pipelined=pipe is not None)
+  mdef = ts.model_def(cfg.model, pipe)
   tx = optimizer_lib.make_optimizer(cfg.train)
   schedule = optimizer_lib.learning_rate_schedule(cfg.train)
   shardings = ts.state_shardings(mdef, tx, mesh, rules)

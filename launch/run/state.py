@@ -12,6 +12,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lm.config import ModelConfig
 from lm.transformer import Transformer
+from sharding import pipeline as pipeline_lib
 from sharding import remat as remat_lib
 from sharding import rules as rules_lib
 
@@ -41,10 +42,13 @@ class ModelDef:
     return nnx.merge(self.graphdef, params)
 
 
-def model_def(cfg: ModelConfig) -> ModelDef:
-  """Traces the model's shapes without allocating; cfg.remat picks the remat policy."""
+def model_def(cfg: ModelConfig, pipeline: pipeline_lib.Pipeline | None = None) -> ModelDef:
+  """Traces the model's shapes without allocating; cfg.remat picks the remat policy, `pipeline` (when
+  the mesh has stages) how the layer stack runs. Parameters are the same either way."""
   wrapper = remat_lib.remat_wrapper(cfg.remat)
-  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), remat_wrapper=wrapper))
+  runner = None if pipeline is None else functools.partial(pipeline_lib.run_pipelined, pipeline)
+  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), remat_wrapper=wrapper,
+                                                layer_stack=runner))
   graphdef, state = nnx.split(abstract)
   specs = nnx.to_pure_dict(nnx.get_partition_spec(state))
   is_spec = lambda x: isinstance(x, PartitionSpec)
