@@ -65,6 +65,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.eval_batches = 8           # validation batches per evaluation (0: the whole split)
   c.train.tensorboard = True
   c.train.init_checkpoint = ""       # start from this checkpoint's params, fresh optimizer (docs/huggingface.md)
+  c.train.nonfinite = "stop"         # NaN/inf loss or grad norm: stop (exit 1, nothing saved) | skip_step (update dropped)
+  c.train.nonfinite_skip_limit = 10  # skip_step: stop after this many non-finite steps in a row
+  c.train.resume_fallback = True     # --resume: if the newest step is unreadable, continue from the newest readable one
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.save_every = 50       # steps between checkpoints (the last step is always saved)
