@@ -11,6 +11,7 @@ checksums of what it read and refuses a mismatch, naming the array and the step.
 
 import json
 import os
+import re
 import shutil
 from typing import Any
 
@@ -261,7 +262,8 @@ def _root_cause(error: BaseException) -> str:
   while (error.__cause__ or error.__context__) is not None:
     error = error.__cause__ or error.__context__
   lines = [line for line in str(error).strip().splitlines() if line.strip()]
-  return f"{type(error).__name__}: {lines[0] if lines else ''}"[:500]
+  first = re.sub(r"\s*\[tensorstore_spec.*", "", lines[0]) if lines else ""  # a page of JSON
+  return f"{type(error).__name__}: {first}"[:600]
 
 
 def _check_shapes(restored, target, directory: str, step: int) -> None:

@@ -42,8 +42,12 @@ def config_path() -> str | None:
 
 
 def quiet_logs() -> None:
-  """Keeps the console for our progress bar and tables: library INFO and WARNING logs (orbax, absl) are hidden."""
-  logging.set_verbosity(logging.ERROR)
+  """Keeps the console for our progress bar and tables: library logs (orbax, absl) are hidden.
+
+  Even their ERRORs: orbax logs every failed write with several tracebacks, and the failure reaches
+  the error edge anyway as one message. --debug (or SHARDLM_TRACEBACK=1) keeps the ERRORs.
+  """
+  logging.set_verbosity(logging.ERROR if _tracebacks_wanted(sys.argv) else logging.FATAL)
 
 
 def config_overrides(argv: list[str]) -> list[str]:
@@ -156,6 +160,14 @@ def _parse_flags(argv: list[str]) -> list[str]:
     raise
 
 
+def _quiet_unraisable(unraisable) -> None:
+  """Drops the 'Event loop is closed' RuntimeErrors that tensorstore callbacks raise after orbax gave up
+  on a corrupt checkpoint (one traceback per array, printed before our message); prints the rest."""
+  if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value):
+    return
+  sys.__unraisablehook__(unraisable)
+
+
 def run(main: Callable[[list[str]], int | None]) -> None:
   """Runs `main(argv)` under absl with the error edge: every project error (see `exit_status`) prints
   one `error: ...` line on stderr and exits 2 (bad input) or 1 (the run could not go on)."""
@@ -167,6 +179,8 @@ def run(main: Callable[[list[str]], int | None]) -> None:
         _report(e, sys.argv)
       raise
 
+  if not _tracebacks_wanted(sys.argv):
+    sys.unraisablehook = _quiet_unraisable
   try:
     _precheck_config_overrides(sys.argv)
   except ValueError as e:

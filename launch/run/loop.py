@@ -204,7 +204,7 @@ def _loop(cfg: Config, workdir: str, checkpointer: ckpt_lib.Checkpointer, state,
         logger.bar.write(f"{seen} is not finite: update skipped (train.nonfinite=skip_step; "
                          f"{nonfinite['in_a_row']} in a row, {nonfinite['total']} in all).")
       return
-    why = (f"was the {limit}th non-finite step in a row (train.nonfinite=skip_step, "
+    why = (f"made {limit} non-finite steps in a row (train.nonfinite=skip_step, "
            f"train.nonfinite_skip_limit={limit})" if skip else "is not finite (train.nonfinite=stop)")
     raise NonFiniteError(
         f"{seen} {why}; the run stopped without saving that state. Last good checkpoint: "
