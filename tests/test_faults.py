@@ -184,6 +184,8 @@ def test_resume_falls_back_to_newest_readable_step(good_run, data_dir, tmp_path,
   ckpt_dir = copy_checkpoints(good_run, tmp_path)
   flip_byte(ckpt_dir, 8, "opt_state")
   strict = smoke_config(data_dir, train__steps=10, train__resume_fallback=False)
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"No checkpoint for step 5 .* available: \[4, 6, 8\]"):
+    train(strict, str(tmp_path), resume_step=5)  # launch.train --step 5
   with pytest.raises(ckpt_lib.CheckpointError, match=r"opt_state.* does not match the checksum"):
     train(strict, str(tmp_path), resume=True)
   result = train(smoke_config(data_dir, train__steps=10), str(tmp_path), resume=True)

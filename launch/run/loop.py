@@ -69,16 +69,16 @@ def restore_or_init(ctx: RunContext, checkpointer: ckpt_lib.Checkpointer, resume
     raise ValueError(f"{checkpointer.directory} already holds checkpoints {existing}; pass --resume to "
                      "continue that run, or choose a new --workdir (nothing was overwritten).")
   say = print if jax.process_index() == 0 else (lambda *a, **k: None)
+  if step is not None and step not in existing:
+    checkpointer.read_meta(step)  # raises CheckpointError naming the steps there are
   if not existing:
-    if step is not None:
-      checkpointer.read_meta(step)  # raises CheckpointError: there is no step to resume from
     if resume:
       say(f"--resume: no checkpoint in {checkpointer.directory} yet; starting from step 0.")
     if init_state is not None:
       return init_state(ctx), None
     return ts.init_train_state(ctx.mdef, ctx.tx, ctx.shardings, ctx.cfg.seed), None
   abstract = ts.abstract_state(ctx.mdef, ctx.tx, ctx.shardings)
-  candidates = [checkpointer._step_or_latest(step)] if step is not None else existing[::-1]
+  candidates = [step] if step is not None else existing[::-1]
   unreadable = []
   for candidate in candidates:
     try:
