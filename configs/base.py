@@ -74,6 +74,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.microbatches = 1           # pipeline (mesh.stage > 1): micro-batches each step is split into
   c.train.pipeline_schedule = "gpipe"  # gpipe | circular (each stage holds pipeline_repeats layer groups)
   c.train.pipeline_repeats = 1       # circular: non-consecutive layer groups per stage (cuts the bubble)
+  c.train.nonfinite = "stop"         # NaN/inf loss or grad norm: stop (exit 1, nothing saved) | skip_step (update dropped)
+  c.train.nonfinite_skip_limit = 10  # skip_step: stop after this many non-finite steps in a row
+  c.train.resume_fallback = True     # --resume: if the newest step is unreadable, continue from the newest readable one
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.save_every = 50       # steps between checkpoints (the last step is always saved)

@@ -1,10 +1,12 @@
 """Train a language model from a config.
 
-  python -m launch.train --config configs/smoke.py --workdir runs/smoke [--resume]
+  python -m launch.train --config configs/smoke.py --workdir runs/smoke [--resume | --step N]
   python -m launch.train --config configs/demo.py --config.train.steps=50 --workdir runs/demo
 
-A workdir that already holds checkpoints is continued with --resume and never overwritten without it.
-On SIGTERM the run saves at the next step boundary and exits 0.
+A workdir that already holds checkpoints is continued with --resume (the newest readable step) or
+--step N, and never overwritten without them; one run at a time holds a workdir. On SIGTERM the
+run saves at the next step boundary and exits 0; a NaN/inf loss stops it with exit status 1
+(train.nonfinite). Errors print one `error: ...` line (--debug for the traceback).
 """
 
 import dataclasses
@@ -19,6 +21,8 @@ from launch.run.preemption import StopRequest
 
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
 flags.DEFINE_bool("resume", False, "Continue the run whose checkpoints are in --workdir.")
+flags.DEFINE_integer("step", None, "Continue from this checkpoint step of --workdir (implies --resume); "
+                     "newer steps are moved to <workdir>/checkpoints.set_aside/.")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for a multi-process run "
                     "(not needed on TPU pods or under SLURM, where it is detected).")
 flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
@@ -34,7 +38,8 @@ def main(argv):
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                          FLAGS.cpu_devices)
   cfg = cli.load_config()
-  result = train(cfg, FLAGS.workdir, resume=FLAGS.resume, stop=StopRequest().install())
+  result = train(cfg, FLAGS.workdir, resume=FLAGS.resume, resume_step=FLAGS.step,
+                 stop=StopRequest().install())
   if jax.process_index() == 0:
     print(json.dumps(dataclasses.asdict(result), indent=2))
 

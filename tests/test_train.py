@@ -120,7 +120,7 @@ def test_sigkill_during_save_resumes_from_last_good_checkpoint(data_dir, tmp_pat
   ckpt_dir = os.path.join(workdir, "checkpoints")
   proc = _train_process(data_dir, workdir, "--config.train.steps=100000", "--config.checkpoint.save_every=1",
                         "--config.checkpoint.keep=2")
-  _wait_for_step(workdir, 2, proc)
+  _wait_for_step(workdir, 3, proc)  # step 3 is logged after save 2 began, so save 1 is complete
   deadline = time.time() + 60
   while time.time() < deadline and not glob.glob(os.path.join(ckpt_dir, "*tmp*")):
     time.sleep(0.002)

@@ -1,26 +1,32 @@
 """The one command line of every command: absl flags, `--config file.py --config.a.b=value`, and the error edge.
 
 Every `python -m launch.<command>` defines its flags with absl and starts with `cli.run(main)`, which
-turns the project's own errors (a bad config, a missing or corrupt checkpoint, a bad argument) into
-one `error: ...` line and exit status 2, with no traceback. Tracebacks are kept for our bugs (and
-shown for every error when SHARDLM_TRACEBACK=1).
+turns the project's own errors into one `error: ...` message on stderr, with no traceback: bad input
+(a config, a flag, a missing or corrupt checkpoint, data, a mesh: ValueError) exits 2; a run that
+cannot go on (diverged, disk full or permission denied while saving, workdir in use: RunError, or an
+OSError of the disk) exits 1. Tracebacks are kept for our bugs, and shown for every error with
+--debug or SHARDLM_TRACEBACK=1.
 """
 
 import os
 import sys
-from typing import Callable
+from typing import Callable, NoReturn
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from launch.run.config import Config, validate
+from launch.run.config import Config, unknown_key_error, validate
+from launch.run.errors import RunError, storage_reason
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file with get_config(); override keys with --config.section.key=value.",
     lock_config=True)
 
+flags.DEFINE_bool("debug", False, "Show the Python traceback of every error (as SHARDLM_TRACEBACK=1 does).")
+
 FLAGS = flags.FLAGS
-USAGE_EXIT = 2
+USAGE_EXIT = 2   # bad input: nothing was started
+RUN_EXIT = 1     # the run started but could not go on
 
 
 def load_config() -> Config:
@@ -36,8 +42,12 @@ def config_path() -> str | None:
 
 
 def quiet_logs() -> None:
-  """Keeps the console for our progress bar and tables: library INFO and WARNING logs (orbax, absl) are hidden."""
-  logging.set_verbosity(logging.ERROR)
+  """Keeps the console for our progress bar and tables: library logs (orbax, absl) are hidden.
+
+  Even their ERRORs: orbax logs every failed write with several tracebacks, and the failure reaches
+  the error edge anyway as one message. --debug (or SHARDLM_TRACEBACK=1) keeps the ERRORs.
+  """
+  logging.set_verbosity(logging.ERROR if _tracebacks_wanted(sys.argv) else logging.FATAL)
 
 
 def config_overrides(argv: list[str]) -> list[str]:
@@ -79,7 +89,7 @@ def config_from_file(path: str, overrides: list[str] = ()):
     node = plain
     for part in key.split("."):
       if not hasattr(node, "keys") or part not in node:
-        raise ValueError(f"Unknown config key '{key}' in {item!r}; every key is listed in configs/base.py.")
+        raise unknown_key_error(key, item)
       node = node[part]
   try:
     return _parse_config_args(["launcher", f"--config={path}", *overrides])
@@ -110,21 +120,70 @@ def _precheck_config_overrides(argv: list[str]) -> None:
     config_from_file(path, config_overrides(overrides))
 
 
+def exit_status(error: BaseException) -> int | None:
+  """The exit status for one of the project's own errors (2: bad input, 1: the run could not go on),
+  or None for anything else (a bug: it keeps its traceback)."""
+  if isinstance(error, (ValueError, app.UsageError, flags.Error)):
+    return USAGE_EXIT
+  if isinstance(error, RunError) or (isinstance(error, OSError) and storage_reason(error)):
+    return RUN_EXIT
+  return None
+
+
+def error_message(error: BaseException) -> str:
+  """The one `error: ...` text for a project error (an OSError of the disk names the file and the reason)."""
+  if isinstance(error, OSError) and not isinstance(error, RunError):
+    return f"error: could not write {error.filename or 'a file'}: {storage_reason(error)}"
+  return f"error: {error}"
+
+
+def _tracebacks_wanted(argv: list[str]) -> bool:
+  return bool(os.environ.get("SHARDLM_TRACEBACK")) or any(a in ("--debug", "--debug=true", "--debug=True")
+                                                          for a in argv)
+
+
+def _report(error: BaseException, argv: list[str]) -> NoReturn | None:
+  """Prints a project error as one line and exits; returns (so the caller re-raises) for bugs or --debug."""
+  status = exit_status(error)
+  if status is None or _tracebacks_wanted(argv):
+    return None
+  print(error_message(error), file=sys.stderr)
+  sys.exit(status)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing with its errors (unknown flag, bad value) as one `error:` line, exit 2."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    _report(ValueError(f"{e} (--helpshort lists this command's flags)"), argv)
+    raise
+
+
+def _quiet_unraisable(unraisable) -> None:
+  """Drops the 'Event loop is closed' RuntimeErrors that tensorstore callbacks raise after orbax gave up
+  on a corrupt checkpoint (one traceback per array, printed before our message); prints the rest."""
+  if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value):
+    return
+  sys.__unraisablehook__(unraisable)
+
+
 def run(main: Callable[[list[str]], int | None]) -> None:
-  """Runs `main(argv)` under absl with the error edge: ValueError (our config, checkpoint and argument
-  errors) and usage errors print one `error: ...` line and exit with status 2."""
+  """Runs `main(argv)` under absl with the error edge: every project error (see `exit_status`) prints
+  one `error: ...` line on stderr and exits 2 (bad input) or 1 (the run could not go on)."""
   def guarded(argv):
     try:
       return main(argv)
-    except (ValueError, app.UsageError) as e:
-      if os.environ.get("SHARDLM_TRACEBACK"):
-        raise
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(USAGE_EXIT)
+    except BaseException as e:  # noqa: BLE001 (_report exits for our errors; the rest re-raise)
+      if not isinstance(e, SystemExit):
+        _report(e, sys.argv)
+      raise
 
+  if not _tracebacks_wanted(sys.argv):
+    sys.unraisablehook = _quiet_unraisable
   try:
     _precheck_config_overrides(sys.argv)
   except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(USAGE_EXIT)
-  app.run(guarded)
+    _report(e, sys.argv)
+    raise
+  app.run(guarded, flags_parser=_parse_flags)

@@ -4,6 +4,7 @@ Every error names the key, the bad value and what to do instead.
 """
 
 import dataclasses
+import difflib
 from typing import Any
 
 import ml_collections
@@ -54,6 +55,9 @@ class TrainConfig:
   microbatches: int
   pipeline_schedule: str
   pipeline_repeats: int
+  nonfinite: str
+  nonfinite_skip_limit: int
+  resume_fallback: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +132,24 @@ _SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
 CORPORA = ("shakespeare", *FILE_CORPORA)
 # prune.method: none, unstructured magnitude, or n of every m weights along the input (compress/prune.py).
 PRUNE_METHODS = ("none", "magnitude", "n_m")
+# train.nonfinite: what a step with a NaN/inf loss or gradient norm does (docs/training.md).
+NONFINITE_POLICIES = ("stop", "skip_step")
+
+
+def _dotted_keys(tree: dict, prefix: str = "") -> list[str]:
+  return [k for key, v in tree.items()
+          for k in (_dotted_keys(v, f"{prefix}{key}.") if isinstance(v, dict) else [f"{prefix}{key}"])]
+
+
+def unknown_key_error(key: str, where: str = "") -> ValueError:
+  """The ValueError for config key `key` (dotted) that configs/base.py does not have, naming the closest one.
+
+  `where` (e.g. the override as written) is quoted after the key.
+  """
+  close = difflib.get_close_matches(key, _dotted_keys(base_config().to_dict()), n=1, cutoff=0.5)
+  hint = f" Did you mean --config.{close[0]}?" if close else ""
+  where = f" in {where!r}" if where else ""
+  return ValueError(f"Unknown config key '{key}'{where}.{hint} Every key is listed in configs/base.py.")
 
 
 def _check_keys(raw: dict, reference: dict, prefix: str = "") -> None:
@@ -135,9 +157,7 @@ def _check_keys(raw: dict, reference: dict, prefix: str = "") -> None:
   for key, value in raw.items():
     path = f"{prefix}{key}"
     if key not in reference:
-      known = ", ".join(sorted(reference))
-      raise ValueError(f"Unknown config key '{path}'. Known keys here: {known}. "
-                       "Check the spelling; every key is listed in configs/base.py.")
+      raise unknown_key_error(path)
     if isinstance(reference[key], dict) != isinstance(value, dict):
       raise ValueError(f"Config key '{path}' must be {'a section' if isinstance(reference[key], dict) else 'a value'}.")
     if isinstance(value, dict):
@@ -185,7 +205,7 @@ def with_overrides(raw: ml_collections.ConfigDict | dict, changes: dict[str, Any
   for key, value in changes.items():
     section, _, name = key.partition(".")
     if section not in out or (name and (not isinstance(out[section], dict) or name not in out[section])):
-      raise ValueError(f"Unknown config key '{key}'; every key is listed in configs/base.py.")
+      raise unknown_key_error(key)
     if name:
       out[section][name] = value
     else:
@@ -254,6 +274,10 @@ def _cross_checks(cfg: Config) -> list[str]:
     errors.append(f"train.min_lr_ratio={t.min_lr_ratio}: must be in [0, 1].")
   if not (0 <= t.b1 < 1 and 0 <= t.b2 < 1):
     errors.append(f"train.b1={t.b1}, train.b2={t.b2}: Adam betas must be in [0, 1).")
+  if t.nonfinite not in NONFINITE_POLICIES:
+    errors.append(f"train.nonfinite={t.nonfinite!r}: choose one of {list(NONFINITE_POLICIES)}.")
+  if t.nonfinite_skip_limit < 1:
+    errors.append(f"train.nonfinite_skip_limit={t.nonfinite_skip_limit}: must be at least 1.")
   if t.clip_grad_norm < 0 or t.weight_decay < 0:
     errors.append("train.clip_grad_norm and train.weight_decay must be >= 0.")
   if c.save_every < 1 or c.keep < 1:

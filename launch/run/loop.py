@@ -1,8 +1,9 @@
 """The training loop: restore or initialize sharded state, step, log, evaluate, checkpoint.
 
 The run writes <workdir>/checkpoints, metrics.jsonl, tensorboard/ and loss_curve.png. A workdir
-that already holds checkpoints is continued with resume=True and never overwritten without it.
-The command-line entry point is launch/train.py.
+that already holds checkpoints is continued with resume=True and never overwritten without it, and
+one workdir holds one run at a time (<workdir>/run.lock). A NaN or inf loss or gradient norm stops
+the run before it is saved (train.nonfinite). The command-line entry point is launch/train.py.
 """
 
 import dataclasses
@@ -19,12 +20,14 @@ from launch.run import throughput as throughput_lib
 from launch.run import state as ts
 from launch.run.config import Config
 from launch.run.context import RunContext, build_context
+from launch.run.errors import NonFiniteError
 from launch.run.evaluation import evaluate
 from launch.run.logger import MetricLogger, plot_loss_curve
 from launch.run.preemption import StopRequest
 from launch.run.prefetch import Prefetcher
 from launch.run.restore import inherit_tokenizer, init_from_checkpoint, saved_config
 from launch.run.step import LossHook, batch_sharding, global_batch, jit_eval_step, jit_train_step
+from launch.run.workdir_lock import WorkdirLock
 from lm.data import loader
 
 @dataclasses.dataclass
@@ -42,55 +45,112 @@ class TrainResult:
   stopped_early: bool
 
 
-def restore_or_init(ctx: RunContext, checkpointer: ckpt_lib.Checkpointer, resume: bool, init_state=None):
-  """Returns (state, data_state or None): the latest checkpoint when resuming, else a fresh init.
-
-  `init_state(ctx)`, when given, makes the fresh state (e.g. from another run's parameters).
-  """
-  existing = checkpointer.steps()
-  if existing and not resume:
-    raise ValueError(f"{checkpointer.directory} already holds checkpoints {existing}; pass --resume to "
-                     "continue that run, or choose a new --workdir (nothing was overwritten).")
-  if not existing:
-    if resume:
-      print(f"--resume: no checkpoint in {checkpointer.directory} yet; starting from step 0.")
-    if init_state is not None:
-      return init_state(ctx), None
-    return ts.init_train_state(ctx.mdef, ctx.tx, ctx.shardings, ctx.cfg.seed), None
-  saved_model = dataclasses.asdict(saved_config(checkpointer.read_meta(), checkpointer.directory).model)
+def _check_model(ctx: RunContext, checkpointer: ckpt_lib.Checkpointer, step: int) -> None:
+  """Raises ValueError when checkpoint `step` was made with another model config than ctx.cfg's."""
+  saved_model = dataclasses.asdict(saved_config(checkpointer.read_meta(step), checkpointer.directory).model)
   now_model = dataclasses.asdict(ctx.cfg.model)
   if saved_model != now_model:
     diff = {k: (saved_model[k], v) for k, v in now_model.items() if saved_model[k] != v}
     raise ValueError(f"The checkpoint in {checkpointer.directory} was made with a different model "
                      f"(key: (saved, now)) {diff}; resume with the saved model config.")
+
+
+def restore_or_init(ctx: RunContext, checkpointer: ckpt_lib.Checkpointer, resume: bool, init_state=None,
+                    step: int | None = None):
+  """Returns (state, data_state or None): a checkpoint when resuming, else a fresh init.
+
+  Resuming takes checkpoint `step`, or by default the newest step; when that one is unreadable
+  (corrupt, checksum mismatch) and train.resume_fallback is on, it says so and takes the newest
+  readable one. Steps newer than the one resumed are moved aside (never deleted) so the run can save
+  them again. `init_state(ctx)`, when given, makes the fresh state (e.g. from another run's parameters).
+  """
+  existing = checkpointer.steps()
+  if existing and not resume:
+    raise ValueError(f"{checkpointer.directory} already holds checkpoints {existing}; pass --resume to "
+                     "continue that run, or choose a new --workdir (nothing was overwritten).")
+  say = print if jax.process_index() == 0 else (lambda *a, **k: None)
+  if step is not None and step not in existing:
+    checkpointer.read_meta(step)  # raises CheckpointError naming the steps there are
+  if not existing:
+    if resume:
+      say(f"--resume: no checkpoint in {checkpointer.directory} yet; starting from step 0.")
+    if init_state is not None:
+      return init_state(ctx), None
+    return ts.init_train_state(ctx.mdef, ctx.tx, ctx.shardings, ctx.cfg.seed), None
   abstract = ts.abstract_state(ctx.mdef, ctx.tx, ctx.shardings)
-  state, meta = checkpointer.restore_state(abstract)
-  return state, meta.get("data_state")
+  candidates = [step] if step is not None else existing[::-1]
+  unreadable = []
+  for candidate in candidates:
+    try:
+      _check_model(ctx, checkpointer, candidate)
+      state, meta = checkpointer.restore_state(abstract, candidate)
+    except ckpt_lib.CheckpointError as e:
+      if step is not None or not ctx.cfg.train.resume_fallback:
+        raise
+      say(f"--resume: step {candidate} is unreadable, trying an older one: {e}", flush=True)
+      unreadable.append(candidate)
+      continue
+    newer = [s for s in checkpointer.steps() + unreadable if s > candidate]
+    if newer:
+      where = checkpointer.set_aside(sorted(set(newer)))
+      say(f"--resume: continuing from step {candidate}; the newer steps {sorted(set(newer))} were moved "
+          f"to {where} (nothing was deleted).", flush=True)
+    return state, meta.get("data_state")
+  raise ckpt_lib.CheckpointError(
+      f"No readable checkpoint in {checkpointer.directory}: steps {unreadable} all failed to restore (see "
+      "above); nothing was changed. Start a new run in another --workdir.")
 
 
-def train(cfg: Config, workdir: str, *, resume: bool = False, stop: StopRequest | None = None,
-          on_step=None, ctx: RunContext | None = None, init_state=None,
+def train(cfg: Config, workdir: str, *, resume: bool = False, resume_step: int | None = None,
+          stop: StopRequest | None = None, on_step=None, ctx: RunContext | None = None, init_state=None,
           loss_hook: LossHook | None = None) -> TrainResult:
   """Runs training to cfg.train.steps (or until `stop` is requested) and returns its summary.
 
-  `on_step(step)` is called after each step is dispatched (tests use it to simulate preemption).
-  compress/ reuses this loop through three hooks: `ctx` (a prebuilt RunContext, e.g. with a pruning
-  optimizer), `init_state(ctx)` (the fresh state when no checkpoint exists) and `loss_hook` (a
-  training loss with extra inputs, e.g. a teacher). Evaluation is always the plain cross-entropy.
+  `resume_step` resumes from that checkpoint step (implies resume). `on_step(step)` is called after
+  each step is dispatched (tests use it to simulate preemption). compress/ reuses this loop through
+  three hooks: `ctx` (a prebuilt RunContext, e.g. with a pruning optimizer), `init_state(ctx)` (the
+  fresh state when no checkpoint exists) and `loss_hook` (a training loss with extra inputs, e.g. a
+  teacher). Evaluation is always the plain cross-entropy.
+
+  Raises ValueError for bad input before anything is written, WorkdirLocked when another run holds
+  `workdir`, NonFiniteError when the loss diverges (train.nonfinite) and SaveError when the disk
+  refuses a checkpoint.
   """
-  primary = jax.process_index() == 0
   if cfg.model.quant != "none":
     raise ValueError(f"model.quant={cfg.model.quant!r} is for inference: int8 weights have no gradient. "
                      "Train (or fine-tune) the float model, then run python -m launch.quantize.")
-  stop = stop or StopRequest()
   cfg = inherit_tokenizer(cfg)  # issue 14: a converted checkpoint's tokenizer, unless cfg names one
+  ctx = ctx or build_context(cfg)  # mesh and batch checks first: a bad plan writes nothing
+  with WorkdirLock(workdir):
+    return _train_locked(cfg, workdir, resume=resume or resume_step is not None, resume_step=resume_step,
+                         stop=stop or StopRequest(), on_step=on_step, ctx=ctx, init_state=init_state,
+                         loss_hook=loss_hook)
+
+
+def _train_locked(cfg: Config, workdir: str, *, resume: bool, resume_step: int | None, stop: StopRequest,
+                  on_step, ctx: RunContext, init_state, loss_hook: LossHook | None) -> TrainResult:
+  """The body of `train`, run while this process holds the workdir's lock."""
+  primary = jax.process_index() == 0
   tokenizer = loader.prepare_from_config(cfg.data, cfg.model.vocab_size)
-  ctx = ctx or build_context(cfg)
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep,
                                        async_save=cfg.checkpoint.async_save)
-  if init_state is None and cfg.train.init_checkpoint:
-    init_state = lambda c: init_from_checkpoint(c, cfg.train.init_checkpoint)
-  state, data_state = restore_or_init(ctx, checkpointer, resume, init_state)
+  try:
+    if init_state is None and cfg.train.init_checkpoint:
+      init_state = lambda c: init_from_checkpoint(c, cfg.train.init_checkpoint)
+    state, data_state = restore_or_init(ctx, checkpointer, resume, init_state, resume_step)
+    return _loop(cfg, workdir, checkpointer, state, data_state, tokenizer, stop=stop, on_step=on_step,
+                 ctx=ctx, loss_hook=loss_hook, primary=primary)
+  except BaseException:
+    try:  # lets an in-flight save of a good step finish; the first error is the one reported
+      checkpointer.close()
+    except Exception:  # noqa: BLE001
+      pass
+    raise
+
+
+def _loop(cfg: Config, workdir: str, checkpointer: ckpt_lib.Checkpointer, state, data_state, tokenizer, *,
+          stop: StopRequest, on_step, ctx: RunContext, loss_hook, primary: bool) -> TrainResult:
+  """Steps from the state's step to cfg.train.steps; closes the checkpointer when done."""
   start_step = int(jax.device_get(state.step))
 
   train_iter = loader.train_iterator(
@@ -103,7 +163,8 @@ def train(cfg: Config, workdir: str, *, resume: bool = False, stop: StopRequest 
     train_iter.set_state(data_state)
   batches = Prefetcher(train_iter)
   step_fn = jit_train_step(ctx.mdef, ctx.tx, ctx.schedule, cfg.train.grad_accum_steps, ctx.mesh,
-                           ctx.rules, ctx.shardings, loss_hook)
+                           ctx.rules, ctx.shardings, loss_hook,
+                           skip_nonfinite=cfg.train.nonfinite == "skip_step")
   eval_fn = jit_eval_step(ctx.mdef, ctx.mesh, ctx.rules, ctx.shardings.params)
   data_sharding = batch_sharding(ctx.mesh, ctx.rules)
 
@@ -127,9 +188,38 @@ def train(cfg: Config, workdir: str, *, resume: bool = False, stop: StopRequest 
   timer = {"start": None, "steps": 0}
   step_times, last_loss, last_data_state, step = [], float("nan"), data_state, start_step
 
+  skip = cfg.train.nonfinite == "skip_step"
+  nonfinite = {"in_a_row": 0, "total": 0}
+
+  def check_finite(done_step, values):
+    """Raises NonFiniteError at a NaN/inf loss or grad norm (train.nonfinite), or counts a skipped step."""
+    if not values.pop("nonfinite", 0.0):
+      nonfinite["in_a_row"] = 0
+      return
+    nonfinite["in_a_row"] += 1
+    nonfinite["total"] += 1
+    seen = f"step {done_step}: loss={values['loss']:.4g}, grad_norm={values['grad_norm']:.4g}"
+    limit = cfg.train.nonfinite_skip_limit
+    if skip and nonfinite["in_a_row"] < limit:
+      if logger.bar is not None:
+        logger.bar.write(f"{seen} is not finite: update skipped (train.nonfinite=skip_step; "
+                         f"{nonfinite['in_a_row']} in a row, {nonfinite['total']} in all).")
+      return
+    why = (f"made {limit} non-finite steps in a row (train.nonfinite=skip_step, "
+           f"train.nonfinite_skip_limit={limit})" if skip else "is not finite (train.nonfinite=stop)")
+    raise NonFiniteError(
+        f"{seen} {why}; the run stopped without saving that state. Last good checkpoint: "
+        f"{checkpointer.last_good()}. Lower --config.train.learning_rate (now {cfg.train.learning_rate:g}) "
+        "or raise --config.train.warmup_steps, or set --config.train.nonfinite=skip_step to drop such "
+        "steps; then continue with --resume.")
+
   def record(done_step, device_metrics, final=False):
-    """Fetches a finished step's metrics (the device has moved on) and logs every log_every steps."""
+    """Fetches a finished step's metrics (the device has moved on), checks they are finite and logs
+    every log_every steps."""
     values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+    check_finite(done_step, values)
+    if skip:
+      values["skipped_steps"] = nonfinite["total"]
     now = time.perf_counter()
     if timer["start"] is None:   # the first step includes compilation (or an eval/save): not timed
       timer["start"] = now
@@ -147,30 +237,40 @@ def train(cfg: Config, workdir: str, *, resume: bool = False, stop: StopRequest 
     logger.log(done_step, values)
     return values["loss"]
 
-  for step in range(start_step + 1, cfg.train.steps + 1):
-    local, last_data_state = next(batches)
-    state, metrics = step_fn(state, global_batch(local, data_sharding))
-    if on_step is not None:
-      on_step(step)
+  try:
+    for step in range(start_step + 1, cfg.train.steps + 1):
+      local, last_data_state = next(batches)
+      state, metrics = step_fn(state, global_batch(local, data_sharding))
+      if on_step is not None:
+        on_step(step)
+      if pending is not None:
+        last_loss = record(*pending)
+      pending = (step, metrics)
+      logger.advance()
+
+      evaluate_now = cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.steps
+      save_now = step % cfg.checkpoint.save_every == 0 or step == cfg.train.steps or stop.requested
+      if evaluate_now or save_now:  # read this step's metrics first: a non-finite step is never saved
+        last_loss = record(*pending, final=step == cfg.train.steps or stop.requested)
+        pending = None
+      if evaluate_now:
+        run_eval(step)
+        timer["start"], timer["steps"] = None, 0  # evaluation time is not step time
+      if save_now:
+        checkpointer.save(step, state, {"data_state": data_states.gather_states(last_data_state),
+                                        "config": cfg.to_dict()})
+        timer["start"], timer["steps"] = None, 0
+      if stop.requested:
+        if logger.bar is not None:
+          logger.bar.write(f"{stop.signal_name}: saved step {step}; exiting.")
+        break
+
     if pending is not None:
-      last_loss = record(*pending)
-    pending = (step, metrics)
-    logger.advance()
-
-    if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.steps:
-      run_eval(step)
-      timer["start"], timer["steps"] = None, 0  # evaluation time is not step time
-    if step % cfg.checkpoint.save_every == 0 or step == cfg.train.steps or stop.requested:
-      checkpointer.save(step, state, {"data_state": data_states.gather_states(last_data_state),
-                                      "config": cfg.to_dict()})
-      timer["start"], timer["steps"] = None, 0
-    if stop.requested:
-      if logger.bar is not None:
-        logger.bar.write(f"{stop.signal_name}: saved step {step}; exiting.")
-      break
-
-  if pending is not None:
-    last_loss = record(*pending, final=True)
+      last_loss = record(*pending, final=True)
+  except BaseException:
+    batches.close()
+    logger.close()
+    raise
   batches.close()
   stopped = stop.requested and step < cfg.train.steps
   val_loss = float("nan") if stopped else run_eval(step)

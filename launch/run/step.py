@@ -40,11 +40,14 @@ def _loss(params, batch: Batch, mdef: ModelDef):
 
 def train_step(state: TrainState, batch: Batch, extra=None, *, mdef: ModelDef,
                tx: optax.GradientTransformation, schedule: optax.Schedule, accum_steps: int,
-               loss_fn: Callable | None = None) -> tuple[TrainState, dict]:
+               loss_fn: Callable | None = None, skip_nonfinite: bool = False) -> tuple[TrainState, dict]:
   """One optimizer update over the global batch, split into `accum_steps` micro-batches.
 
-  `loss_fn(params, batch, extra)` (a LossHook's) replaces the cross-entropy when given.
-  Returns (new state, metrics dict of float32 scalars: loss, grad_norm, learning_rate, tokens).
+  `loss_fn(params, batch, extra)` (a LossHook's) replaces the cross-entropy when given. With
+  `skip_nonfinite`, a step whose loss or gradient norm is NaN/inf leaves params and optimizer state
+  unchanged (train.nonfinite=skip_step); the step counter still advances (the batch is consumed).
+  Returns (new state, metrics dict of float32 scalars: loss, grad_norm, learning_rate, tokens,
+  nonfinite (1.0 when loss or grad_norm is NaN/inf; the host reads it one step late, like the rest)).
   """
   loss = (functools.partial(_loss, mdef=mdef) if loss_fn is None
           else lambda params, b: loss_fn(params, b, extra))
@@ -71,8 +74,14 @@ def train_step(state: TrainState, batch: Batch, extra=None, *, mdef: ModelDef,
 
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {"loss": loss_sum / tokens, "grad_norm": optax.tree.norm(grads),
-             "learning_rate": schedule(state.step), "tokens": tokens}
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss_sum / tokens) & jnp.isfinite(grad_norm)
+  if skip_nonfinite:
+    params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                     (params, opt_state), (state.params, state.opt_state))
+  metrics = {"loss": loss_sum / tokens, "grad_norm": grad_norm,
+             "learning_rate": schedule(state.step), "tokens": tokens,
+             "nonfinite": 1.0 - finite.astype(jnp.float32)}
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
@@ -100,13 +109,15 @@ def activation_constraint(mesh: Mesh, rules: rules_lib.Rules):
 
 
 def jit_train_step(mdef: ModelDef, tx, schedule, accum_steps: int, mesh: Mesh, rules, state_shardings,
-                   loss_hook: LossHook | None = None):
+                   loss_hook: LossHook | None = None, skip_nonfinite: bool = False):
   """Returns the compiled-on-first-call train step with explicit shardings and the state donated.
+
+  `skip_nonfinite`: see train_step (train.nonfinite=skip_step).
 
   Either way it is called as step(state, batch); a `loss_hook`'s extra inputs are passed for you.
   """
   step = functools.partial(train_step, mdef=mdef, tx=tx, schedule=schedule, accum_steps=accum_steps,
-                           loss_fn=loss_hook and loss_hook.fn)
+                           loss_fn=loss_hook and loss_hook.fn, skip_nonfinite=skip_nonfinite)
   data = batch_sharding(mesh, rules)
   in_shardings = (state_shardings, {"inputs": data, "targets": data})
   if loss_hook is not None:
