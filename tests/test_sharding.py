@@ -38,7 +38,9 @@ def batches():
   rng = np.random.default_rng(0)
   for _ in range(STEPS):
     tokens = rng.integers(0, VOCAB, (8, 65)).astype(np.int32)
-    yield {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+    # Packed rows of several documents: the segment mask and restarted positions run under every preset.
+    segment_ids = np.cumsum(rng.random((8, 64)) < 0.05, axis=1).astype(np.int32)
+    yield {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": segment_ids}
 
 
 def run(cfg):

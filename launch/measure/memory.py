@@ -47,7 +47,8 @@ def compile_train_step(ctx: RunContext):
   abstract = ts.abstract_state(ctx.mdef, ctx.tx, ctx.shardings)
   tokens = jax.ShapeDtypeStruct((cfg.train.global_batch_size, cfg.data.seq_len), jnp.int32,
                                 sharding=batch_sharding(ctx.mesh, ctx.rules))
-  return step.lower(abstract, {"inputs": tokens, "targets": tokens}).compile(), abstract
+  batch = {"inputs": tokens, "targets": tokens, "segment_ids": tokens}
+  return step.lower(abstract, batch).compile(), abstract
 
 
 def memory_report(cfg: Config, devices: list | None = None, ctx: RunContext | None = None) -> MemoryReport:

@@ -30,13 +30,17 @@ class StepTiming:
 
 
 def random_batch(ctx: RunContext, seed: int = 0) -> dict:
-  """A global batch of random tokens placed on the mesh (benchmarks need no corpus)."""
+  """A global batch of random tokens placed on the mesh (benchmarks need no corpus): {"inputs",
+  "targets", "segment_ids"}, each int32 [global_batch, seq_len]."""
   cfg = ctx.cfg
   rng = np.random.default_rng(seed)
   tokens = rng.integers(0, cfg.model.vocab_size, (cfg.train.global_batch_size, cfg.data.seq_len + 1))
   tokens = tokens.astype(np.int32)
   sharding = batch_sharding(ctx.mesh, ctx.rules)
-  return {"inputs": jax.device_put(tokens[:, :-1], sharding), "targets": jax.device_put(tokens[:, 1:], sharding)}
+  # One document per row (all-zero segment ids): the step still builds and applies the segment mask.
+  segment_ids = np.zeros((cfg.train.global_batch_size, cfg.data.seq_len), np.int32)
+  return {"inputs": jax.device_put(tokens[:, :-1], sharding), "targets": jax.device_put(tokens[:, 1:], sharding),
+          "segment_ids": jax.device_put(segment_ids, sharding)}
 
 
 def time_train_step(ctx: RunContext, steps: int = 5, warmup: int = 2, step_fn=None) -> StepTiming:
