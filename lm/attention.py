@@ -22,7 +22,6 @@ heads per kv head, K head dim.
 """
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -178,8 +177,8 @@ def cudnn_attention(q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL=None):
                                       implementation="cudnn")
 
 
-@functools.lru_cache(maxsize=16)
 def _splash_kernel(length: int, heads_per_group: int, interpret: bool):
+  # Built at every trace, never cached: the kernel holds arrays made inside the trace that calls it.
   from jax.experimental.pallas.ops.tpu import splash_attention as splash
   block = min(512, length)
   sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
