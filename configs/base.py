@@ -33,6 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = "auto"             # matmul compute dtype; auto: bfloat16 on GPU/TPU, float32 on CPU
   c.model.param_dtype = "float32"    # storage dtype of parameters
   c.model.remat = "none"             # none | full | dots | dots_no_batch | save_qkv_mlp | offload_qkv_mlp
+  c.model.attention = "auto"         # auto | xla | cudnn | splash; auto: cuDNN on NVIDIA GPUs, splash on TPU, XLA on CPU
   c.model.scan_unroll = 1            # layers per scan iteration
   c.model.logits_chunk_size = 0      # >0: score the sequence this many positions at a time (big vocabularies)
   c.model.quant = "none"             # none | w8a16 | w8a8: int8 inference (set by python -m launch.quantize)

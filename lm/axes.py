@@ -35,3 +35,29 @@ def use_constraint(fn: ConstraintFn | None):
     yield
   finally:
     _constraint.reset(token)
+
+
+PerShardFn = Callable[..., Callable]
+_per_shard: contextvars.ContextVar[PerShardFn | None] = contextvars.ContextVar(
+    "lm_per_shard", default=None)
+
+
+def per_shard(fn: Callable, in_names: Sequence[LogicalNames], out_names: LogicalNames) -> Callable:
+  """Returns `fn` run on each device's block of its inputs (a kernel GSPMD cannot partition).
+
+  `in_names` holds one logical-name tuple per positional argument, `out_names` one for the result;
+  a None name keeps that dimension whole on every device. Without sharding rules installed
+  (`use_per_shard`), `fn` itself is returned: one device sees everything.
+  """
+  wrap = _per_shard.get()
+  return fn if wrap is None else wrap(fn, tuple(in_names), out_names)
+
+
+@contextlib.contextmanager
+def use_per_shard(wrap: PerShardFn | None):
+  """Within this context (while tracing), `per_shard(fn, in_names, out_names)` calls `wrap(...)`."""
+  token = _per_shard.set(wrap)
+  try:
+    yield
+  finally:
+    _per_shard.reset(token)

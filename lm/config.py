@@ -4,6 +4,8 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from lm.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # "observe" is the float model recording its dense layers' input ranges (calibration, lm/quant.py).
 QUANT_MODES = ("none", "w8a16", "w8a8", "observe")
@@ -41,6 +43,7 @@ class ModelConfig:
   dtype: str
   param_dtype: str
   remat: str
+  attention: str  # auto | xla | cudnn | splash (lm/attention.py)
   scan_unroll: int
   logits_chunk_size: int
   quant: str
@@ -123,6 +126,8 @@ def model_config_errors(cfg: ModelConfig) -> list[str]:
     errors.append(f"model.logits_chunk_size={cfg.logits_chunk_size}: must be >= 0 (0 disables chunking).")
   if cfg.scan_unroll > cfg.num_layers or (cfg.num_layers % cfg.scan_unroll):
     errors.append(f"model.scan_unroll={cfg.scan_unroll} must divide model.num_layers={cfg.num_layers}.")
+  if cfg.attention not in ATTENTION_IMPLEMENTATIONS:
+    errors.append(f"model.attention={cfg.attention!r}: choose one of {list(ATTENTION_IMPLEMENTATIONS)}.")
   if cfg.quant not in QUANT_MODES:
     errors.append(f"model.quant={cfg.quant!r}: choose one of {list(QUANT_MODES)}.")
   known = DENSE_LAYERS[:-1] if cfg.tie_embeddings else DENSE_LAYERS

@@ -3,6 +3,7 @@
 Every parameter carries logical axis names (`out_sharding`); none of this code knows about devices.
 """
 
+import functools
 from typing import Callable, Sequence
 
 import jax
@@ -26,12 +27,24 @@ class RMSNorm(nnx.Module):
     self.eps = eps
     self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("embed",))
 
-  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
-    """Takes [..., D] and returns [..., D] in x's dtype."""
-    # Variance in float32: in bf16 the mean of squares loses most of its mantissa.
-    x32 = x_BxLxD.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (normed * self.scale[...].astype(jnp.float32)).astype(x_BxLxD.dtype)
+  def __call__(self, x_BxLxD: jax.Array, recompute: bool = False) -> jax.Array:
+    """Takes [..., D] and returns [..., D] in x's dtype.
+
+    `recompute`: the backward pass recomputes the float32 intermediates from x (elementwise work)
+    instead of keeping two float32 copies of x per norm (what remat=none would otherwise store).
+    """
+    norm = functools.partial(rms_norm, eps=self.eps)
+    if recompute:
+      norm = jax.checkpoint(norm, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
+    return norm(x_BxLxD, self.scale[...])
+
+
+def rms_norm(x_BxLxD: jax.Array, scale_D: jax.Array, eps: float) -> jax.Array:
+  """x / rms(x) * scale over the last dim, statistics in float32; returns x's dtype."""
+  # Variance in float32: in bf16 the mean of squares loses most of its mantissa.
+  x32 = x_BxLxD.astype(jnp.float32)
+  normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return (normed * scale_D.astype(jnp.float32)).astype(x_BxLxD.dtype)
 
 
 class Linear(nnx.Module):
@@ -128,10 +141,16 @@ def rotary_tables(positions_BxL: jax.Array, head_dim: int, theta: float,
 
 
 def apply_rotary(x_BxLxHxK: jax.Array, sin_BxLxK2: jax.Array, cos_BxLxK2: jax.Array) -> jax.Array:
-  """Rotates [B, L, H, K] by position, pairing dim i with dim i + K/2 (the Llama/Hugging Face layout)."""
+  """Rotates [B, L, H, K] by position, pairing dim i with dim i + K/2 (the Llama/Hugging Face layout).
+
+  The tables are [B, L, K/2] or already [B, L, 1, K/2] (the decoder expands them once, outside its
+  layer scan, so the backward pass does not keep one expanded copy per layer).
+  """
   half = x_BxLxHxK.shape[-1] // 2
   x32 = x_BxLxHxK.astype(jnp.float32)
   x1, x2 = x32[..., :half], x32[..., half:]
-  sin, cos = sin_BxLxK2[:, :, None, :], cos_BxLxK2[:, :, None, :]
+  sin, cos = sin_BxLxK2, cos_BxLxK2
+  if sin.ndim == 3:
+    sin, cos = sin[:, :, None, :], cos[:, :, None, :]
   rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return rotated.astype(x_BxLxHxK.dtype)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from lm import attention as attention_lib
 from lm import layers, quant
 from lm.axes import constrain
 from lm.config import ModelConfig
@@ -27,6 +28,7 @@ class Attention(nnx.Module):
   """Causal grouped-query self-attention with rotary positions and an optional KV cache."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
     kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype, rngs=rngs)
     d, n, g, k = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     qkv = dict(kw, use_bias=cfg.qkv_bias)  # Qwen2's q/k/v biases (issue 14)
@@ -36,8 +38,14 @@ class Attention(nnx.Module):
     self.out = quant.dense(cfg, "attention.out")([n, k], [d], ("heads", "kv", "embed"),
                              init_scale=(2 * cfg.num_layers) ** -0.5, **kw)
 
-  def __call__(self, x_BxLxD, sin, cos, mask_BxLxS=None, cache_kv=None, cache_index=None):
-    """Returns (y [B, L, D], updated (k, v) cache slices of this layer or None)."""
+  def __call__(self, x_BxLxD, sin, cos, segment_ids_BxL=None, mask_BxLxS=None, cache_kv=None,
+               cache_index=None):
+    """Returns (y [B, L, D], updated (k, v) cache slices of this layer or None).
+
+    Without a cache, or when prefilling an empty one (`cache_index` the int 0), attention runs
+    through the implementation `lm.attention.select` picks for this length; a decode step reads
+    the cache through XLA with `mask_BxLxS`.
+    """
     q_BxLxNxK = layers.apply_rotary(self.query(x_BxLxD), sin, cos)
     k_BxLxGxK = layers.apply_rotary(self.key(x_BxLxD), sin, cos)
     v_BxLxGxK = self.value(x_BxLxD)
@@ -46,17 +54,21 @@ class Attention(nnx.Module):
     v_BxLxGxK = checkpoint_name(constrain(v_BxLxGxK, ("batch", "length", "kv_heads", "kv")), "value")
 
     new_kv = None
-    if cache_kv is None:
-      out_BxLxNxK = jax.nn.dot_product_attention(q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, is_causal=True)
-    else:
+    if cache_kv is not None:
       k_cache, v_cache = cache_kv
       start = (0, cache_index, 0, 0)
       k_BxSxGxK = jax.lax.dynamic_update_slice(k_cache, k_BxLxGxK.astype(k_cache.dtype), start)
       v_BxSxGxK = jax.lax.dynamic_update_slice(v_cache, v_BxLxGxK.astype(v_cache.dtype), start)
       new_kv = (k_BxSxGxK, v_BxSxGxK)
-      out_BxLxNxK = jax.nn.dot_product_attention(
-          q_BxLxNxK, k_BxSxGxK.astype(q_BxLxNxK.dtype), v_BxSxGxK.astype(q_BxLxNxK.dtype),
-          mask=mask_BxLxS[:, None])
+    prefill = isinstance(cache_index, int) and cache_index == 0
+    if cache_kv is None or prefill:
+      cfg = self.cfg
+      choice = attention_lib.select_for(cfg.attention, cfg.dtype, cfg.head_dim, x_BxLxD.shape[1])
+      out_BxLxNxK = attention_lib.attend(choice.implementation, q_BxLxNxK, k_BxLxGxK, v_BxLxGxK,
+                                         segment_ids_BxL, recompute=cfg.remat == "none")
+    else:
+      out_BxLxNxK = attention_lib.xla_attention(
+          q_BxLxNxK, k_BxSxGxK.astype(q_BxLxNxK.dtype), v_BxSxGxK.astype(q_BxLxNxK.dtype), mask_BxLxS)
     out_BxLxNxK = checkpoint_name(constrain(out_BxLxNxK, ("batch", "length", "heads", "kv")),
                                   "attention")
     return self.out(out_BxLxNxK), new_kv
@@ -72,29 +84,43 @@ class Mlp(nnx.Module):
     self.down = quant.dense(cfg, "mlp.down")([cfg.mlp_dim], [cfg.d_model], ("mlp", "embed"),
                               init_scale=(2 * cfg.num_layers) ** -0.5, **kw)
 
-  def __call__(self, x_BxLxD):
-    """Takes [B, L, D] and returns [B, L, D]."""
-    h_BxLxF = jax.nn.silu(self.gate(x_BxLxD)) * self.up(x_BxLxD)
-    h_BxLxF = checkpoint_name(constrain(h_BxLxF, ("batch", "length", "mlp")), "mlp_hidden")
-    return self.down(h_BxLxF)
+  def __call__(self, x_BxLxD, recompute: bool = False):
+    """Takes [B, L, D] and returns [B, L, D].
+
+    `recompute`: the backward pass recomputes silu(gate) * up from gate and up (elementwise) instead
+    of keeping it and silu's intermediates: two [B, L, F] tensors stay between passes, not five.
+    """
+    def gated_down(gate_BxLxF, up_BxLxF):
+      h_BxLxF = jax.nn.silu(gate_BxLxF) * up_BxLxF
+      h_BxLxF = checkpoint_name(constrain(h_BxLxF, ("batch", "length", "mlp")), "mlp_hidden")
+      return self.down(h_BxLxF)
+
+    if recompute:
+      gated_down = jax.checkpoint(gated_down, policy=jax.checkpoint_policies.nothing_saveable,
+                                  prevent_cse=False)
+    return gated_down(self.gate(x_BxLxD), self.up(x_BxLxD))
 
 
 class Block(nnx.Module):
   """One pre-norm decoder block: x + attn(norm(x)), then + mlp(norm(x))."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    # remat=none keeps every activation the backward pass needs; `lean` trims that to what is
+    # expensive to recompute (matmul outputs), recomputing norms, SwiGLU and attention scores.
+    self.lean = cfg.remat == "none"
     norm_kw = dict(eps=cfg.norm_eps, param_dtype=cfg.storage_dtype, rngs=rngs)
     self.attention_norm = layers.RMSNorm(cfg.d_model, **norm_kw)
     self.attention = Attention(cfg, rngs=rngs)
     self.mlp_norm = layers.RMSNorm(cfg.d_model, **norm_kw)
     self.mlp = Mlp(cfg, rngs=rngs)
 
-  def __call__(self, x_BxLxD, sin, cos, mask_BxLxS=None, cache_kv=None, cache_index=None):
+  def __call__(self, x_BxLxD, sin, cos, segment_ids_BxL=None, mask_BxLxS=None, cache_kv=None,
+               cache_index=None):
     """Returns (x [B, L, D], this layer's updated KV cache or None)."""
-    attn, new_kv = self.attention(self.attention_norm(x_BxLxD), sin, cos, mask_BxLxS, cache_kv,
-                                  cache_index)
+    attn, new_kv = self.attention(self.attention_norm(x_BxLxD, self.lean), sin, cos, segment_ids_BxL,
+                                  mask_BxLxS, cache_kv, cache_index)
     x_BxLxD = constrain(x_BxLxD + attn, ("batch", "length", "embed"))
-    x_BxLxD = x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
+    x_BxLxD = x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD, self.lean), self.lean)
     return constrain(x_BxLxD, ("batch", "length", "embed")), new_kv
 
 
@@ -126,19 +152,27 @@ class Transformer(nnx.Module):
     self.unembed = nnx.data(None if cfg.tie_embeddings else quant.dense(cfg, "unembed")(
         [cfg.d_model], [cfg.vocab_size], ("embed", "vocab"), **kw))
 
-  def hidden_states(self, tokens_BxL, positions_BxL=None, cache=None, cache_index=None):
+  def hidden_states(self, tokens_BxL, positions_BxL=None, cache=None, cache_index=None,
+                    segment_ids_BxL=None):
     """Runs the decoder up to (and including) the final norm.
 
-    Takes int tokens [B, L]; positions [B, L] default to `cache_index + arange(L)`. With `cache`
-    (from `init_cache`), keys/values are written at `cache_index` and attention reads the cache.
-    Returns (hidden [B, L, D], updated cache or None).
+    Takes int tokens [B, L]; positions [B, L] default to `cache_index + arange(L)`, or with
+    `segment_ids_BxL` (int [B, L], the document index of each token within its packed row) to the
+    offset within each document: positions restart at 0 where a document starts, and no token
+    attends to another document. With `cache` (from `init_cache`), keys/values are written at
+    `cache_index` and attention reads the cache (no segments there). Returns (hidden [B, L, D],
+    updated cache or None).
     """
     cfg = self.cfg
     batch, length = tokens_BxL.shape
     start = 0 if cache_index is None else cache_index
+    if positions_BxL is None and segment_ids_BxL is not None:
+      positions_BxL = positions_in_documents(segment_ids_BxL)
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
     sin, cos = layers.rotary_tables(positions_BxL, cfg.head_dim, cfg.rope_theta, **cfg.rope_scaling_kwargs)
+    # Expanded once here, outside the layer scan: the backward pass then keeps one copy, not one per layer.
+    sin, cos = sin[:, :, None, :], cos[:, :, None, :]
     x_BxLxD = constrain(self.embed(tokens_BxL), ("batch", "length", "embed"))
 
     mask_BxLxS = None
@@ -148,14 +182,16 @@ class Transformer(nnx.Module):
       mask_BxLxS = key_positions_S[None, None, :] <= positions_BxL[:, :, None]
 
     def layer(x, block, kv):
-      return block(x, sin, cos, mask_BxLxS, kv, cache_index)
+      return block(x, sin, cos, segment_ids_BxL, mask_BxLxS, kv, cache_index)
 
     if self.layer_stack is not None and cache is None:
-      def stage_layer(x, block, sin_rows, cos_rows):
-        return block(x, sin_rows, cos_rows)[0]
+      # The pipeline carries each row's rotary tables (and segment ids) with its micro-batch.
+      rows = (sin, cos) if segment_ids_BxL is None else (sin, cos, segment_ids_BxL)
+      def stage_layer(x, block, *row_inputs):
+        return block(x, *row_inputs)[0]
       if self.remat_wrapper is not None:
         stage_layer = self.remat_wrapper(stage_layer)
-      x_BxLxD = self.layer_stack(stage_layer, self.blocks, x_BxLxD, (sin, cos), constrain)
+      x_BxLxD = self.layer_stack(stage_layer, self.blocks, x_BxLxD, rows, constrain)
       return self.final_norm(x_BxLxD), None
 
     if self.remat_wrapper is not None:
@@ -177,9 +213,9 @@ class Transformer(nnx.Module):
     # Logits stay float32: a softmax over a large vocabulary in bf16 loses the small probabilities.
     return constrain(logits_BxLxV.astype(jnp.float32), ("batch", "length", "vocab"))
 
-  def __call__(self, tokens_BxL, positions_BxL=None):
-    """Takes int tokens [B, L] and returns float32 next-token logits [B, L, V]."""
-    hidden, _ = self.hidden_states(tokens_BxL, positions_BxL)
+  def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None):
+    """Takes int tokens [B, L] (and optional segment ids [B, L]); returns float32 logits [B, L, V]."""
+    hidden, _ = self.hidden_states(tokens_BxL, positions_BxL, segment_ids_BxL=segment_ids_BxL)
     return self.logits(hidden)
 
   def decode(self, tokens_BxL, cache: KVCache, cache_index):
@@ -194,6 +230,16 @@ class Transformer(nnx.Module):
                        f"KV cache of length {cache_len}; allocate a longer cache with init_cache.")
     hidden, cache = self.hidden_states(tokens_BxL, cache=cache, cache_index=cache_index)
     return self.logits(hidden), cache
+
+
+def positions_in_documents(segment_ids_BxL: jax.Array) -> jax.Array:
+  """int32 [B, L]: each token's offset from the first token of its segment (run of equal ids)."""
+  length = segment_ids_BxL.shape[1]
+  index_BxL = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), segment_ids_BxL.shape)
+  starts_BxL = jnp.concatenate([jnp.ones_like(segment_ids_BxL[:, :1], dtype=bool),
+                                segment_ids_BxL[:, 1:] != segment_ids_BxL[:, :-1]], axis=1)
+  first_BxL = jax.lax.cummax(jnp.where(starts_BxL, index_BxL, 0), axis=1)
+  return index_BxL - first_BxL
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int | None = None, dtype=None) -> KVCache:

@@ -9,6 +9,7 @@ import math
 import pathlib
 import pickle
 
+import grain
 import numpy as np
 import pytest
 
@@ -158,12 +159,27 @@ def test_vocab_mismatch_errors_name_the_fix(data_dir):
 def test_batches_have_shapes_dtypes_and_shifted_targets(data_dir, sp):
   it = loader.train_iterator(data_dir, sp, seq_len=SEQ_LEN, global_batch_size=8)
   for batch in _take(it, 3):
-    assert set(batch) == {"inputs", "targets"}
+    assert set(batch) == {"inputs", "targets", "segment_ids"}
     for x in batch.values():
       assert x.shape == (8, SEQ_LEN) and x.dtype == np.int32
       assert x.min() >= 0 and x.max() < VOCAB
     np.testing.assert_array_equal(batch["inputs"][:, 1:], batch["targets"][:, :-1])
     assert (batch["inputs"] != sp.pad_id).all()  # packed, never padded
+    # The segment id of a token is the number of EOS before it in its row (its document's index).
+    eos_before = np.cumsum(batch["inputs"] == sp.eos_id, axis=1) - (batch["inputs"] == sp.eos_id)
+    np.testing.assert_array_equal(batch["segment_ids"], eos_before)
+
+
+def test_packer_segment_ids_count_the_documents_of_each_row():
+  # Short documents (each ends with EOS=9), packed into rows of 4 inputs + 1 target.
+  docs = [[1, 2, 9], [3, 4, 5, 6, 9], [7, 9], [8, 8, 8, 8, 8, 8, 9]]
+  ds = grain.MapDataset.source([{"tokens": np.asarray(d, np.int32)} for d in docs]).to_iter_dataset()
+  windows = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct={"tokens": 5})
+  batch = loader._inputs_and_targets({k: np.stack(v) for k, v in zip(
+      ("tokens", "tokens_segment_ids"), zip(*[(w["tokens"], w["tokens_segment_ids"]) for w in windows]))})
+  np.testing.assert_array_equal(batch["inputs"][:3], [[1, 2, 9, 3], [5, 6, 9, 7], [8, 8, 8, 8]])
+  # Row 0: doc [1 2 9] then doc 3...; row 1: the rest of that doc, then [7 9]; row 2: one doc.
+  np.testing.assert_array_equal(batch["segment_ids"][:3], [[0, 0, 0, 1], [0, 0, 0, 1], [0, 0, 0, 0]])
 
 
 def test_unshuffled_stream_is_this_process_documents_packed_in_order(data_dir, sp):

@@ -38,7 +38,9 @@ def batches():
   rng = np.random.default_rng(0)
   for _ in range(STEPS):
     tokens = rng.integers(0, VOCAB, (8, 65)).astype(np.int32)
-    yield {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+    # Packed rows of several documents: the segment mask and restarted positions run under every preset.
+    segment_ids = np.cumsum(rng.random((8, 64)) < 0.05, axis=1).astype(np.int32)
+    yield {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": segment_ids}
 
 
 def run(cfg):
@@ -205,3 +207,10 @@ def test_dcn_axes_need_as_many_slices_as_they_ask_for():
   assert mesh_lib.num_granules(jax.devices()) == (1, "hosts")
   with pytest.raises(ValueError, match="asks for 2 slices/hosts but the 8 devices span 1 hosts"):
     mesh_lib.make_mesh({"data": 1, "fsdp": 4, "tensor": 1}, jax.devices(), {"data": 2, "fsdp": 1, "tensor": 1})
+
+
+def test_memory_planner_says_whether_the_step_fits():
+  from launch.measure.memory import fit_verdict
+  gib = 2 ** 30
+  assert fit_verdict(100 * gib, "H200", 139 * gib).startswith("fits on H200 (139.0 GiB): peak estimate 100.0 GiB")
+  assert fit_verdict(150 * gib, "H200", 139 * gib).startswith("does not fit on H200 (139.0 GiB)")

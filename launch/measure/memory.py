@@ -47,7 +47,8 @@ def compile_train_step(ctx: RunContext):
   abstract = ts.abstract_state(ctx.mdef, ctx.tx, ctx.shardings)
   tokens = jax.ShapeDtypeStruct((cfg.train.global_batch_size, cfg.data.seq_len), jnp.int32,
                                 sharding=batch_sharding(ctx.mesh, ctx.rules))
-  return step.lower(abstract, {"inputs": tokens, "targets": tokens}).compile(), abstract
+  batch = {"inputs": tokens, "targets": tokens, "segment_ids": tokens}
+  return step.lower(abstract, batch).compile(), abstract
 
 
 def memory_report(cfg: Config, devices: list | None = None, ctx: RunContext | None = None) -> MemoryReport:
@@ -63,6 +64,23 @@ def memory_report(cfg: Config, devices: list | None = None, ctx: RunContext | No
       optimizer_bytes=per_device_bytes(abstract.opt_state),
       argument_bytes=int(analysis.argument_size_in_bytes), output_bytes=int(analysis.output_size_in_bytes),
       temp_bytes=int(analysis.temp_size_in_bytes), compile_s=compile_s)
+
+
+def device_memory(device) -> tuple[str, int] | None:
+  """(device kind, bytes it can allocate) of an accelerator, from its allocator; None on CPU or when
+  the backend does not say."""
+  if device.platform == "cpu":
+    return None
+  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+  limit = (stats or {}).get("bytes_limit")
+  return (device.device_kind, int(limit)) if limit else None
+
+
+def fit_verdict(total_bytes: int, device_name: str, capacity_bytes: int) -> str:
+  """'fits on H200 (139.0 GiB): ...' or 'does not fit on H200 (139.0 GiB): ...' for a per-device peak."""
+  fits = total_bytes <= capacity_bytes
+  return (f"{'fits' if fits else 'does not fit'} on {device_name} ({capacity_bytes / 2**30:.1f} GiB): "
+          f"peak estimate {format_bytes(total_bytes)} is {total_bytes / capacity_bytes:.0%} of it")
 
 
 def format_bytes(n: float) -> str:

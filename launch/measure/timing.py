@@ -30,13 +30,17 @@ class StepTiming:
 
 
 def random_batch(ctx: RunContext, seed: int = 0) -> dict:
-  """A global batch of random tokens placed on the mesh (benchmarks need no corpus)."""
+  """A global batch of random tokens placed on the mesh (benchmarks need no corpus): {"inputs",
+  "targets", "segment_ids"}, each int32 [global_batch, seq_len]."""
   cfg = ctx.cfg
   rng = np.random.default_rng(seed)
   tokens = rng.integers(0, cfg.model.vocab_size, (cfg.train.global_batch_size, cfg.data.seq_len + 1))
   tokens = tokens.astype(np.int32)
   sharding = batch_sharding(ctx.mesh, ctx.rules)
-  return {"inputs": jax.device_put(tokens[:, :-1], sharding), "targets": jax.device_put(tokens[:, 1:], sharding)}
+  # One document per row (all-zero segment ids): the step still builds and applies the segment mask.
+  segment_ids = np.zeros((cfg.train.global_batch_size, cfg.data.seq_len), np.int32)
+  return {"inputs": jax.device_put(tokens[:, :-1], sharding), "targets": jax.device_put(tokens[:, 1:], sharding),
+          "segment_ids": jax.device_put(segment_ids, sharding)}
 
 
 def time_train_step(ctx: RunContext, steps: int = 5, warmup: int = 2, step_fn=None) -> StepTiming:
@@ -81,17 +85,22 @@ def variant(cfg: Config, dtype: str, rules: str | None = None, mesh: dict | None
 def bench_row(label: str, cfg: Config, steps: int, warmup: int, profile_dir: str | None = None):
   """Times one configuration (and with `profile_dir` traces 3 more steps); returns (row dict, compiled step).
 
-  The row: config, devices, mesh, dtype, step_s (median), spread, tokens_per_s, model_tflops,
-  peak_tflops, mfu, peak_source (launch.run.throughput).
+  The row: config, devices, mesh, dtype, attention (the implementation that ran), remat, step_s
+  (median), spread, tokens_per_s, model_tflops, peak_tflops, mfu, peak_source (launch.run.throughput),
+  peak_GiB (the first device's allocator peak so far in this process; "" where the backend has none).
   """
   ctx = build_context(cfg)
   compiled, _ = compile_train_step(ctx)
   timing = time_train_step(ctx, steps=steps, warmup=warmup, step_fn=compiled)
   speed = throughput(cfg, timing.median_s, list(ctx.mesh.devices.flat))
+  stats = ctx.mesh.devices.flat[0].memory_stats() or {}
+  peak_bytes = stats.get("peak_bytes_in_use")
   row = {"config": label, "devices": ctx.num_devices, "mesh": mesh_label(ctx),
-         "dtype": cfg.model.dtype, "step_s": timing.median_s, "spread": timing.spread,
+         "dtype": cfg.model.dtype, "attention": ctx.attention.implementation, "remat": cfg.model.remat,
+         "step_s": timing.median_s, "spread": timing.spread,
          "tokens_per_s": speed["tokens_per_s"], "model_tflops": speed["model_tflops"],
-         "peak_tflops": speed["peak_tflops"], "mfu": speed["mfu"], "peak_source": speed["peak_source"]}
+         "peak_tflops": speed["peak_tflops"], "mfu": speed["mfu"], "peak_source": speed["peak_source"],
+         "peak_GiB": peak_bytes / 2**30 if peak_bytes else ""}
   print(f"{label:28s} {row['devices']} dev {row['dtype']:9s} step {timing.median_s * 1e3:8.1f} ms "
         f"(spread {timing.spread:.0%})  {row['tokens_per_s']:9.0f} tok/s  {row['model_tflops']:.3f} TFLOP/s  "
         f"MFU {row['mfu']:.1%} of {row['peak_source']}")

@@ -2,8 +2,10 @@
 policy on 8 simulated CPU devices, and activation memory against Korthikanti et al. (2022).
 
   python -m launch.reproduce.sharding --out docs/results/sharding
+  python -m launch.reproduce.sharding --out docs/results/sharding --tables activations
 
-Writes presets.{md,csv}, activations.{md,csv} and sharding.png into --out.
+Writes presets.{md,csv} and sharding.png (--tables presets), activations.{md,csv} (--tables
+activations) into --out.
 """
 
 import os
@@ -29,6 +31,7 @@ from lm.loss import cross_entropy
 
 flags.DEFINE_string("out", "docs/results/sharding", "Output directory.")
 flags.DEFINE_integer("steps", 3, "Timed steps per configuration.")
+flags.DEFINE_list("tables", ["presets", "activations"], "Which tables to regenerate.")
 FLAGS = flags.FLAGS
 
 PRESETS = [
@@ -181,12 +184,15 @@ def main(argv):
   # steps timed here run without it.
   simulate_cpu_devices(8)
   command = "python -m launch.reproduce.sharding --out " + FLAGS.out
-  rows = preset_rows(FLAGS.steps)
-  print(write_table(rows, FLAGS.out, "presets", "Parallelism presets and remat policies (8 simulated CPU devices)",
-                    command, "Memory is per device from the compiled step's memory_analysis(); step time is "
-                    "the median of timed steps after compile and warm-up. All 8 simulated devices share "
-                    "2 CPU cores, so tokens/s compares communication/layout overheads, not scaling."))
-  plot(rows, os.path.join(FLAGS.out, "sharding.png"))
+  if "presets" in FLAGS.tables:
+    rows = preset_rows(FLAGS.steps)
+    print(write_table(rows, FLAGS.out, "presets", "Parallelism presets and remat policies (8 simulated CPU devices)",
+                      command, "Memory is per device from the compiled step's memory_analysis(); step time is "
+                      "the median of timed steps after compile and warm-up. All 8 simulated devices share "
+                      "2 CPU cores, so tokens/s compares communication/layout overheads, not scaling."))
+    plot(rows, os.path.join(FLAGS.out, "sharding.png"))
+  if "activations" not in FLAGS.tables:
+    return
   print(write_table(activation_rows(), FLAGS.out, "activations",
                     "Activation memory per layer vs Korthikanti et al. 2022 (bf16, s=192, b=3, h=256, a=4)",
                     command, "saved_per_layer: bytes autodiff keeps for the backward pass (residuals with "

@@ -14,6 +14,7 @@ from jax.sharding import Mesh
 from launch.run import optimizer as optimizer_lib
 from launch.run import state as ts
 from launch.run.config import Config, check_against_mesh
+from lm import attention as attention_lib
 from sharding import mesh as mesh_lib
 from sharding import pipeline as pipeline_lib
 from sharding import remat as remat_lib
@@ -29,6 +30,7 @@ class RunContext:
   tx: optax.GradientTransformation
   schedule: optax.Schedule
   shardings: ts.TrainState   # NamedSharding per leaf of the TrainState
+  attention: attention_lib.Selection | None = None  # what model.attention resolved to here, and why
 
   @property
   def num_devices(self) -> int:
@@ -57,11 +59,14 @@ class MeshPlan:
     return {name: self.ici[name] * self.dcn[name] for name in self.ici}
 
 
-def plan_mesh(cfg: Config, num_devices: int, platform: str) -> MeshPlan:
-  """Resolves the config's mesh for `num_devices` devices of `platform` ("cpu", "gpu", "tpu").
+def plan_mesh(cfg: Config, num_devices: int, platform: str,
+              compute_capability: str | None = None) -> MeshPlan:
+  """Resolves the config's mesh for `num_devices` devices of `platform` ("cpu", "gpu", "tpu"; or
+  "cuda" / "rocm" for a GPU's vendor, "gpu" meaning NVIDIA).
 
   The one pre-compile check of a plan, shared by the run (build_context) and the cluster launcher's
-  dry run: DCN factors vs devices, mesh vs device count, batch vs the data axes, remat vs platform.
+  dry run: DCN factors vs devices, mesh vs device count, batch vs the data axes, remat vs platform,
+  and an explicit model.attention kernel vs platform (attention_selection).
   Raises ValueError naming what does not fit and how to fix it.
   """
   dcn = cfg.mesh.dcn_shape()
@@ -83,6 +88,7 @@ def plan_mesh(cfg: Config, num_devices: int, platform: str) -> MeshPlan:
                                           plan.shape["data"] * plan.shape["fsdp"])
     if errors:
       raise ValueError("Invalid pipeline:\n  " + "\n  ".join(errors))
+  attention_selection(cfg, platform, compute_capability)
   return plan
 
 
@@ -94,10 +100,24 @@ def pipeline_for(cfg: Config, plan: MeshPlan) -> pipeline_lib.Pipeline | None:
                                schedule=cfg.train.pipeline_schedule, repeats=cfg.train.pipeline_repeats)
 
 
+def attention_selection(cfg: Config, platform: str,
+                        compute_capability: str | None = None) -> attention_lib.Selection:
+  """What model.attention runs as for this config's training length on `platform`, and why.
+
+  Raises ValueError (before any compile) when an explicit `cudnn` or `splash` cannot run there.
+  """
+  m = cfg.model
+  return attention_lib.select(m.attention, platform="cuda" if platform == "gpu" else platform,
+                              dtype=m.dtype, head_dim=m.head_dim, seq_len=cfg.data.seq_len,
+                              compute_capability=compute_capability)
+
+
 def build_context(cfg: Config, devices: list | None = None) -> RunContext:
   """Validates `cfg` against the devices and returns the run's static pieces; raises ValueError early."""
   devices = devices or select_devices(cfg)
-  plan = plan_mesh(cfg, len(devices), devices[0].platform)
+  platform = attention_lib.platform_of(devices[0])
+  capability = getattr(devices[0], "compute_capability", None)
+  plan = plan_mesh(cfg, len(devices), platform, capability)
   mesh = mesh_lib.make_mesh(plan.ici, devices, plan.dcn)
   pipe = pipeline_for(cfg, plan)
   rules = rules_lib.get_rules(cfg.mesh.rules, cfg.mesh.custom_rules, pipelined=pipe is not None)
@@ -105,4 +125,5 @@ def build_context(cfg: Config, devices: list | None = None) -> RunContext:
   tx = optimizer_lib.make_optimizer(cfg.train)
   schedule = optimizer_lib.learning_rate_schedule(cfg.train)
   shardings = ts.state_shardings(mdef, tx, mesh, rules)
-  return RunContext(cfg, mesh, rules, mdef, tx, schedule, shardings)
+  return RunContext(cfg, mesh, rules, mdef, tx, schedule, shardings,
+                    attention_selection(cfg, platform, capability))

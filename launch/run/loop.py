@@ -178,6 +178,7 @@ def _loop(cfg: Config, workdir: str, checkpointer: ckpt_lib.Checkpointer, state,
                             "peak_tflops": peak / 1e12}, echo=False)
     logger.bar.write(f"model: {cfg.model.num_params() / 1e6:.2f}M params | mesh {dict(ctx.mesh.shape)} "
                      f"rules={cfg.mesh.rules} | peak {peak / 1e12:.2f} TFLOP/s ({peak_source})")
+    logger.bar.write(ctx.attention.message())  # issue 12: which attention kernel runs, and why
 
   def run_eval(step):
     loss = evaluate(eval_fn, state.params, cfg, tokenizer, data_sharding)
@@ -258,7 +259,8 @@ def _loop(cfg: Config, workdir: str, checkpointer: ckpt_lib.Checkpointer, state,
         timer["start"], timer["steps"] = None, 0  # evaluation time is not step time
       if save_now:
         checkpointer.save(step, state, {"data_state": data_states.gather_states(last_data_state),
-                                        "config": cfg.to_dict()})
+                                        "config": cfg.to_dict(),
+                                        "attention": dataclasses.asdict(ctx.attention)})
         timer["start"], timer["steps"] = None, 0
       if stop.requested:
         if logger.bar is not None:

@@ -15,7 +15,9 @@ from lm.loss import chunked_cross_entropy
 from launch.run.state import ModelDef, TrainState
 from sharding import rules as rules_lib
 
-Batch = dict[str, jax.Array]  # {"inputs": int32 [B, L], "targets": int32 [B, L]}
+# {"inputs": int32 [B, L], "targets": int32 [B, L], "segment_ids": int32 [B, L]}; segment_ids (the
+# document index of each token within its packed row) may be absent: then one row is one document.
+Batch = dict[str, jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +34,7 @@ class LossHook:
 
 def _loss(params, batch: Batch, mdef: ModelDef):
   model = mdef.bind(params)
-  hidden_BxLxD, _ = model.hidden_states(batch["inputs"])
+  hidden_BxLxD, _ = model.hidden_states(batch["inputs"], segment_ids_BxL=batch.get("segment_ids"))
   loss_sum, tokens = chunked_cross_entropy(hidden_BxLxD, batch["targets"], model.logits,
                                            mdef.cfg.logits_chunk_size)
   return loss_sum / tokens, (loss_sum, tokens)
@@ -92,7 +94,11 @@ def eval_step(params, batch: Batch, *, mdef: ModelDef) -> dict:
 
 
 def batch_sharding(mesh: Mesh, rules: rules_lib.Rules) -> NamedSharding:
-  """Sharding of a [batch, length] token array: rows split over the data axes."""
+  """Sharding of a [batch, length] token array: rows split over the data axes.
+
+  The jitted steps take it for the whole batch dict, so every [B, L] entry (inputs, targets,
+  segment_ids) is placed alike, whichever of them a batch carries.
+  """
   return NamedSharding(mesh, rules_lib.logical_to_spec(("batch", "length"), rules))
 
 
@@ -108,6 +114,18 @@ def activation_constraint(mesh: Mesh, rules: rules_lib.Rules):
   return constrain
 
 
+def per_shard_map(mesh: Mesh, rules: rules_lib.Rules):
+  """The wrapper lm.axes.per_shard calls while the steps are traced: a shard_map by logical names.
+
+  Kernels GSPMD cannot split (Pallas splash attention) run once per device on its block.
+  """
+  def wrap(fn, in_names, out_names):
+    specs = lambda names: rules_lib.logical_to_spec(names, rules)
+    return jax.shard_map(fn, mesh=mesh, in_specs=tuple(specs(n) for n in in_names),
+                         out_specs=specs(out_names), check_vma=False)
+  return wrap
+
+
 def jit_train_step(mdef: ModelDef, tx, schedule, accum_steps: int, mesh: Mesh, rules, state_shardings,
                    loss_hook: LossHook | None = None, skip_nonfinite: bool = False):
   """Returns the compiled-on-first-call train step with explicit shardings and the state donated.
@@ -119,7 +137,7 @@ def jit_train_step(mdef: ModelDef, tx, schedule, accum_steps: int, mesh: Mesh, r
   step = functools.partial(train_step, mdef=mdef, tx=tx, schedule=schedule, accum_steps=accum_steps,
                            loss_fn=loss_hook and loss_hook.fn, skip_nonfinite=skip_nonfinite)
   data = batch_sharding(mesh, rules)
-  in_shardings = (state_shardings, {"inputs": data, "targets": data})
+  in_shardings = (state_shardings, data)
   if loss_hook is not None:
     in_shardings += (loss_hook.extra_shardings,)
   jitted = jax.jit(step, in_shardings=in_shardings, out_shardings=(state_shardings, None),
@@ -131,7 +149,7 @@ def jit_eval_step(mdef: ModelDef, mesh: Mesh, rules, param_shardings):
   """Returns the jitted eval step over sharded parameters and a sharded batch."""
   data = batch_sharding(mesh, rules)
   jitted = jax.jit(functools.partial(eval_step, mdef=mdef),
-                   in_shardings=(param_shardings, {"inputs": data, "targets": data}))
+                   in_shardings=(param_shardings, data))
   return _traced_under(jitted, mesh, rules)
 
 
@@ -140,12 +158,13 @@ class _traced_under:
 
   def __init__(self, jitted, mesh, rules, bound_args: tuple = ()):
     self.jitted, self.constraint = jitted, activation_constraint(mesh, rules)
+    self.per_shard = per_shard_map(mesh, rules)
     self.bound_args = bound_args  # trailing arguments passed on every call (a LossHook's extra)
 
   def __call__(self, *args):
-    with axes.use_constraint(self.constraint):
+    with axes.use_constraint(self.constraint), axes.use_per_shard(self.per_shard):
       return self.jitted(*args, *self.bound_args)
 
   def lower(self, *args):
-    with axes.use_constraint(self.constraint):
+    with axes.use_constraint(self.constraint), axes.use_per_shard(self.per_shard):
       return self.jitted.lower(*args, *self.bound_args)

@@ -2,8 +2,11 @@
 
 Both pipelines tokenize documents inside grain (a `map`), append EOS to each, concatenate them and cut
 the stream into windows of seq_len + 1 tokens (`grain.experimental.ConcatThenSplitIterDataset`), so
-nothing is padded; a window gives inputs = window[:-1] and targets = window[1:]. Documents attend
-across the EOS that separates them (no segment masking).
+nothing is padded; a window gives inputs = window[:-1] and targets = window[1:], and segment_ids, the
+index of each input token's document within its row (0, 1, ...; a document ends with its EOS, so
+the EOS input that predicts the next document's first token still belongs to the one it ends). The
+model masks attention with them, so documents packed in one row do not see each other, and restarts
+rotary positions at each document (lm/transformer.py).
 
 Per-process sharding:
   * train: documents are sharded by process (process p reads documents p, p + P, p + 2P, ... of the
@@ -103,10 +106,14 @@ def _is_full_window(window: dict[str, np.ndarray]) -> bool:
 
 
 def _inputs_and_targets(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """{"tokens": [B, L + 1], ...} -> {"inputs": int32 [B, L], "targets": int32 [B, L]}."""
+  """{"tokens": [B, L + 1], "tokens_segment_ids": [B, L + 1], ...} -> {"inputs", "targets",
+  "segment_ids"}, each int32 [B, L]."""
   tokens_BxL1 = batch["tokens"]
+  # grain numbers the documents of a window 1, 2, ... (0 is padding, which full windows never have).
+  segment_ids_BxL = batch["tokens_segment_ids"][:, :-1].astype(np.int32) - 1
   return {"inputs": np.ascontiguousarray(tokens_BxL1[:, :-1]),
-          "targets": np.ascontiguousarray(tokens_BxL1[:, 1:])}
+          "targets": np.ascontiguousarray(tokens_BxL1[:, 1:]),
+          "segment_ids": np.ascontiguousarray(segment_ids_BxL)}
 
 
 class _RowSlice:
@@ -203,9 +210,9 @@ def train_iterator(data_dir: str, tokenizer: tokenizer_lib.Tokenizer, *, seq_len
   rows of each global batch, so the global batches are the same for any number of processes
   (exactly reproducible multi-host runs, at process_count times the tokenization work).
 
-  Each element is {"inputs": int32 [local_batch, seq_len], "targets": int32 [local_batch,
-  seq_len]} with local_batch = global_batch_size // process_count and targets[:, t] ==
-  inputs[:, t + 1] within a row. This process reads documents process_index::process_count of the
+  Each element is {"inputs", "targets", "segment_ids"}, each int32 [local_batch, seq_len], with
+  local_batch = global_batch_size // process_count, targets[:, t] == inputs[:, t + 1] within a row,
+  and segment_ids[:, t] the number of EOS tokens in inputs[:, :t] (the document index in the row). This process reads documents process_index::process_count of the
   train split. With `shuffle`, documents are reshuffled every epoch; epoch e uses grain's
   index_shuffle with seed (seed + e) mod 2**32; the packed stream runs on across epoch boundaries.
   `num_workers` > 0 tokenizes and packs in that many grain worker processes (the caller's script
@@ -254,8 +261,8 @@ def eval_batches(data_dir: str, tokenizer: tokenizer_lib.Tokenizer, *, seq_len: 
                  max_batches: int = 0) -> grain.DatasetIterator:
   """Returns a finite iterator over this process's validation batches, the same on every call.
 
-  Elements are as in train_iterator: {"inputs": int32 [local_batch, seq_len], "targets": int32
-  [local_batch, seq_len]}. The validation documents are packed in corpus order without shuffling;
+  Elements are as in train_iterator: {"inputs", "targets", "segment_ids"}, each int32
+  [local_batch, seq_len]. The validation documents are packed in corpus order without shuffling;
   global batch k holds windows k * global_batch_size ... and this process gets rows
   [process_index * local_batch, (process_index + 1) * local_batch) of it. An incomplete last
   global batch is dropped. `max_batches` > 0 stops after that many batches; 0 gives them all.
