@@ -14,6 +14,8 @@ import numpy as np
 from flax import nnx
 
 from lm.axes import constrain
+from lm.config import ModelConfig
+from lm.serving import ServingModel
 from lm.transformer import KVCache, Transformer, init_cache
 
 Params = dict[str, Any]
@@ -27,7 +29,7 @@ def _is_count(value) -> bool:
 def _constrain_cache(cache: KVCache) -> KVCache:
   # Without this the cache's layout is whatever propagation guesses; with it, the rule tables place
   # the cache like the keys and values the model writes into it (by batch and kv_heads).
-  return {name: constrain(x, _CACHE_NAMES) for name, x in cache.items()}
+  return jax.tree.map(lambda x: constrain(x, _CACHE_NAMES), cache)
 
 
 def check_sampling_args(temperature: float, top_k: int, top_p: float) -> None:
@@ -150,7 +152,11 @@ def prefill(model: Transformer, prompt_BxP: jax.Array, cache_len: int,
   of each row's last prompt token, the cache).
   """
   batch, prompt_len = prompt_BxP.shape
-  cache = _constrain_cache(init_cache(model.cfg, batch, cache_len))
+  if isinstance(model, Transformer):
+    cache = init_cache(model.cfg, batch, cache_len)
+  else:
+    cache = model.init_cache(batch, cache_len)
+  cache = _constrain_cache(cache)
   if prompt_lengths_B is None:
     logits_BxPxV, cache = model.decode(prompt_BxP, cache, 0)
   else:
@@ -171,10 +177,13 @@ def decode_steps(model: Transformer, cache: KVCache, token_B: jax.Array, done_B:
   the cache).
   """
   batch = token_B.shape[0]
-  # nnx refuses Variables from an outer trace inside the model's own nnx.scan, so the step body
-  # rebuilds the module from plain arrays instead of closing over `model`.
-  graphdef, state = nnx.split(model)
-  params = nnx.to_pure_dict(state)
+  rebuild = lambda: model
+  if isinstance(model, nnx.Module):
+    # nnx refuses Variables from an outer trace inside the model's own nnx.scan, so the step body
+    # rebuilds the module from plain arrays instead of closing over `model`.
+    graphdef, state = nnx.split(model)
+    params = nnx.to_pure_dict(state)
+    rebuild = lambda: nnx.merge(graphdef, params)
   pad_B = jnp.zeros((batch,), jnp.int32) if pad_B is None else pad_B
   fill = 0 if eos_id is None else eos_id
   out_BxN = jnp.full((batch, steps), fill, jnp.int32)
@@ -185,8 +194,7 @@ def decode_steps(model: Transformer, cache: KVCache, token_B: jax.Array, done_B:
     index, cache, token_B, done_B, out_BxN = carry
     column = start + index
     positions_Bx1 = (column - pad_B)[:, None]
-    logits_Bx1xV, cache = nnx.merge(graphdef, params).decode(token_B[:, None], cache, column,
-                                                             positions_Bx1, pad_B)
+    logits_Bx1xV, cache = rebuild().decode(token_B[:, None], cache, column, positions_Bx1, pad_B)
     token_B = sample(logits_Bx1xV[:, 0], index)
     if eos_id is not None:
       token_B = jnp.where(done_B, jnp.int32(eos_id), token_B)
@@ -242,13 +250,22 @@ def generate(model: Transformer, prompt_BxP: jax.Array, *, max_new_tokens: int, 
   return jnp.concatenate([prompt_BxP, first_B[:, None], rest_BxN], axis=1)
 
 
-def make_generate_fn(graphdef: nnx.GraphDef, *, max_new_tokens: int, temperature: float = 1.0,
+def build_model(graphdef: nnx.GraphDef | ModelConfig, params: Params):
+  """The model `generate` runs: `nnx.merge(graphdef, params)` for a Transformer's graphdef and params,
+  or for a ModelConfig a `lm.serving.ServingModel` of serving params (`lm.serving.serving_params`)."""
+  if isinstance(graphdef, ModelConfig):
+    return ServingModel(graphdef, params)
+  return nnx.merge(graphdef, params)
+
+
+def make_generate_fn(graphdef: nnx.GraphDef | ModelConfig, *, max_new_tokens: int, temperature: float = 1.0,
                      top_k: int = 0, top_p: float = 1.0,
                      eos_id: int | None = None) -> Callable[..., jax.Array]:
   """Returns a jitted `fn(params, prompt_BxP, rng, prompt_lengths_B=None) -> tokens [B, P + max_new_tokens]`.
 
-  `graphdef` and `params` (a nested dict, e.g. `nnx.split` + `nnx.to_pure_dict`, or a `ModelDef`'s
-  `graphdef` with its params) rebuild the model inside jit. `prompt_lengths_B` marks left-padded rows
+  `graphdef` and `params` rebuild the model inside jit (`build_model`): a Transformer's graphdef with
+  its nested-dict params (`nnx.split` + `nnx.to_pure_dict`, or a `ModelDef`'s), or the fast path, a
+  ModelConfig with `lm.serving.serving_params`. `prompt_lengths_B` marks left-padded rows
   (`generate`). Sampling arguments are checked here, before anything compiles; `fn` compiles once per
   prompt shape and never per token.
   """
@@ -258,27 +275,11 @@ def make_generate_fn(graphdef: nnx.GraphDef, *, max_new_tokens: int, temperature
 
   def fn(params: Params, prompt_BxP: jax.Array, rng: jax.Array,
          prompt_lengths_B: jax.Array | None = None) -> jax.Array:
-    return generate(nnx.merge(graphdef, params), prompt_BxP, max_new_tokens=max_new_tokens, rng=rng,
+    return generate(build_model(graphdef, params), prompt_BxP, max_new_tokens=max_new_tokens, rng=rng,
                     temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id,
                     prompt_lengths_B=prompt_lengths_B)
 
   return jax.jit(fn)
-
-
-def serving_params(params: Params, dtype) -> Params:
-  """Casts the float weight matrices (every `kernel` and embedding `table`) to `dtype`, once.
-
-  The model casts each weight to its compute dtype on every call; handing it weights already in that
-  dtype makes the cast free, instead of re-reading fp32 weights and writing a bf16 copy every decode
-  step. Norm scales and int8 scales/smoothing stay float32 (they are tiny and set every output's
-  precision); int8 kernels stay int8.
-  """
-  def cast(path, x):
-    name = getattr(path[-1], "key", None)
-    if name in ("kernel", "table") and jnp.issubdtype(x.dtype, jnp.floating):
-      return x.astype(dtype)
-    return x
-  return jax.tree_util.tree_map_with_path(cast, params)
 
 
 def _bucket(length: int, limit: int) -> int:
@@ -289,7 +290,7 @@ def _bucket(length: int, limit: int) -> int:
   return min(width, limit)
 
 
-def stream_text(graphdef: nnx.GraphDef, params: Params, tokenizer, prompts: list[str], *, max_seq_len: int,
+def stream_text(graphdef: nnx.GraphDef | ModelConfig, params: Params, tokenizer, prompts: list[str], *, max_seq_len: int,
                 max_new_tokens: int, temperature: float, top_k: int = 0, top_p: float = 1.0,
                 seed: int = 0, batch_size: int = 8) -> Iterator[tuple[int, str]]:
   """Yields (prompt index, continuation with the prompt text) as each batch of prompts finishes.
@@ -298,7 +299,7 @@ def stream_text(graphdef: nnx.GraphDef, params: Params, tokenizer, prompts: list
   batch: they are left-padded to a power-of-two width (so few shapes compile), each row continues at
   its own positions and stops at its own EOS. Every prompt is checked before anything compiles:
   ValueError for one that is empty or leaves no room for `max_new_tokens` within `max_seq_len`.
-  `params` should already be in the serving dtype (`serving_params`).
+  `graphdef` and `params` as in `make_generate_fn` (serve with a ModelConfig and serving params).
   """
   check_sampling_args(temperature, top_k, top_p)
   if not _is_count(batch_size) or batch_size < 1:
@@ -323,7 +324,7 @@ def stream_text(graphdef: nnx.GraphDef, params: Params, tokenizer, prompts: list
       yield first + row, prompts[first + row] + tokenizer.decode(generated)
 
 
-def generate_text(graphdef: nnx.GraphDef, params: Params, tokenizer, prompts: list[str], *, max_seq_len: int,
+def generate_text(graphdef: nnx.GraphDef | ModelConfig, params: Params, tokenizer, prompts: list[str], *, max_seq_len: int,
                   max_new_tokens: int, temperature: float, top_k: int = 0, top_p: float = 1.0,
                   seed: int = 0, batch_size: int = 8) -> list[str]:
   """Returns one continuation per prompt string (prompt text included), in order; see `stream_text`."""

@@ -159,14 +159,7 @@ class Transformer(nnx.Module):
     cfg = self.cfg
     length = x_BxLxD.shape[1]
     # ---- cached decoding (issue 17) ----
-    # The mask is by cache column: a query at column c sees columns key_start..c (and always itself,
-    # so a left-padding query has one valid key instead of none).
-    columns_S = jnp.arange(cache["k"].shape[2], dtype=jnp.int32)
-    query_columns_L = start + jnp.arange(length, dtype=jnp.int32)
-    mask_BxLxS = columns_S[None, None, :] <= query_columns_L[None, :, None]
-    if key_start_B is not None:
-      mask_BxLxS &= ((columns_S[None, None, :] >= key_start_B[:, None, None])
-                     | (columns_S[None, None, :] == query_columns_L[None, :, None]))
+    mask_BxLxS = cache_mask(cache["k"].shape[2], start, length, key_start_B)
 
     def cached_layer(carry, block, index):
       x, k_all, v_all = carry
@@ -211,6 +204,21 @@ class Transformer(nnx.Module):
                        f"KV cache of length {cache_len}; allocate a longer cache with init_cache.")
     hidden, cache = self.hidden_states(tokens_BxL, positions_BxL, cache, cache_index, key_start_B)
     return self.logits(hidden), cache
+
+
+def cache_mask(cache_len: int, start, length: int, key_start_B=None) -> jax.Array:
+  """Which cache columns [S] each of `length` queries at columns start.. may attend to: bool [B|1, L, S].
+
+  A query at column c sees columns key_start..c (key_start: a left-padded row's first real column,
+  default 0), and always itself, so a padding query has one valid key instead of none.
+  """
+  columns_S = jnp.arange(cache_len, dtype=jnp.int32)
+  query_columns_L = start + jnp.arange(length, dtype=jnp.int32)
+  mask_BxLxS = columns_S[None, None, :] <= query_columns_L[None, :, None]
+  if key_start_B is not None:
+    mask_BxLxS &= ((columns_S[None, None, :] >= key_start_B[:, None, None])
+                   | (columns_S[None, None, :] == query_columns_L[None, :, None]))
+  return mask_BxLxS
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int | None = None, dtype=None) -> KVCache:

@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 from lm import generate as gen_lib
+from lm import serving
 from launch.run.config import model_config
 from lm.transformer import Transformer, init_cache
 
@@ -276,11 +277,29 @@ def test_generate_validates_prompt_lengths(tiny):
 
 def test_serving_params_casts_weight_matrices_only(tiny):
   _, _, params = tiny
-  served = gen_lib.serving_params(params, jnp.bfloat16)
+  served = serving.serving_params(params, jnp.bfloat16)
   flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(served)}
   assert flat["['embed']['table']"].dtype == jnp.bfloat16
-  assert flat["['blocks']['mlp']['up']['kernel']"].dtype == jnp.bfloat16
+  assert flat["['layers'][1]['mlp']['up']['kernel']"].dtype == jnp.bfloat16
+  np.testing.assert_array_equal(flat["['layers'][1]['mlp']['up']['kernel']"],
+                                params["blocks"]["mlp"]["up"]["kernel"][1].astype(jnp.bfloat16))
   assert flat["['final_norm']['scale']"].dtype == jnp.float32
+  assert "blocks" not in served
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_serving_model_generates_what_the_transformer_does(variant, prompt_BxP):
+  cfg, graphdef, params = _build(**VARIANTS[variant])
+  kwargs = dict(max_new_tokens=NEW_TOKENS, temperature=0.0)
+  tokens_BxP, lengths_B = gen_lib.left_pad(RAGGED)
+  expected = gen_lib.make_generate_fn(graphdef, **kwargs)(params, tokens_BxP, jax.random.key(0), lengths_B)
+  served = gen_lib.make_generate_fn(cfg, **kwargs)(serving.serving_params(params), tokens_BxP,
+                                                   jax.random.key(0), lengths_B)
+  np.testing.assert_array_equal(served, expected)
+  # And its logits equal the full forward's (so the fast path is the same model, not a lookalike).
+  model = serving.ServingModel(cfg, serving.serving_params(params))
+  logits_BxV, _ = jax.jit(lambda: gen_lib.prefill(model, prompt_BxP, cfg.max_seq_len))()
+  np.testing.assert_allclose(logits_BxV, _forward(graphdef, params, prompt_BxP)[:, -1], atol=1e-5, rtol=0)
 
 
 def test_stream_text_batches_ragged_prompts_like_one_at_a_time(tiny):
