@@ -28,6 +28,10 @@ flags.DEFINE_integer("new_tokens", 32, "Decode steps timed per row.")
 flags.DEFINE_integer("repeats", 3, "Timed runs per row (best is reported).")
 flags.DEFINE_integer("top_k", 50, "Sampling: keep the k most likely tokens (0: all; with temperature 0, greedy).")
 flags.DEFINE_float("temperature", 1.0, "Sampling temperature (0: greedy argmax).")
+flags.DEFINE_integer("max_prefill_tokens", 0, "Skip shapes with batch x prompt above this (0: none); "
+                     "skipped shapes are listed in the notes.")
+flags.DEFINE_bool("export", False, "Also time whole generation through the jax.export artifact vs in process "
+                  "(each variant, at the first prompt length and the batches up to 8).")
 flags.DEFINE_string("profile", None, "Trace the first row's decode loop here and print where its time goes.")
 FLAGS = flags.FLAGS
 
@@ -47,10 +51,13 @@ def main(argv):
   machine = (f"{device.device_kind} ({device.platform}), copy bandwidth measured {measured / 1e9:.1f} GB/s"
              + (f", spec sheet {spec / 1e9:.0f} GB/s" if spec else ""))
   print(machine, flush=True)
-  rows, profile = [], ""
+  rows, export_rows, profile, skipped = [], [], "", set()
   for variant in decode_lib.make_variants(cfg.model, FLAGS.weights):
     for prompt_len in prompt_lens:
       for batch in batches:
+        if FLAGS.max_prefill_tokens and batch * prompt_len > FLAGS.max_prefill_tokens:
+          skipped.add(f"batch {batch} x prompt {prompt_len}")
+          continue
         trace = FLAGS.profile if not rows else None
         row, compiled = decode_lib.decode_row(variant, batch, prompt_len, FLAGS.new_tokens, measured,
                                               temperature=FLAGS.temperature, top_k=FLAGS.top_k,
@@ -60,10 +67,20 @@ def main(argv):
           summary = summarize_trace(trace, compiled.as_text())
           profile = profile_markdown(summary, f"decode loop, {variant.name}, batch {batch}, prompt {prompt_len}")
           print(profile)
+    if FLAGS.export:
+      for batch in [b for b in batches if b <= 8]:
+        export_rows.append(decode_lib.export_row(variant, batch, prompt_lens[0], FLAGS.new_tokens,
+                                                 repeats=FLAGS.repeats))
   if FLAGS.out:
     command = "python -m launch.bench_decode " + " ".join(sys.argv[1:])
-    notes = f"Machine: {machine}.\n\n{profile}"
+    notes = f"Machine: {machine}.\n"
+    if skipped:
+      notes += f"\nSkipped (--max_prefill_tokens={FLAGS.max_prefill_tokens}): {', '.join(sorted(skipped))}.\n"
+    notes += f"\n{profile}"
     write_table(rows, FLAGS.out, "decode", "Generation benchmark", command, notes)
+    if export_rows:
+      write_table(export_rows, FLAGS.out, "decode_export",
+                  "Generation through the jax.export artifact vs in process", command, f"Machine: {machine}.")
 
 
 if __name__ == "__main__":
