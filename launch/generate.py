@@ -2,32 +2,59 @@
 
   python -m launch.generate --checkpoint_dir runs/demo/checkpoints --prompt "ROMEO." \
       --max_new_tokens 64 --temperature 0.8 --top_k 50 --top_p 0.95
+  python -m launch.generate --checkpoint_dir runs/demo/checkpoints --prompts_file prompts.txt \
+      --batch_size 16 --temperature 0                 # one JSON line per prompt, as batches finish
+
   python -m launch.generate --checkpoint_dir runs/llama-3.2-1b-instruct/converted --chat \
       --prompt "What is the capital of France?" [--system "Answer in one word."]
 
 --chat treats each prompt as a user message: the checkpoint's chat template (its Hugging Face
 tokenizer's, lm/data/chat.py) wraps it, and generation stops at the model's end-of-turn tokens;
-only the reply is printed.
+only the reply is printed. Weights are laid out for serving once at load (lm/serving.py: per layer, in the compute dtype;
+--dtype bfloat16 serves a float32-computing checkpoint in bf16). Prompts of different lengths share
+a batch (left-padded), and each row stops at its own end-of-sequence token.
 """
+
+import dataclasses
+import json
 
 from absl import flags
 
 from launch.run import cli
 from launch.run.restore import load_checkpoint
+from lm.config import DTYPES
 from lm.data.chat import chat_format
-from lm.generate import check_sampling_args
+from lm.generate import check_sampling_args, stream_text
+from lm.serving import serving_params
 
 cli.define_checkpoint_flags("A run's checkpoint directory (<workdir>/checkpoints).")
 flags.DEFINE_multi_string("prompt", ["ROMEO."], "Prompt text; repeat the flag for several prompts.")
+flags.DEFINE_string("prompts_file", None, "A text file with one prompt per line (blank lines skipped); "
+                    "results stream out as JSON lines {\"index\", \"text\"}. Replaces --prompt.")
+flags.DEFINE_integer("batch_size", 8, "Prompts decoded together.")
+flags.DEFINE_string("dtype", "", "Compute dtype to serve in (float32, bfloat16, float16; '': the "
+                    "checkpoint's model.dtype).")
 flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate after each prompt.")
 flags.DEFINE_float("temperature", 0.8, "0 for greedy decoding.")
 flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0: all).")
 flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1: all).")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
-flags.DEFINE_bool("chat", False, "Each --prompt is a user message in the checkpoint's chat template; "
-                  "stop at the end-of-turn tokens and print the reply only.")
+flags.DEFINE_bool("chat", False, "Each prompt is a user message in the checkpoint's chat template; "
+                  "generation stops at the end-of-turn tokens and only the reply is printed.")
 flags.DEFINE_string("system", None, "--chat: a system message before each prompt.")
 FLAGS = flags.FLAGS
+
+
+def read_prompts(path: str) -> list[str]:
+  """The non-blank lines of `path`; ValueError if it has none or cannot be read."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      prompts = [line.rstrip("\n") for line in f if line.strip()]
+  except OSError as e:
+    raise ValueError(f"--prompts_file={path}: {e.strerror}.") from e
+  if not prompts:
+    raise ValueError(f"--prompts_file={path} holds no prompts (one per line).")
+  return prompts
 
 
 def main(argv):
@@ -35,18 +62,32 @@ def main(argv):
   cli.quiet_logs()
   cli.require("checkpoint_dir")
   check_sampling_args(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
+  if FLAGS.dtype and FLAGS.dtype not in DTYPES:
+    raise ValueError(f"--dtype={FLAGS.dtype!r}: choose one of {sorted(DTYPES)} (or '' for the checkpoint's).")
+  prompts = read_prompts(FLAGS.prompts_file) if FLAGS.prompts_file else FLAGS.prompt
   loaded = load_checkpoint(FLAGS.checkpoint_dir, FLAGS.step)
-  prompts, extra = FLAGS.prompt, {}
+  texts, extra = prompts, {}
   if FLAGS.chat:
     chat = chat_format(loaded.cfg.data.tokenizer, loaded.cfg.data.tokenizer_path, loaded.tokenizer)
     system = [{"role": "system", "content": FLAGS.system}] if FLAGS.system else []
-    prompts = [chat.render(system + [{"role": "user", "content": p}]) for p in FLAGS.prompt]
+    texts = [chat.render(system + [{"role": "user", "content": p}]) for p in prompts]
     extra = dict(stop_ids=chat.stop_ids, echo=False)
-  for prompt, text in zip(FLAGS.prompt, loaded.generate(
-      prompts, max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
-      top_p=FLAGS.top_p, seed=FLAGS.seed, **extra)):
-    print(f"> {prompt}\n{text}" if FLAGS.chat else text)
-    print("-" * 60)
+  model_cfg, tokenizer, stacked = loaded.cfg.model, loaded.tokenizer, loaded.params
+  del loaded  # the serving copy below replaces the stacked parameters
+  if FLAGS.dtype:
+    model_cfg = dataclasses.replace(model_cfg, dtype=FLAGS.dtype)
+  params = serving_params(stacked, model_cfg.compute_dtype)
+  del stacked
+  results = stream_text(model_cfg, params, tokenizer, texts, max_seq_len=model_cfg.max_seq_len,
+                        max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
+                        top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed,
+                        batch_size=FLAGS.batch_size, **extra)
+  for index, text in results:
+    if FLAGS.prompts_file:
+      print(json.dumps({"index": index, "text": text}), flush=True)
+    else:
+      print(f"> {prompts[index]}\n{text}" if FLAGS.chat else text)
+      print("-" * 60, flush=True)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ Shape suffixes: B batch, P prompt length, T total length (P + max_new_tokens), V
 """
 
 import numbers
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +14,8 @@ import numpy as np
 from flax import nnx
 
 from lm.axes import constrain
+from lm.config import ModelConfig
+from lm.serving import ServingModel
 from lm.transformer import KVCache, Transformer, init_cache
 
 Params = dict[str, Any]
@@ -27,7 +29,7 @@ def _is_count(value) -> bool:
 def _constrain_cache(cache: KVCache) -> KVCache:
   # Without this the cache's layout is whatever propagation guesses; with it, the rule tables place
   # the cache like the keys and values the model writes into it (by batch and kv_heads).
-  return {name: constrain(x, _CACHE_NAMES) for name, x in cache.items()}
+  return jax.tree.map(lambda x: constrain(x, _CACHE_NAMES), cache)
 
 
 def check_sampling_args(temperature: float, top_k: int, top_p: float) -> None:
@@ -104,6 +106,11 @@ def sample_logits(logits_BxV: jax.Array, rng: jax.Array, *, temperature: float =
   return choice_B.astype(jnp.int32)
 
 
+def _stop_ids(eos_id: int | Sequence[int] | None) -> tuple[int, ...]:
+  """`eos_id` as a tuple of stop ids (empty for None)."""
+  return () if eos_id is None else (eos_id,) if _is_count(eos_id) else tuple(eos_id)
+
+
 def check_generate_args(prompt_shape: tuple[int, ...], max_new_tokens: int, max_seq_len: int) -> None:
   """Raises ValueError unless the prompt is [B, P] with P >= 1 and P + max_new_tokens <= max_seq_len."""
   if len(prompt_shape) != 2 or prompt_shape[1] < 1:
@@ -118,108 +125,231 @@ def check_generate_args(prompt_shape: tuple[int, ...], max_new_tokens: int, max_
         f"model.max_seq_len={max_seq_len}; shorten the prompt or lower max_new_tokens.")
 
 
+def check_prompt_lengths(prompt_lengths_B, batch: int, prompt_len: int) -> None:
+  """Raises ValueError unless concrete `prompt_lengths_B` holds `batch` lengths in [1, prompt_len]."""
+  lengths = np.asarray(prompt_lengths_B)
+  if lengths.shape != (batch,):
+    raise ValueError(f"prompt_lengths has shape {lengths.shape}; it needs one length per row, ({batch},).")
+  if lengths.min() < 1 or lengths.max() > prompt_len:
+    raise ValueError(f"prompt_lengths {lengths.tolist()} must lie in [1, {prompt_len}] (the padded "
+                     "prompt width); a left-padded row of length n holds its tokens in the last n columns.")
+
+
+def left_pad(prompts: list[list[int]], width: int | None = None, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Left-pads token lists into (int32 [B, width], int32 lengths [B]); width defaults to the longest."""
+  if not prompts or min(len(p) for p in prompts) < 1:
+    raise ValueError("every prompt needs at least one token.")
+  width = width or max(len(p) for p in prompts)
+  if max(len(p) for p in prompts) > width:
+    raise ValueError(f"a prompt of {max(len(p) for p in prompts)} tokens does not fit width={width}.")
+  tokens_BxP = np.full((len(prompts), width), pad_id, np.int32)
+  for row, ids in enumerate(prompts):
+    tokens_BxP[row, width - len(ids):] = ids
+  return tokens_BxP, np.asarray([len(p) for p in prompts], np.int32)
+
+
+def prefill(model: Transformer, prompt_BxP: jax.Array, cache_len: int,
+            prompt_lengths_B: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+  """Runs the prompts [B, P] through the model in one call, filling a new KV cache of `cache_len` columns.
+
+  With `prompt_lengths_B`, row b is left-padded: its tokens are the last prompt_lengths_B[b] columns,
+  their positions start at 0, and no query ever attends to the padding. Returns (float32 logits [B, V]
+  of each row's last prompt token, the cache).
+  """
+  batch, prompt_len = prompt_BxP.shape
+  if isinstance(model, Transformer):
+    cache = init_cache(model.cfg, batch, cache_len)
+  else:
+    cache = model.init_cache(batch, cache_len)
+  cache = _constrain_cache(cache)
+  if prompt_lengths_B is None:
+    logits_BxPxV, cache = model.decode(prompt_BxP, cache, 0)
+  else:
+    pad_B = prompt_len - jnp.asarray(prompt_lengths_B, jnp.int32)
+    positions_BxP = jnp.maximum(jnp.arange(prompt_len, dtype=jnp.int32)[None] - pad_B[:, None], 0)
+    logits_BxPxV, cache = model.decode(prompt_BxP, cache, 0, positions_BxP, pad_B)
+  return logits_BxPxV[:, -1], _constrain_cache(cache)
+
+
+def decode_steps(model: Transformer, cache: KVCache, token_B: jax.Array, done_B: jax.Array, *,
+                 start: int, steps: int, sample: Callable[[jax.Array, jax.Array], jax.Array],
+                 eos_id: int | Sequence[int] | None = None,
+                 pad_B: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+  """Feeds `token_B` (sitting at cache column `start`) back `steps` times, one cached step per token.
+
+  `sample(logits_BxV, step)` picks the next tokens; `pad_B` are left-padded rows' padding widths (a
+  token at column c has position c - pad). A row that is `done_B` (or emits `eos_id`, or any of several
+  ids, e.g. a chat model's end-of-turn tokens) emits the first of them from then on, and the loop stops early once every row is done. Returns (int32 tokens [B, steps],
+  the cache).
+  """
+  batch = token_B.shape[0]
+  rebuild = lambda: model
+  if isinstance(model, nnx.Module):
+    # nnx refuses Variables from an outer trace inside the model's own nnx.scan, so the step body
+    # rebuilds the module from plain arrays instead of closing over `model`.
+    graphdef, state = nnx.split(model)
+    params = nnx.to_pure_dict(state)
+    rebuild = lambda: nnx.merge(graphdef, params)
+  pad_B = jnp.zeros((batch,), jnp.int32) if pad_B is None else pad_B
+  eos_ids = _stop_ids(eos_id)
+  fill = eos_ids[0] if eos_ids else 0
+  out_BxN = jnp.full((batch, steps), fill, jnp.int32)
+  if steps == 0:
+    return out_BxN, cache
+
+  def body(carry):
+    index, cache, token_B, done_B, out_BxN = carry
+    column = start + index
+    positions_Bx1 = (column - pad_B)[:, None]
+    logits_Bx1xV, cache = rebuild().decode(token_B[:, None], cache, column, positions_Bx1, pad_B)
+    token_B = sample(logits_Bx1xV[:, 0], index)
+    if eos_ids:
+      token_B = jnp.where(done_B, jnp.int32(eos_ids[0]), token_B)
+      done_B = done_B | jnp.isin(token_B, jnp.asarray(eos_ids, jnp.int32))
+    out_BxN = jax.lax.dynamic_update_slice(out_BxN, token_B[:, None], (0, index))
+    return index + 1, _constrain_cache(cache), token_B, done_B, out_BxN
+
+  def keep_going(carry):
+    index, _, _, done_B, _ = carry
+    return (index < steps) & ~jnp.all(done_B)
+
+  carry = (jnp.int32(0), cache, token_B, done_B, out_BxN)
+  _, cache, _, _, out_BxN = jax.lax.while_loop(keep_going, body, carry)
+  return out_BxN, cache
+
+
 def generate(model: Transformer, prompt_BxP: jax.Array, *, max_new_tokens: int, rng: jax.Array,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             eos_id: int | Sequence[int] | None = None) -> jax.Array:
+             eos_id: int | Sequence[int] | None = None,
+             prompt_lengths_B: jax.Array | None = None) -> jax.Array:
   """Continues int prompts [B, P] by `max_new_tokens` sampled tokens; returns int32 tokens [B, T].
 
-  T = P + max_new_tokens, and the first P columns are the prompt. Every row shares the prompt length P
-  (no padding inside prompts). The prompt is prefilled in one `decode` call, then a `lax.scan` runs
-  one cached decode step per token, so tracing cost does not grow with `max_new_tokens`. Sampling
-  options are as in `sample_logits`. Once a row emits `eos_id` it emits `eos_id` for the rest of the
-  output (an `eos_id` inside the prompt does not count). `eos_id` may be several ids (a chat model's
-  end-of-turn tokens): any of them stops the row, which then repeats the first. Traceable: call it
-  inside `jit`.
+  T = P + max_new_tokens, and the first P columns are the prompt. Without `prompt_lengths_B` every row
+  is a full-width prompt; with it, rows are left-padded (see `left_pad`) and each continues from its
+  own last token at its own positions. The prompt is prefilled in one `decode` call, then a
+  `lax.while_loop` runs one cached decode step per token, so tracing cost does not grow with
+  `max_new_tokens`. Sampling options are as in `sample_logits`. Once a row emits `eos_id` it emits
+  `eos_id` for the rest of the output (an `eos_id` inside the prompt does not count), and the loop
+  ends when every row has. `eos_id` may be several ids (a chat model's end-of-turn tokens): any of
+  them stops the row, which then repeats the first. Traceable: call it inside `jit`.
   """
   prompt_BxP = jnp.asarray(prompt_BxP)
   check_sampling_args(temperature, top_k, top_p)
   check_generate_args(prompt_BxP.shape, max_new_tokens, model.cfg.max_seq_len)
   if not jnp.issubdtype(prompt_BxP.dtype, jnp.integer):
     raise ValueError(f"prompt must hold integer token ids, got dtype {prompt_BxP.dtype}.")
-  eos_ids = () if eos_id is None else (eos_id,) if _is_count(eos_id) else tuple(eos_id)
+  eos_ids = _stop_ids(eos_id)
   if not all(_is_count(i) and 0 <= i < model.cfg.vocab_size for i in eos_ids):
     raise ValueError(f"eos_id={eos_id!r}: must be token ids in [0, {model.cfg.vocab_size}) or None.")
+  batch, prompt_len = prompt_BxP.shape
+  if prompt_lengths_B is not None and not isinstance(prompt_lengths_B, jax.core.Tracer):
+    check_prompt_lengths(prompt_lengths_B, batch, prompt_len)
   prompt_BxP = prompt_BxP.astype(jnp.int32)
   if max_new_tokens == 0:
     return prompt_BxP
-  batch, prompt_len = prompt_BxP.shape
   sample = lambda logits_BxV, step: sample_logits(
       logits_BxV, jax.random.fold_in(rng, step), temperature=temperature, top_k=top_k, top_p=top_p)
 
-  def stop_after_eos(token_B, done_B):
-    if not eos_ids:
-      return token_B, done_B
-    token_B = jnp.where(done_B, jnp.int32(eos_ids[0]), token_B)
-    return token_B, done_B | jnp.isin(token_B, jnp.asarray(eos_ids, jnp.int32))
-
-  cache = _constrain_cache(init_cache(model.cfg, batch, prompt_len + max_new_tokens))
-  logits_BxPxV, cache = model.decode(prompt_BxP, cache, 0)
-  first_B, done_B = stop_after_eos(sample(logits_BxPxV[:, -1], 0), jnp.zeros((batch,), bool))
-
-  # nnx refuses Variables from an outer trace inside the model's own nnx.scan, so the step body
-  # rebuilds the module from plain arrays instead of closing over `model`.
-  graphdef, state = nnx.split(model)
-  params = nnx.to_pure_dict(state)
-
-  def step(carry, index):
-    cache, token_B, done_B = carry
-    # `token_B` was generated at position prompt_len + index; its logits predict the next one.
-    step_model = nnx.merge(graphdef, params)
-    logits_Bx1xV, cache = step_model.decode(token_B[:, None], cache, prompt_len + index)
-    cache = _constrain_cache(cache)
-    token_B, done_B = stop_after_eos(sample(logits_Bx1xV[:, 0], index + 1), done_B)
-    return (cache, token_B, done_B), token_B
-
-  steps = jnp.arange(max_new_tokens - 1, dtype=jnp.int32)
-  _, rest_NxB = jax.lax.scan(step, (cache, first_B, done_B), steps)
-  return jnp.concatenate([prompt_BxP, first_B[:, None], rest_NxB.T], axis=1)
+  logits_BxV, cache = prefill(model, prompt_BxP, prompt_len + max_new_tokens, prompt_lengths_B)
+  first_B = sample(logits_BxV, 0)
+  done_B = jnp.zeros((batch,), bool)
+  if eos_ids:
+    done_B = jnp.isin(first_B, jnp.asarray(eos_ids, jnp.int32))
+  pad_B = None if prompt_lengths_B is None else prompt_len - jnp.asarray(prompt_lengths_B, jnp.int32)
+  # Step i of the loop samples with fold_in(rng, i + 1): the same stream as one token per step.
+  rest_BxN, _ = decode_steps(model, cache, first_B, done_B, start=prompt_len, steps=max_new_tokens - 1,
+                             sample=lambda logits, i: sample(logits, i + 1), eos_id=eos_id, pad_B=pad_B)
+  return jnp.concatenate([prompt_BxP, first_B[:, None], rest_BxN], axis=1)
 
 
-def make_generate_fn(graphdef: nnx.GraphDef, *, max_new_tokens: int, temperature: float = 1.0,
+def build_model(graphdef: nnx.GraphDef | ModelConfig, params: Params):
+  """The model `generate` runs: `nnx.merge(graphdef, params)` for a Transformer's graphdef and params,
+  or for a ModelConfig a `lm.serving.ServingModel` of serving params (`lm.serving.serving_params`)."""
+  if isinstance(graphdef, ModelConfig):
+    return ServingModel(graphdef, params)
+  return nnx.merge(graphdef, params)
+
+
+def make_generate_fn(graphdef: nnx.GraphDef | ModelConfig, *, max_new_tokens: int, temperature: float = 1.0,
                      top_k: int = 0, top_p: float = 1.0,
-                     eos_id: int | Sequence[int] | None = None) -> Callable[[Params, jax.Array, jax.Array], jax.Array]:
-  """Returns a jitted `fn(params, prompt_BxP, rng) -> tokens [B, P + max_new_tokens]`.
+                     eos_id: int | Sequence[int] | None = None) -> Callable[..., jax.Array]:
+  """Returns a jitted `fn(params, prompt_BxP, rng, prompt_lengths_B=None) -> tokens [B, P + max_new_tokens]`.
 
-  `graphdef` and `params` (a nested dict, e.g. `nnx.split` + `nnx.to_pure_dict`, or a `ModelDef`'s
-  `graphdef` with its params) rebuild the model inside jit. Sampling arguments are checked here,
-  before anything compiles; `fn` compiles once per prompt shape and never per token.
+  `graphdef` and `params` rebuild the model inside jit (`build_model`): a Transformer's graphdef with
+  its nested-dict params (`nnx.split` + `nnx.to_pure_dict`, or a `ModelDef`'s), or the fast path, a
+  ModelConfig with `lm.serving.serving_params`. `prompt_lengths_B` marks left-padded rows
+  (`generate`). Sampling arguments are checked here, before anything compiles; `fn` compiles once per
+  prompt shape and never per token.
   """
   check_sampling_args(temperature, top_k, top_p)
   if not _is_count(max_new_tokens) or max_new_tokens < 0:
     raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be an integer >= 0.")
 
-  def fn(params: Params, prompt_BxP: jax.Array, rng: jax.Array) -> jax.Array:
-    return generate(nnx.merge(graphdef, params), prompt_BxP, max_new_tokens=max_new_tokens, rng=rng,
-                    temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id)
+  def fn(params: Params, prompt_BxP: jax.Array, rng: jax.Array,
+         prompt_lengths_B: jax.Array | None = None) -> jax.Array:
+    return generate(build_model(graphdef, params), prompt_BxP, max_new_tokens=max_new_tokens, rng=rng,
+                    temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id,
+                    prompt_lengths_B=prompt_lengths_B)
 
   return jax.jit(fn)
 
 
-def generate_text(graphdef: nnx.GraphDef, params: Params, tokenizer, prompts: list[str], *, max_seq_len: int,
-                  max_new_tokens: int, temperature: float, top_k: int = 0, top_p: float = 1.0,
-                  seed: int = 0, stop_ids: Sequence[int] = (), echo: bool = True) -> list[str]:
-  """Returns one continuation per prompt string (prompt text included), sampled with the KV cache.
+def _bucket(length: int, limit: int) -> int:
+  """The padded prompt width for `length` tokens: the next power of two (>= 16), at most `limit`."""
+  width = 16
+  while width < length:
+    width *= 2
+  return min(width, limit)
 
-  `tokenizer` has encode / decode / eos_id (lm.data.tokenizer). Prompts run one at a time so that
-  each keeps its own length (batched rows share a length). Raises ValueError for a prompt that is
-  empty or leaves no room for `max_new_tokens` within `max_seq_len`. Generation stops at the
-  tokenizer's EOS or any of `stop_ids` (a chat model's end-of-turn tokens); `echo=False` returns
+
+def stream_text(graphdef: nnx.GraphDef | ModelConfig, params: Params, tokenizer, prompts: list[str], *, max_seq_len: int,
+                max_new_tokens: int, temperature: float, top_k: int = 0, top_p: float = 1.0,
+                seed: int = 0, batch_size: int = 8, stop_ids: Sequence[int] = (),
+                echo: bool = True) -> Iterator[tuple[int, str]]:
+  """Yields (prompt index, continuation with the prompt text) as each batch of prompts finishes.
+
+  `tokenizer` has encode / decode / eos_id (lm.data.tokenizer). Prompts of different lengths share a
+  batch: they are left-padded to a power-of-two width (so few shapes compile), each row continues at
+  its own positions and stops at its own EOS. Every prompt is checked before anything compiles:
+  ValueError for one that is empty or leaves no room for `max_new_tokens` within `max_seq_len`.
+  `graphdef` and `params` as in `make_generate_fn` (serve with a ModelConfig and serving params).
+  A row also stops at any of `stop_ids` (a chat model's end-of-turn tokens); `echo=False` yields
   the continuations without their prompts.
   """
   check_sampling_args(temperature, top_k, top_p)
-  stops = tuple(dict.fromkeys((tokenizer.eos_id, *stop_ids)))
-  fn = make_generate_fn(graphdef, max_new_tokens=max_new_tokens, temperature=temperature,
-                        top_k=top_k, top_p=top_p, eos_id=stops)
-  outputs = []
-  for i, prompt in enumerate(prompts):
-    ids = tokenizer.encode(prompt)
-    limit = max_seq_len - max_new_tokens
+  if not _is_count(batch_size) or batch_size < 1:
+    raise ValueError(f"batch_size={batch_size!r}: must be an integer >= 1.")
+  limit = max_seq_len - max_new_tokens
+  encoded = [tokenizer.encode(prompt) for prompt in prompts]
+  for prompt, ids in zip(prompts, encoded):
     if not ids or len(ids) > limit:
       raise ValueError(f"prompt {prompt[:40]!r} has {len(ids)} tokens; it needs 1 to {limit} "
                        f"(model.max_seq_len={max_seq_len} minus max_new_tokens).")
-    tokens_1xT = fn(params, np.asarray([ids], np.int32), jax.random.key(seed + i))
-    generated = [int(t) for t in np.asarray(tokens_1xT[0, len(ids):])]
-    ends = [i for i, t in enumerate(generated) if t in stops]
-    generated = generated[:ends[0]] if ends else generated
-    outputs.append((prompt if echo else "") + tokenizer.decode(generated))
-  return outputs
+  stops = tuple(dict.fromkeys((tokenizer.eos_id, *stop_ids)))
+  fn = make_generate_fn(graphdef, max_new_tokens=max_new_tokens, temperature=temperature,
+                        top_k=top_k, top_p=top_p, eos_id=stops)
+  for first in range(0, len(prompts), batch_size):
+    rows = encoded[first:first + batch_size]
+    width = _bucket(max(len(ids) for ids in rows), limit)
+    tokens_BxP, lengths_B = left_pad(rows, width)
+    tokens_BxT = np.asarray(fn(params, tokens_BxP, jax.random.key(seed + first), lengths_B))
+    for row in range(len(rows)):
+      generated = [int(t) for t in tokens_BxT[row, width:]]
+      ends = [i for i, t in enumerate(generated) if t in stops]
+      generated = generated[:ends[0]] if ends else generated
+      yield first + row, (prompts[first + row] if echo else "") + tokenizer.decode(generated)
+
+
+def generate_text(graphdef: nnx.GraphDef | ModelConfig, params: Params, tokenizer, prompts: list[str], *, max_seq_len: int,
+                  max_new_tokens: int, temperature: float, top_k: int = 0, top_p: float = 1.0,
+                  seed: int = 0, batch_size: int = 8, stop_ids: Sequence[int] = (),
+                  echo: bool = True) -> list[str]:
+  """Returns one continuation per prompt string (prompt text included unless `echo=False`), in
+  order; see `stream_text`."""
+  texts = [""] * len(prompts)
+  for index, text in stream_text(graphdef, params, tokenizer, prompts, max_seq_len=max_seq_len,
+                                 max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                 top_p=top_p, seed=seed, batch_size=batch_size, stop_ids=stop_ids,
+                                 echo=echo):
+    texts[index] = text
+  return texts

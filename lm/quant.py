@@ -128,11 +128,15 @@ class QuantEmbedding(nnx.Module):
 
   def attend(self, x_BxLxD: jax.Array) -> jax.Array:
     """Takes hidden states [B, L, D] and returns float32 logits [B, L, V]."""
-    table_DxV = self.table[...].T
+    # Contract with the [V, D] table as stored: a transposed view would be materialized per call.
+    table_VxD = self.table[...]
+    dims = (((2,), (1,)), ((), ()))
     if self.mode == "w8a8":
-      return w8a8_matmul(x_BxLxD, table_DxV, self.scale[...], num_in=1)
-    logits = jnp.einsum("bld,dv->blv", x_BxLxD.astype(self.dtype), table_DxV.astype(self.dtype),
-                        preferred_element_type=jnp.float32)
+      x_q, x_scale_BxLx1 = quantize_symmetric(x_BxLxD, (2,))
+      acc_BxLxV = jax.lax.dot_general(x_q, table_VxD, dims, preferred_element_type=jnp.int32)
+      return acc_BxLxV.astype(jnp.float32) * x_scale_BxLx1 * self.scale[...]
+    logits = jax.lax.dot_general(x_BxLxD.astype(self.dtype), table_VxD.astype(self.dtype), dims,
+                                 preferred_element_type=jnp.float32)
     return logits * self.scale[...]
 
 

@@ -39,12 +39,14 @@ class Attention(nnx.Module):
                              init_scale=(2 * cfg.num_layers) ** -0.5, **kw)
 
   def __call__(self, x_BxLxD, sin, cos, segment_ids_BxL=None, mask_BxLxS=None, cache_kv=None,
-               cache_index=None):
-    """Returns (y [B, L, D], updated (k, v) cache slices of this layer or None).
+               cache_index=None, layer=None):
+    """Returns (y [B, L, D], the updated (k, v) caches of all layers, or None without a cache).
 
-    Without a cache, or when prefilling an empty one (`cache_index` the int 0), attention runs
-    through the implementation `lm.attention.select` picks for this length; a decode step reads
-    the cache through XLA with `mask_BxLxS`.
+    With a cache, `cache_kv` is every layer's (k, v) [layers, B, S, G, K] and `layer` this block's
+    index. Without a cache, or when prefilling an empty one (`cache_index` the int 0), attention runs
+    through the implementation `lm.attention.select` picks for this length (segment ids keep
+    documents, or a left-padded row's padding, apart); a decode step reads the cache through XLA
+    with `mask_BxLxS`.
     """
     q_BxLxNxK = layers.apply_rotary(self.query(x_BxLxD), sin, cos)
     k_BxLxGxK = layers.apply_rotary(self.key(x_BxLxD), sin, cos)
@@ -55,11 +57,17 @@ class Attention(nnx.Module):
 
     new_kv = None
     if cache_kv is not None:
-      k_cache, v_cache = cache_kv
-      start = (0, cache_index, 0, 0)
-      k_BxSxGxK = jax.lax.dynamic_update_slice(k_cache, k_BxLxGxK.astype(k_cache.dtype), start)
-      v_BxSxGxK = jax.lax.dynamic_update_slice(v_cache, v_BxLxGxK.astype(v_cache.dtype), start)
-      new_kv = (k_BxSxGxK, v_BxSxGxK)
+      # ---- KV-cache write (issue 17) ----
+      # The new entries go straight into the whole loop-carried cache buffer, so XLA updates it in
+      # place; writing into a per-layer slice and re-stacking it copied the whole cache every token.
+      k_all, v_all = cache_kv
+      start = (layer, 0, cache_index, 0, 0)
+      k_all = jax.lax.dynamic_update_slice(k_all, k_BxLxGxK[None].astype(k_all.dtype), start)
+      v_all = jax.lax.dynamic_update_slice(v_all, v_BxLxGxK[None].astype(v_all.dtype), start)
+      new_kv = (k_all, v_all)
+      k_BxSxGxK = jax.lax.dynamic_index_in_dim(k_all, layer, keepdims=False)
+      v_BxSxGxK = jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False)
+      # ---- end KV-cache write ----
     prefill = isinstance(cache_index, int) and cache_index == 0
     if cache_kv is None or prefill:
       cfg = self.cfg
@@ -115,10 +123,10 @@ class Block(nnx.Module):
     self.mlp = Mlp(cfg, rngs=rngs)
 
   def __call__(self, x_BxLxD, sin, cos, segment_ids_BxL=None, mask_BxLxS=None, cache_kv=None,
-               cache_index=None):
-    """Returns (x [B, L, D], this layer's updated KV cache or None)."""
+               cache_index=None, layer=None):
+    """Returns (x [B, L, D], the updated KV caches of all layers or None)."""
     attn, new_kv = self.attention(self.attention_norm(x_BxLxD, self.lean), sin, cos, segment_ids_BxL,
-                                  mask_BxLxS, cache_kv, cache_index)
+                                  mask_BxLxS, cache_kv, cache_index, layer)
     x_BxLxD = constrain(x_BxLxD + attn, ("batch", "length", "embed"))
     x_BxLxD = x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD, self.lean), self.lean)
     return constrain(x_BxLxD, ("batch", "length", "embed")), new_kv
@@ -153,15 +161,16 @@ class Transformer(nnx.Module):
         [cfg.d_model], [cfg.vocab_size], ("embed", "vocab"), **kw))
 
   def hidden_states(self, tokens_BxL, positions_BxL=None, cache=None, cache_index=None,
-                    segment_ids_BxL=None):
+                    segment_ids_BxL=None, key_start_B=None):
     """Runs the decoder up to (and including) the final norm.
 
     Takes int tokens [B, L]; positions [B, L] default to `cache_index + arange(L)`, or with
     `segment_ids_BxL` (int [B, L], the document index of each token within its packed row) to the
     offset within each document: positions restart at 0 where a document starts, and no token
-    attends to another document. With `cache` (from `init_cache`), keys/values are written at
-    `cache_index` and attention reads the cache (no segments there). Returns (hidden [B, L, D],
-    updated cache or None).
+    attends to another document. With `cache` (from `init_cache`), keys/values are written at cache
+    columns `cache_index..cache_index+L-1` and each query attends to the columns from its row's
+    `key_start_B` (default 0; a left-padded row's first real column) up to its own column. Returns
+    (hidden [B, L, D], updated cache or None).
     """
     cfg = self.cfg
     batch, length = tokens_BxL.shape
@@ -170,19 +179,14 @@ class Transformer(nnx.Module):
       positions_BxL = positions_in_documents(segment_ids_BxL)
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
-    sin, cos = layers.rotary_tables(positions_BxL, cfg.head_dim, cfg.rope_theta, **cfg.rope_scaling_kwargs)
-    # Expanded once here, outside the layer scan: the backward pass then keeps one copy, not one per layer.
-    sin, cos = sin[:, :, None, :], cos[:, :, None, :]
+    sin, cos = rotary_inputs(cfg, positions_BxL)
     x_BxLxD = constrain(self.embed(tokens_BxL), ("batch", "length", "embed"))
 
-    mask_BxLxS = None
     if cache is not None:
-      cache_len = cache["k"].shape[2]
-      key_positions_S = jnp.arange(cache_len, dtype=jnp.int32)
-      mask_BxLxS = key_positions_S[None, None, :] <= positions_BxL[:, :, None]
+      return self._cached_layers(x_BxLxD, sin, cos, cache, start, key_start_B)
 
-    def layer(x, block, kv):
-      return block(x, sin, cos, segment_ids_BxL, mask_BxLxS, kv, cache_index)
+    def layer(x, block):
+      return block(x, sin, cos, segment_ids_BxL)[0]
 
     if self.layer_stack is not None and cache is None:
       # The pipeline carries each row's rotary tables (and segment ids) with its micro-batch.
@@ -196,12 +200,32 @@ class Transformer(nnx.Module):
 
     if self.remat_wrapper is not None:
       layer = self.remat_wrapper(layer)
-    kv_in = None if cache is None else (cache["k"], cache["v"])
-    scan = nnx.scan(layer, in_axes=(nnx.Carry, 0, 0 if cache is not None else None),
-                    out_axes=(nnx.Carry, 0), unroll=cfg.scan_unroll)
-    x_BxLxD, kv_out = scan(x_BxLxD, self.blocks, kv_in)
-    new_cache = None if cache is None else {"k": kv_out[0], "v": kv_out[1]}
-    return self.final_norm(x_BxLxD), new_cache
+    scan = nnx.scan(layer, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, unroll=cfg.scan_unroll)
+    return self.final_norm(scan(x_BxLxD, self.blocks)), None
+
+  def _cached_layers(self, x_BxLxD, sin, cos, cache, start, key_start_B):
+    """The layer stack of `hidden_states` with a KV cache; returns (hidden [B, L, D], updated cache)."""
+    cfg = self.cfg
+    length = x_BxLxD.shape[1]
+    # ---- cached decoding (issue 17) ----
+    mask_BxLxS = cache_mask(cache["k"].shape[2], start, length, key_start_B)
+    # A prefill attends within the prompt through the selected kernel: segment ids keep a left-padded
+    # row's padding (segment 0) away from its real tokens (segment 1).
+    segments_BxL = padding_segments(start, length, key_start_B)
+
+    def cached_layer(carry, block, index):
+      x, k_all, v_all = carry
+      x, (k_all, v_all) = block(x, sin, cos, segments_BxL, mask_BxLxS, (k_all, v_all), start, index)
+      return x, k_all, v_all
+
+    # The whole cache rides in the layer loop's carry (not its scanned inputs/outputs), so each
+    # layer's write is an in-place update of one buffer.
+    scan = nnx.scan(cached_layer, in_axes=(nnx.Carry, 0, 0), out_axes=nnx.Carry,
+                    unroll=cfg.scan_unroll)
+    layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+    x_BxLxD, k_all, v_all = scan((x_BxLxD, cache["k"], cache["v"]), self.blocks, layer_ids)
+    # ---- end cached decoding ----
+    return self.final_norm(x_BxLxD), {"k": k_all, "v": v_all}
 
   def logits(self, hidden_BxLxD):
     """Projects hidden states [B, L, D] to float32 logits [B, L, V]."""
@@ -218,17 +242,20 @@ class Transformer(nnx.Module):
     hidden, _ = self.hidden_states(tokens_BxL, positions_BxL, segment_ids_BxL=segment_ids_BxL)
     return self.logits(hidden)
 
-  def decode(self, tokens_BxL, cache: KVCache, cache_index):
-    """Incremental decoding: takes tokens [B, L] that sit at positions cache_index..cache_index+L-1.
+  def decode(self, tokens_BxL, cache: KVCache, cache_index, positions_BxL=None, key_start_B=None):
+    """Incremental decoding: takes tokens [B, L] written at cache columns cache_index..cache_index+L-1.
 
-    Returns (logits [B, L, V] float32, the cache with these tokens' keys and values written in).
+    Their positions default to the columns; left-padded rows pass their own `positions_BxL` and the
+    first real column `key_start_B` (see `hidden_states`). Returns (logits [B, L, V] float32, the
+    cache with these tokens' keys and values written in).
     """
     cache_len = cache["k"].shape[2]
     if isinstance(cache_index, int) and cache_index + tokens_BxL.shape[1] > cache_len:
       # (A traced index cannot be checked here; `lm.generate` checks lengths before tracing.)
       raise ValueError(f"decoding {tokens_BxL.shape[1]} tokens at position {cache_index} overruns the "
                        f"KV cache of length {cache_len}; allocate a longer cache with init_cache.")
-    hidden, cache = self.hidden_states(tokens_BxL, cache=cache, cache_index=cache_index)
+    hidden, cache = self.hidden_states(tokens_BxL, positions_BxL, cache=cache, cache_index=cache_index,
+                                       key_start_B=key_start_B)
     return self.logits(hidden), cache
 
 
@@ -240,6 +267,39 @@ def positions_in_documents(segment_ids_BxL: jax.Array) -> jax.Array:
                                 segment_ids_BxL[:, 1:] != segment_ids_BxL[:, :-1]], axis=1)
   first_BxL = jax.lax.cummax(jnp.where(starts_BxL, index_BxL, 0), axis=1)
   return index_BxL - first_BxL
+
+
+def rotary_inputs(cfg: ModelConfig, positions_BxL: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(sin, cos), each float32 [B, L, 1, head_dim // 2], as every block reads them (rope scaling applied).
+
+  Expanded once, outside the layer loop: the backward pass then keeps one copy, not one per layer.
+  """
+  sin, cos = layers.rotary_tables(positions_BxL, cfg.head_dim, cfg.rope_theta, **cfg.rope_scaling_kwargs)
+  return sin[:, :, None, :], cos[:, :, None, :]
+
+
+def padding_segments(start, length: int, key_start_B=None) -> jax.Array | None:
+  """Segment ids [B, L] for `length` queries at cache columns start..: 0 on a left-padded row's
+  padding (columns before `key_start_B`), 1 on its tokens; None without `key_start_B`."""
+  if key_start_B is None:
+    return None
+  columns_L = start + jnp.arange(length, dtype=jnp.int32)
+  return (columns_L[None, :] >= key_start_B[:, None]).astype(jnp.int32)
+
+
+def cache_mask(cache_len: int, start, length: int, key_start_B=None) -> jax.Array:
+  """Which cache columns [S] each of `length` queries at columns start.. may attend to: bool [B|1, L, S].
+
+  A query at column c sees columns key_start..c (key_start: a left-padded row's first real column,
+  default 0), and always itself, so a padding query has one valid key instead of none.
+  """
+  columns_S = jnp.arange(cache_len, dtype=jnp.int32)
+  query_columns_L = start + jnp.arange(length, dtype=jnp.int32)
+  mask_BxLxS = columns_S[None, None, :] <= query_columns_L[None, :, None]
+  if key_start_B is not None:
+    mask_BxLxS &= ((columns_S[None, None, :] >= key_start_B[:, None, None])
+                   | (columns_S[None, None, :] == query_columns_L[None, :, None]))
+  return mask_BxLxS
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int | None = None, dtype=None) -> KVCache:

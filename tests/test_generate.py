@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 from lm import generate as gen_lib
+from lm import serving
 from launch.run.config import model_config
 from lm.transformer import Transformer, init_cache
 
@@ -193,6 +194,126 @@ def test_generate_validates(tiny, prompt, kwargs, match):
                                    rng=jax.random.key(0), **kwargs)
   with pytest.raises(ValueError, match=match):
     jax.eval_shape(run, params)
+
+
+# ---- serving many prompts: left padding, per-row EOS, serving dtype -------------------------------
+
+RAGGED = [[5, 9, 2], [7, 7, 1, 4, 30, 12, 8], [11], [3, 3, 3, 3, 3]]
+
+
+def _one_by_one(graphdef, params, fn_kwargs, prompts):
+  fn = gen_lib.make_generate_fn(graphdef, **fn_kwargs)
+  return [np.asarray(fn(params, np.asarray([ids], np.int32), jax.random.key(0)))[0, len(ids):]
+          for ids in prompts]
+
+
+def test_left_padded_batch_equals_one_by_one_greedy(tiny):
+  _, graphdef, params = tiny
+  kwargs = dict(max_new_tokens=NEW_TOKENS, temperature=0.0)
+  tokens_BxP, lengths_B = gen_lib.left_pad(RAGGED, width=8, pad_id=0)
+  assert tokens_BxP[2].tolist() == [0] * 7 + [11] and lengths_B.tolist() == [3, 7, 1, 5]
+  batched_BxT = np.asarray(gen_lib.make_generate_fn(graphdef, **kwargs)(
+      params, tokens_BxP, jax.random.key(0), lengths_B))
+  np.testing.assert_array_equal(batched_BxT[:, :8], tokens_BxP)
+  for row, alone_N in enumerate(_one_by_one(graphdef, params, kwargs, RAGGED)):
+    np.testing.assert_array_equal(batched_BxT[row, 8:], alone_N)
+
+
+def test_each_row_stops_at_its_own_eos_in_a_padded_batch(tiny):
+  _, graphdef, params = tiny
+  free = _one_by_one(graphdef, params, dict(max_new_tokens=NEW_TOKENS, temperature=0.0), RAGGED)
+  eos = int(np.bincount(np.concatenate(free)).argmax())  # the most frequent, so some row hits it
+  kwargs = dict(max_new_tokens=NEW_TOKENS, temperature=0.0, eos_id=eos)
+  tokens_BxP, lengths_B = gen_lib.left_pad(RAGGED)
+  batched_BxN = np.asarray(gen_lib.make_generate_fn(graphdef, **kwargs)(
+      params, tokens_BxP, jax.random.key(0), lengths_B))[:, tokens_BxP.shape[1]:]
+  alone = _one_by_one(graphdef, params, kwargs, RAGGED)
+  stopped = 0
+  for row in range(len(RAGGED)):
+    np.testing.assert_array_equal(batched_BxN[row], alone[row])
+    hits = np.flatnonzero(free[row] == eos)
+    if hits.size:
+      stopped += 1
+      np.testing.assert_array_equal(batched_BxN[row, :hits[0]], free[row][:hits[0]])
+      assert (batched_BxN[row, hits[0]:] == eos).all()
+    else:
+      np.testing.assert_array_equal(batched_BxN[row], free[row])
+  assert 0 < stopped
+
+
+def test_loop_stops_once_every_row_is_done(tiny, prompt_BxP):
+  cfg, graphdef, params = tiny
+  model = nnx.merge(graphdef, params)
+  logits_BxV, cache = gen_lib.prefill(model, prompt_BxP, cfg.max_seq_len)
+  calls = []
+
+  def sample(logits_BxV, step):
+    # The body is traced once; a host callback counts the steps that actually run.
+    jax.debug.callback(lambda s: calls.append(int(s)), step)
+    return jnp.full(logits_BxV.shape[:1], 4, jnp.int32)
+
+  out_BxN, _ = gen_lib.decode_steps(model, cache, jnp.zeros((BATCH,), jnp.int32),
+                                    jnp.zeros((BATCH,), bool), start=PROMPT_LEN, steps=10,
+                                    sample=sample, eos_id=4)
+  jax.effects_barrier()
+  assert calls == [0]  # every row emitted eos at step 0, so step 1 never ran
+  assert (np.asarray(out_BxN) == 4).all()
+
+
+def test_left_pad_validates():
+  with pytest.raises(ValueError, match="at least one token"):
+    gen_lib.left_pad([[1], []])
+  with pytest.raises(ValueError, match="width=2"):
+    gen_lib.left_pad([[1, 2, 3]], width=2)
+
+
+def test_generate_validates_prompt_lengths(tiny):
+  _, graphdef, params = tiny
+  with pytest.raises(ValueError, match=r"must lie in \[1, 4\]"):
+    jax.eval_shape(lambda p: gen_lib.generate(nnx.merge(graphdef, p), jnp.zeros((2, 4), jnp.int32),
+                                              max_new_tokens=2, rng=jax.random.key(0),
+                                              prompt_lengths_B=np.array([0, 4])), params)
+
+
+def test_serving_params_casts_weight_matrices_only(tiny):
+  _, _, params = tiny
+  served = serving.serving_params(params, jnp.bfloat16)
+  flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(served)}
+  assert flat["['embed']['table']"].dtype == jnp.bfloat16
+  assert flat["['layers'][1]['mlp']['up']['kernel']"].dtype == jnp.bfloat16
+  np.testing.assert_array_equal(flat["['layers'][1]['mlp']['up']['kernel']"],
+                                params["blocks"]["mlp"]["up"]["kernel"][1].astype(jnp.bfloat16))
+  assert flat["['final_norm']['scale']"].dtype == jnp.float32
+  assert "blocks" not in served
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_serving_model_generates_what_the_transformer_does(variant, prompt_BxP):
+  cfg, graphdef, params = _build(**VARIANTS[variant])
+  kwargs = dict(max_new_tokens=NEW_TOKENS, temperature=0.0)
+  tokens_BxP, lengths_B = gen_lib.left_pad(RAGGED)
+  expected = gen_lib.make_generate_fn(graphdef, **kwargs)(params, tokens_BxP, jax.random.key(0), lengths_B)
+  served = gen_lib.make_generate_fn(cfg, **kwargs)(serving.serving_params(params), tokens_BxP,
+                                                   jax.random.key(0), lengths_B)
+  np.testing.assert_array_equal(served, expected)
+  # And its logits equal the full forward's (so the fast path is the same model, not a lookalike).
+  model = serving.ServingModel(cfg, serving.serving_params(params))
+  logits_BxV, _ = jax.jit(lambda: gen_lib.prefill(model, prompt_BxP, cfg.max_seq_len))()
+  np.testing.assert_allclose(logits_BxV, _forward(graphdef, params, prompt_BxP)[:, -1], atol=1e-5, rtol=0)
+
+
+def test_stream_text_batches_ragged_prompts_like_one_at_a_time(tiny):
+  from lm.data.tokenizer import ByteTokenizer
+  _, graphdef, params = tiny
+  tok = ByteTokenizer()  # ids up to 258 exceed the tiny vocab of 61: use only low bytes
+  prompts = ["\x01\x02", "\x05\x06\x07\x08\x09", "\x03"]
+  kwargs = dict(max_seq_len=TINY["max_seq_len"], max_new_tokens=6, temperature=0.0)
+  streamed = list(gen_lib.stream_text(graphdef, params, tok, prompts, batch_size=2, **kwargs))
+  assert [i for i, _ in streamed] == [0, 1, 2]
+  alone = [gen_lib.generate_text(graphdef, params, tok, [p], batch_size=1, **kwargs)[0] for p in prompts]
+  assert [text for _, text in streamed] == alone
+  with pytest.raises(ValueError, match="needs 1 to 26"):
+    list(gen_lib.stream_text(graphdef, params, tok, ["\x01" * 27], **kwargs))
 
 
 # ---- sampling -------------------------------------------------------------------------------------

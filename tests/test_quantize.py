@@ -8,7 +8,10 @@ are tiny and every jitted function is compiled once per module.
 import ast
 import dataclasses
 import functools
+import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +31,8 @@ from launch.run.context import build_context
 from launch.run.restore import load_checkpoint
 from compress.quantize_run import quantize_checkpoint
 from lm import quant
-from lm.generate import make_generate_fn
+from lm.generate import left_pad, make_generate_fn
+from lm.serving import serving_params
 from lm.transformer import Transformer
 from sharding import rules as rules_lib
 
@@ -165,6 +169,21 @@ def test_export_round_trip_gives_the_same_logits(float_model, tmp_path):
   assert imported <= {"json", "os", "sys", "jax", "numpy"}
 
 
+def test_exported_generation_equals_in_process_generation(float_model, tmp_path):
+  cfg, params = float_model
+  qcfg = quantize_lib.quantized_config(cfg, "w8a16", embedding=True)
+  qparams = quantize_lib.quantize_params(params, qcfg)
+  save_servable(str(tmp_path), _graphdef(qcfg), qparams, qcfg, batch=None, seq_len=8, step=0,
+                generate_tokens=6)
+  servable = Servable(str(tmp_path))
+  prompts, lengths = left_pad([[5, 9, 2], [7, 7, 1, 4, 30, 12, 8, 3], [11]], width=8)
+  expected = make_generate_fn(_graphdef(qcfg), max_new_tokens=6, temperature=0.0)(
+      qparams, prompts, jax.random.key(0), lengths)
+  np.testing.assert_array_equal(servable.generate(prompts, lengths), expected)
+  with pytest.raises(ValueError, match="left-pad"):
+    servable.generate(prompts[:, 1:])
+
+
 # --- checkpoints, generation, errors --------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -237,6 +256,24 @@ def test_quantized_generation_with_kv_cache_equals_greedy_full_forward(w8a8_chec
   for t in range(5, 5 + new):  # causal, so the zeros after position t never change its logits
     tokens[:, t] = np.asarray(_forward(graphdef, params, tokens))[:, t - 1].argmax(-1)
   np.testing.assert_array_equal(generated, tokens)
+  # The serving layout (per-layer weights, lm/serving.py) generates the same tokens.
+  served = make_generate_fn(loaded.cfg.model, max_new_tokens=new, temperature=0.0)(
+      serving_params(params, loaded.cfg.model.compute_dtype), prompt, jax.random.key(0))
+  np.testing.assert_array_equal(served, tokens)
+
+
+def test_generate_command_streams_a_prompts_file(w8a8_checkpoint, tmp_path):
+  prompts = tmp_path / "prompts.txt"
+  prompts.write_text("ROMEO.\n\nO Juliet, Juliet\nAy\n")
+  result = subprocess.run(
+      [sys.executable, "-m", "launch.generate", f"--checkpoint_dir={w8a8_checkpoint[0]}",
+       f"--prompts_file={prompts}", "--temperature=0", "--max_new_tokens=4", "--batch_size=2"],
+      capture_output=True, text=True, timeout=600, cwd=os.path.join(os.path.dirname(__file__), ".."))
+  assert result.returncode == 0, result.stderr[-2000:]
+  lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+  assert [line["index"] for line in lines] == [0, 1, 2]
+  for line, prompt in zip(lines, ["ROMEO.", "O Juliet, Juliet", "Ay"]):
+    assert line["text"].startswith(prompt)
 
 
 def test_missing_float_checkpoint_is_a_clear_error(tmp_path):

@@ -1,0 +1,239 @@
+"""Generation speed: prefill tokens/s and decode ms/token per (weights, batch, prompt), beside the floor.
+
+One decode step reads every weight once and the KV cache written so far, so at small batch its time
+is bounded below by (weight bytes + KV bytes) / memory bandwidth: the "floor". The bandwidth is the
+chip's spec sheet where known (`CHIP_BANDWIDTH_GBS`) and, always, a device-to-device copy measured
+in the same run; the floor uses the measured copy, so a ratio to it says how far the step is from
+what this machine can stream. Weights are random (speed does not depend on their values); int8
+weights come from `compress.quantize` applied to them, as `launch.quantize` would.
+"""
+
+import dataclasses
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from compress.quantize import quantize_params, quantized_config
+from launch.run import state as ts
+from lm import generate as gen_lib
+from lm.serving import serving_params
+from lm.config import ModelConfig
+
+Params = dict[str, Any]
+
+# HBM bandwidth per chip from the vendors' spec sheets, GB/s.
+CHIP_BANDWIDTH_GBS = {
+    "NVIDIA H200": 4800.0,
+    "NVIDIA H100 80GB HBM3": 3350.0,
+    "NVIDIA H100": 3350.0,
+    "NVIDIA A100-SXM4-80GB": 2039.0,
+    "NVIDIA A100-SXM4-40GB": 1555.0,
+    "TPU v4": 1228.0,
+    "TPU v5 lite": 819.0,
+    "TPU v5e": 819.0,
+    "TPU v5p": 2765.0,
+    "TPU v6 lite": 1640.0,
+    "TPU v6e": 1640.0,
+}
+
+
+def table_bandwidth(device_kind: str) -> float | None:
+  """The spec-sheet bandwidth (bytes/s) of `device_kind`, or None if the chip is not listed."""
+  for kind in sorted(CHIP_BANDWIDTH_GBS, key=len, reverse=True):
+    if device_kind.startswith(kind):
+      return CHIP_BANDWIDTH_GBS[kind] * 1e9
+  return None
+
+
+def measure_copy_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
+  """Bytes/s of an in-place `x + 1` over a float32 array of `nbytes` (it reads and writes every byte).
+
+  Best of `repeats` after a warm-up; the buffer is donated, so no allocation is timed.
+  """
+  bump = jax.jit(lambda x: x + 1, donate_argnums=0)
+  x = bump(jnp.zeros((nbytes // 4,), jnp.float32))
+  x.block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    x = bump(x)
+    x.block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * nbytes / best
+
+
+def tree_bytes(tree) -> int:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def weight_read_bytes(cfg: ModelConfig, params: Params) -> int:
+  """Bytes one decode step reads from the weights: all of them, except an untied input embedding
+  (of which only the batch's rows are gathered)."""
+  total = tree_bytes(params)
+  if not cfg.tie_embeddings:
+    total -= tree_bytes(params["embed"])
+  return total
+
+
+def kv_cache_bytes(cfg: ModelConfig, batch: int, length: int) -> int:
+  """Bytes of a KV cache (keys and values, every layer) for `batch` rows of `length` positions."""
+  itemsize = jnp.dtype(cfg.compute_dtype).itemsize
+  return 2 * cfg.num_layers * batch * length * cfg.num_kv_heads * cfg.head_dim * itemsize
+
+
+@dataclasses.dataclass
+class Variant:
+  """One way of serving the model: its config, what builds it (`lm.generate.build_model`), parameters."""
+  name: str
+  cfg: ModelConfig
+  graphdef: Any
+  params: Params
+
+
+def make_variants(cfg: ModelConfig, modes: list[str], seed: int = 0) -> list[Variant]:
+  """Random float parameters of `cfg`, and for each of `modes` the model that serves them.
+
+  "float": weights cast once to the compute dtype and laid out per layer (`lm.serving`), the path
+  `launch.generate` takes; "w8a16", "w8a8": int8 weights (embedding included) quantized from the same
+  float weights, per layer. A ":stacked" suffix runs the training layout instead (the `Transformer`
+  scanning over stacked weights, cast once), and "float:stored" the training layout with weights
+  left in model.param_dtype (each layer casts them on every call): the paths before issue 17.
+  """
+  float_mdef = ts.model_def(cfg)
+  float_params = jax.jit(lambda rng: ts.init_params(float_mdef, rng))(jax.random.key(seed))
+  variants = []
+  for mode in modes:
+    weights, _, layout = mode.partition(":")
+    if weights not in ("float", "w8a16", "w8a8") or layout not in ("", "stacked", "stored") or (
+        layout == "stored" and weights != "float"):
+      raise ValueError(f"weights mode {mode!r}: choose float, w8a16 or w8a8, optionally with "
+                       "':stacked' (or 'float:stored').")
+    if weights == "float":
+      mcfg, graphdef, params = cfg, float_mdef.graphdef, float_params
+    else:
+      mcfg = quantized_config(cfg, weights, embedding=True)
+      params = jax.jit(lambda p, q=mcfg: quantize_params(p, q))(float_params)
+      graphdef = ts.model_def(mcfg).graphdef
+    name = weights if weights != "float" else f"float {cfg.dtype}"
+    if layout == "stored":
+      variants.append(Variant(f"{name} ({cfg.param_dtype} stored, stacked)", mcfg, graphdef, params))
+    elif layout == "stacked":
+      params = jax.jit(lambda p: serving_params(p, cfg.compute_dtype, unstack=False))(params)
+      variants.append(Variant(f"{name} (stacked)", mcfg, graphdef, params))
+    else:
+      params = serving_params(params, cfg.compute_dtype)
+      variants.append(Variant(name, mcfg, mcfg, params))
+  del float_params
+  return variants
+
+
+def _best_and_median(fn: Callable[[], Any], repeats: int) -> tuple[float, float]:
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return min(times), statistics.median(times)
+
+
+def compile_decode(variant: Variant, batch: int, prompt_len: int, new_tokens: int, *,
+                   temperature: float, top_k: int):
+  """Compiles (prefill, decode) for one shape; returns both compiled functions.
+
+  prefill(params, prompt_BxP) -> (logits_BxV, cache); decode(params, cache, token_B) -> tokens
+  [B, new_tokens] and the cache (within the loop the cache is updated in place).
+  """
+  graphdef, cache_len = variant.graphdef, prompt_len + new_tokens + 1
+
+  def prefill(params, prompt_BxP):
+    return gen_lib.prefill(gen_lib.build_model(graphdef, params), prompt_BxP, cache_len)
+
+  def decode(params, cache, token_B):
+    sample = lambda logits_BxV, step: gen_lib.sample_logits(
+        logits_BxV, jax.random.fold_in(jax.random.key(0), step), temperature=temperature, top_k=top_k)
+    return gen_lib.decode_steps(gen_lib.build_model(graphdef, params), cache, token_B,
+                                jnp.zeros((batch,), bool), start=prompt_len, steps=new_tokens,
+                                sample=sample)
+
+  prompt = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32)
+  prefill_c = jax.jit(prefill).lower(variant.params, prompt).compile()
+  _, cache_shape = jax.eval_shape(prefill, variant.params, prompt)
+  token = jax.ShapeDtypeStruct((batch,), jnp.int32)
+  decode_c = jax.jit(decode).lower(variant.params, cache_shape, token).compile()
+  return prefill_c, decode_c
+
+
+def decode_row(variant: Variant, batch: int, prompt_len: int, new_tokens: int, bandwidth: float, *,
+               temperature: float = 1.0, top_k: int = 50, repeats: int = 3,
+               profile_dir: str | None = None) -> tuple[dict, Any]:
+  """Times prefill and `new_tokens` cached decode steps of one variant at one shape.
+
+  Returns (the row, the compiled decode function). With `profile_dir`, traces one more decode run.
+  """
+  cfg = variant.cfg
+  prefill_c, decode_c = compile_decode(variant, batch, prompt_len, new_tokens,
+                                       temperature=temperature, top_k=top_k)
+  rng = np.random.default_rng(0)
+  prompt_BxP = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, prompt_len)), jnp.int32)
+  token_B = jnp.zeros((batch,), jnp.int32)
+  jax.block_until_ready(prefill_c(variant.params, prompt_BxP))
+  prefill_best, _ = _best_and_median(lambda: prefill_c(variant.params, prompt_BxP), repeats)
+
+  # One prefilled cache serves every timed decode run: the decode loop copies it once at its start
+  # (not donated), which costs far less than its steps and saves a prefill per run.
+  _, cache = prefill_c(variant.params, prompt_BxP)
+  jax.block_until_ready(decode_c(variant.params, cache, token_B))  # warm-up
+  decode_best, decode_median = _best_and_median(lambda: decode_c(variant.params, cache, token_B), repeats)
+  decode_times = [decode_best, decode_median]
+  if profile_dir:
+    with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+      jax.block_until_ready(decode_c(variant.params, cache, token_B))
+  step_s = min(decode_times) / new_tokens
+  weights = weight_read_bytes(cfg, variant.params)
+  # Mean KV bytes a step reads: every written column of every layer, P + 1 .. P + new_tokens.
+  kv_read = kv_cache_bytes(cfg, batch, prompt_len + (new_tokens + 1) / 2)
+  floor_s = (weights + kv_read) / bandwidth
+  row = {"weights": variant.name, "batch": batch, "prompt": prompt_len,
+         "prefill_tok_s": batch * prompt_len / prefill_best,
+         "decode_ms_tok": step_s * 1e3, "decode_tok_s": batch / step_s,
+         "median_vs_best": decode_median / decode_best,
+         "weight_MB": weights / 1e6, "kv_cache_MB": kv_cache_bytes(cfg, batch, prompt_len + new_tokens + 1) / 1e6,
+         "floor_ms": floor_s * 1e3, "x_floor": step_s / floor_s}
+  print(f"{row['weights']:16s} B={batch:<4d} P={prompt_len:<5d} prefill {row['prefill_tok_s']:9.0f} tok/s  "
+        f"decode {row['decode_ms_tok']:8.2f} ms/step ({row['decode_tok_s']:8.0f} tok/s)  "
+        f"floor {row['floor_ms']:7.2f} ms  x{row['x_floor']:.1f}  KV {row['kv_cache_MB']:.1f} MB",
+        flush=True)
+  return row, decode_c
+
+
+def export_row(variant: Variant, batch: int, prompt_len: int, new_tokens: int, *,
+               repeats: int = 3) -> dict:
+  """Times whole generation (prefill + `new_tokens` steps, greedy) in process and through the
+  `jax.export` artifact's function (`compress.export.export_generate`, deserialized); returns a row."""
+  from compress.export import export_generate  # compress/export.py imports the restore machinery
+  cfg = variant.cfg
+  exported, flat = export_generate(cfg, variant.params, batch=None, prompt_len=prompt_len,
+                                   max_new_tokens=new_tokens)
+  exported = jax.export.deserialize(exported.serialize())
+  rng = np.random.default_rng(0)
+  prompt_BxP = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, prompt_len)), jnp.int32)
+  lengths_B = jnp.full((batch,), prompt_len, jnp.int32)
+  in_process = jax.jit(gen_lib.make_generate_fn(variant.graphdef, max_new_tokens=new_tokens,
+                                                temperature=0.0))
+  run_in_process = lambda: in_process(variant.params, prompt_BxP, jax.random.key(0), lengths_B)
+  run_exported = jax.jit(lambda *args: exported.call(*args))
+  args = (*flat, prompt_BxP, lengths_B, jnp.int32(0))
+  same = bool(jnp.all(run_in_process() == run_exported(*args)))
+  best_in, _ = _best_and_median(run_in_process, repeats)
+  best_ex, _ = _best_and_median(lambda: run_exported(*args), repeats)
+  row = {"weights": variant.name, "batch": batch, "prompt": prompt_len, "new_tokens": new_tokens,
+         "in_process_ms": best_in * 1e3, "exported_ms": best_ex * 1e3, "exported_vs_in_process": best_ex / best_in,
+         "same_tokens": same}
+  print(f"export {row['weights']:16s} B={batch:<4d} P={prompt_len:<5d} in-process {row['in_process_ms']:8.1f} ms  "
+        f"exported {row['exported_ms']:8.1f} ms  x{row['exported_vs_in_process']:.2f}  same tokens: {same}",
+        flush=True)
+  return row
