@@ -36,7 +36,7 @@ reproduce: setup
 	$(call step,1,demo teacher: runs/demo (kept if present; delete it to retrain))
 	test -d runs/demo/checkpoints || $(PY) -m launch.demo --config configs/demo.py --workdir runs/demo
 	cp runs/demo/loss_curve.png docs/results/demo_loss_curve.png
-	cp runs/demo/summary.md docs/results/demo.md
+	sed "s|$$(pwd)/||g" runs/demo/summary.md > docs/results/demo.md
 	$(call step,2,speed: train-step benchmark and profile -> docs/results/bench)
 	$(PY) -m launch.bench --config configs/bench.py --dtypes float32,bfloat16 --presets --steps 3 \
 	  --warmup 1 --profile $(R)/profile --out docs/results/bench

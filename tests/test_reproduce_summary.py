@@ -52,6 +52,13 @@ def test_quality_within_tolerance_passes_and_timings_are_only_reported():
   assert not any(c.failed for c in cells)
 
 
+def test_metric_value_tables_are_judged_by_row():
+  old = "| metric | value |\n|---|---|\n| validation perplexity | 181.0 |\n| tokens/s | 447 |\n"
+  cells = summary.compare_text("demo.md", old, old.replace("181.0", "191.0").replace("447", "900"))
+  assert by(cells, "validation perplexity", "value").failed
+  assert by(cells, "tokens/s", "value").kind == "timing"
+
+
 def test_quality_beyond_tolerance_fails():
   cells = summary.compare_text("fake.md", COMMITTED, regenerate(ppl="190.0", ratio="1.05"))
   assert by(cells, "teacher", "val perplexity").failed                     # +6.8% > 3%
