@@ -1,11 +1,14 @@
 # Two commands do everything on a fresh machine:
 #   make demo   - create .venv, install, train the demo LM on 8 simulated CPU devices, eval, generate.
 #   make test   - create .venv, install with the dev extra, run the test suite.
+#   make reproduce - regenerate every table and figure under docs/results, then compare each number
+#                 with the committed one (launch/reproduce/summary.py; non-zero exit when a quality
+#                 number moved beyond its tolerance). About 2.5 h on the 2-core CPU (README).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test clean reproduce
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +23,45 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest tests
+
+# --- make reproduce: one step per table or figure; each prints its progress --------------------
+R := runs/reproduce
+step = @echo; echo "=== [$(1)/9] $(2)  ($$(date +%H:%M:%S))"
+
+reproduce: setup
+	$(call step,0,snapshot of the committed docs/results -> $(R)/committed)
+	rm -rf $(R)/committed && mkdir -p $(R)/committed
+	git archive HEAD docs/results | tar -x -C $(R)/committed --strip-components=2 \
+	  || cp -r docs/results/. $(R)/committed/
+	$(call step,1,demo teacher: runs/demo (kept if present; delete it to retrain))
+	test -d runs/demo/checkpoints || $(PY) -m launch.demo --config configs/demo.py --workdir runs/demo
+	cp runs/demo/loss_curve.png docs/results/demo_loss_curve.png
+	sed "s|$$(pwd)/||g" runs/demo/summary.md > docs/results/demo.md
+	$(call step,2,speed: train-step benchmark and profile -> docs/results/bench)
+	$(PY) -m launch.bench --config configs/bench.py --dtypes float32,bfloat16 --presets --steps 3 \
+	  --warmup 1 --profile $(R)/profile --out docs/results/bench
+	$(call step,3,sharding presets and memory vs Korthikanti et al. -> docs/results/sharding)
+	$(PY) -m launch.reproduce.sharding --out docs/results/sharding
+	$(call step,4,layout figures -> docs/results/layout_*.png)
+	$(PY) -m launch.layout --config configs/demo.py --config.mesh.rules=dp --config.mesh.data=8 --png docs/results/layout_dp.png
+	$(PY) -m launch.layout --config configs/demo.py --config.mesh.rules=fsdp --config.mesh.data=1 --config.mesh.fsdp=8 --png docs/results/layout_fsdp.png
+	$(PY) -m launch.layout --config configs/demo.py --config.mesh.rules=tp --config.mesh.data=2 --config.mesh.tensor=4 --png docs/results/layout_tp.png
+	$(PY) -m launch.layout --config configs/demo.py --config.mesh.rules=fsdp_tp --config.mesh.data=1 --config.mesh.fsdp=2 --config.mesh.tensor=4 --png docs/results/layout_fsdp_tp.png
+	$(PY) -m launch.layout --config configs/demo.py --config.mesh.rules=dp_fsdp_tp --config.mesh.data=2 --config.mesh.fsdp=2 --config.mesh.tensor=2 --png docs/results/layout_dp_fsdp_tp.png
+	$(call step,5,sweep: mesh x remat x batch -> docs/results/sweep)
+	rm -rf docs/results/sweep/points
+	$(PY) -m launch.sweep --config configs/demo.py --out docs/results/sweep --steps 5 --warmup 2 \
+	  --grid 'mesh=data8,fsdp8,data2.tensor4,data2.fsdp2.tensor2,tensor8;remat=none,full;batch=16,32'
+	$(call step,6,int8: float vs W8A16 vs W8A8 (+SmoothQuant) -> docs/results/quantization)
+	rm -rf $(R)/quantized
+	$(PY) -m launch.reproduce.quantization --checkpoint_dir runs/demo/checkpoints \
+	  --work_dir $(R)/quantized --out docs/results/quantization
+	$(call step,7,distillation and magnitude / 2:4 pruning -> docs/results/compression)
+	$(PY) -m launch.reproduce.compression --out docs/results/compression --workdir $(R)/compression
+	$(call step,8,structured pruning + distillation vs from scratch -> docs/results/structured)
+	$(PY) -m launch.reproduce.structured --out docs/results/structured --workdir $(R)/structured
+	$(call step,9,summary: regenerated vs committed -> $(R)/summary.md)
+	$(PY) -m launch.reproduce.summary --committed $(R)/committed --regenerated docs/results --out $(R)/summary.md
 
 clean:
 	rm -rf runs

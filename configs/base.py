@@ -104,9 +104,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.distill.temperature = 2.0        # T > 0 softens both distributions
   c.distill.hidden_weight = 0.0      # MSE on final hidden states (same d_model only); 0 disables
 
-  # Magnitude pruning during fine-tuning (python -m launch.prune); docs/compression.md.
+  # Pruning (python -m launch.prune); docs/compression.md.
   c.prune = ml_collections.ConfigDict()
   c.prune.method = "none"            # none | magnitude (unstructured) | n_m (n of every m along the input)
+                                     # | structured (remove layers/heads/neurons/channels: a smaller model)
   c.prune.sparsity = 0.5             # final fraction of zeros in each kernel (magnitude only)
   c.prune.n = 2                      # n_m: weights kept in every group of m
   c.prune.m = 4
@@ -114,4 +115,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.prune.start_step = 0             # optimizer update where sparsity starts rising (cubic schedule)
   c.prune.end_step = 0               # update where it reaches its target (0 with start 0: one shot)
   c.prune.frequency = 10             # updates between mask recomputations
+  # structured only: the pruned model's shape (0 keeps the model's; heads go with their KV head)
+  c.prune.num_layers = 0             # layers kept (those whose removal raises calibration loss most)
+  c.prune.d_model = 0                # embedding channels kept
+  c.prune.num_heads = 0              # query heads kept (0 with num_kv_heads set: keep the group ratio)
+  c.prune.num_kv_heads = 0           # KV heads (query groups) kept
+  c.prune.mlp_dim = 0                # MLP neurons kept per layer
+  c.prune.calibration_batches = 8    # training batches whose activations rank what is kept
   return c

@@ -108,6 +108,13 @@ class PruneConfig:
   start_step: int
   end_step: int
   frequency: int
+  # structured pruning's target shape (0: keep) and calibration (compress/structured.py)
+  num_layers: int
+  d_model: int
+  num_heads: int
+  num_kv_heads: int
+  mlp_dim: int
+  calibration_batches: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +138,7 @@ _SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
              "prune": PruneConfig}
 CORPORA = ("shakespeare", *FILE_CORPORA)
 # prune.method: none, unstructured magnitude, or n of every m weights along the input (compress/prune.py).
-PRUNE_METHODS = ("none", "magnitude", "n_m")
+PRUNE_METHODS = ("none", "magnitude", "n_m", "structured")
 # train.nonfinite: what a step with a NaN/inf loss or gradient norm does (docs/training.md).
 NONFINITE_POLICIES = ("stop", "skip_step")
 
@@ -319,7 +326,12 @@ def _compression_errors(cfg: Config) -> list[str]:
   if p.init_checkpoint and cfg.train.init_checkpoint:
     errors.append(f"prune.init_checkpoint={p.init_checkpoint!r} and train.init_checkpoint="
                   f"{cfg.train.init_checkpoint!r} both name a starting point; set only one.")
-  if p.method != "none" and p.end_step >= cfg.train.steps:
+  for key in ("num_layers", "d_model", "num_heads", "num_kv_heads", "mlp_dim"):
+    if getattr(p, key) < 0:
+      errors.append(f"prune.{key}={getattr(p, key)}: must be >= 0 (0 keeps the model's value).")
+  if p.calibration_batches < 1:
+    errors.append(f"prune.calibration_batches={p.calibration_batches}: must be >= 1 (8 is plenty).")
+  if p.method not in ("none", "structured") and p.end_step >= cfg.train.steps:
     errors.append(f"prune.end_step={p.end_step} is not before train.steps={cfg.train.steps}: the "
                   "sparsity would never reach its target; lower end_step or raise train.steps.")
   return errors

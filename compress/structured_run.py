@@ -1,0 +1,71 @@
+"""A structured pruning run end to end: a trained checkpoint in, a smaller ordinary checkpoint out
+(`python -m launch.prune --config.prune.method=structured ...`; docs/compression.md).
+
+The model config must match prune.init_checkpoint's; prune.{num_layers, d_model, num_heads,
+num_kv_heads, mlp_dim} give the new shape. The saved config says the new shape, so launch.eval,
+generate, quantize, export, convert --to-hf and distill read the result like any run. Recovery is a
+distillation from the unpruned model: `launch.distill` with train.init_checkpoint = this output.
+"""
+
+import dataclasses
+import os
+
+import jax
+import numpy as np
+
+from compress import structured
+from launch.run import checkpoint as ckpt_lib
+from launch.run import state as ts
+from launch.run.config import Config
+from launch.run.context import build_context
+from launch.run.restore import check_same_weights, read_saved_config, restore_params
+from lm.data import loader
+
+
+def calibration_batches(cfg: Config, num_batches: int) -> list[dict[str, np.ndarray]]:
+  """The first `num_batches` training batches ({"inputs", "targets"}: int [B, L]) of cfg's corpus and seed."""
+  tokenizer = loader.prepare_from_config(cfg.data, cfg.model.vocab_size)
+  it = loader.train_iterator(cfg.data.data_dir, tokenizer, seq_len=cfg.data.seq_len,
+                             global_batch_size=cfg.train.global_batch_size, seed=cfg.seed)
+  return [{k: np.asarray(v) for k, v in next(it).items() if k in ("inputs", "targets")}
+          for _ in range(num_batches)]
+
+
+def pruned_config(cfg: Config) -> Config:
+  """`cfg` with the model replaced by prune.*'s target shape; ValueError naming the key if impossible."""
+  return dataclasses.replace(cfg, model=structured.target_config(cfg.model, cfg.prune))
+
+
+def prune_structured(cfg: Config, workdir: str) -> dict:
+  """Prunes prune.init_checkpoint to the target shape and saves it to <workdir>/checkpoints.
+
+  Every input is checked (target shape, mesh fit, an empty output directory) before any array is
+  read. Returns {"checkpoint_dir", "step", "params_before", "params_after", "model": {new shape},
+  "layers_kept", ...}.
+  """
+  source = cfg.prune.init_checkpoint
+  if not source:
+    raise ValueError("prune.method='structured' prunes a trained model: set --config.prune.init_checkpoint.")
+  saved, step = read_saved_config(source)
+  check_same_weights(cfg, saved, f"prune.init_checkpoint={source}")
+  small_cfg = pruned_config(cfg)
+  small_ctx = build_context(small_cfg)  # raises if the new shapes do not divide over the mesh
+  out_dir = os.path.join(workdir, "checkpoints")
+  checkpointer = ckpt_lib.Checkpointer(out_dir, async_save=False)
+  try:
+    if checkpointer.steps():
+      raise ValueError(f"{checkpointer.directory} already holds checkpoints {checkpointer.steps()}; "
+                       "choose a new --workdir (nothing was overwritten).")
+    mdef = ts.model_def(cfg.model)
+    params, _ = restore_params(source, mdef, ts.param_shardings(mdef, small_ctx.mesh, small_ctx.rules), step)
+    batches = calibration_batches(cfg, cfg.prune.calibration_batches)
+    small, report = structured.prune_params(cfg.model, params, batches, small_cfg.model)
+    placed = jax.device_put(small, small_ctx.shardings.params)
+    state = ts.train_state_from_params(placed, small_ctx.tx, small_ctx.shardings)
+    checkpointer.save(step, state, {"config": small_cfg.to_dict(), "pruned_from": source,
+                                    "structured": report})
+  finally:
+    checkpointer.close()
+  shape = {k: getattr(small_cfg.model, k) for k in structured.TARGET_KEYS}
+  return {"checkpoint_dir": out_dir, "step": step, "params_before": cfg.model.num_params(),
+          "params_after": small_cfg.model.num_params(), "model": shape, **report}

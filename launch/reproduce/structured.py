@@ -1,0 +1,190 @@
+"""Structured pruning + distillation (Minitron) against the same shapes trained from scratch, on the
+trained demo model, with step time and decode latency measured against the teacher in the same run.
+
+  python -m launch.reproduce.structured --out docs/results/structured
+  # teacher: --teacher runs/demo/checkpoints (python -m launch.demo --config configs/demo.py --workdir runs/demo)
+
+For each target (about 50%, 75% and 90% of the parameters removed): the teacher pruned in one shot
+(compress/structured.py: layers by calibration loss, KV groups, MLP neurons and embedding channels by
+activations), then recovered by --steps steps of distillation from the unpruned teacher (KL only,
+alpha=1, T=1 as in Minitron, from the pruned weights), beside the same shape trained from scratch
+for the same steps (same batches, same tokens). Validation perplexity over --eval_batches batches.
+Train-step time (8 simulated devices, dp, float32) and greedy decode ms/token (one device, batch 1,
+KV cache) are measured for every model one after another in this process. Writes <out>.md and
+<out>.csv; the scratch runs go to --workdir (emptied first).
+"""
+
+import csv
+import math
+import os
+import shutil
+import statistics
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from compress.distill_run import distill
+from compress.quantize_run import checkpoint_bytes
+from compress.structured_run import prune_structured
+from launch.measure.timing import time_train_step
+from launch.run import cli
+from launch.run.config import Config, validate, with_overrides
+from launch.run.context import build_context
+from launch.run.devices import simulate_cpu_devices
+from launch.run.evaluation import eval_checkpoint
+from launch.run.loop import train
+from launch.run.restore import load_checkpoint, read_saved_config
+from lm.generate import make_generate_fn
+
+flags.DEFINE_string("teacher", "runs/demo/checkpoints", "The trained teacher's checkpoint directory.")
+flags.DEFINE_string("out", "docs/results/structured", "Output path prefix for .md and .csv.")
+flags.DEFINE_string("workdir", "runs/reproduce-structured", "Scratch directory for the runs (emptied first).")
+flags.DEFINE_integer("cpu_devices", 8, "Simulated CPU devices when running on CPU.")
+flags.DEFINE_integer("steps", 150, "Distillation steps, and from-scratch training steps, per shape.")
+flags.DEFINE_integer("eval_batches", 40, "Validation batches (0: the whole split).")
+flags.DEFINE_float("alpha", 1.0, "distill.alpha (1: the teacher's distribution only, as Minitron)")
+flags.DEFINE_float("temperature", 1.0, "distill.temperature")
+flags.DEFINE_float("learning_rate", 1e-3, "Peak learning rate of the distillation from pruned weights.")
+flags.DEFINE_integer("timed_steps", 5, "Timed train steps per model (median reported).")
+flags.DEFINE_integer("new_tokens", 48, "Greedy tokens per timed generation.")
+FLAGS = flags.FLAGS
+
+# Target shapes for the demo teacher (4 layers, d=256, 8 query / 4 KV heads, mlp 768; 4.20M params,
+# 1.05M of them the tied 4096 x 256 embedding, so deep cuts must narrow d_model).
+TARGETS = (
+    ("50%", dict(num_layers=4, d_model=192, num_heads=6, num_kv_heads=3, mlp_dim=384)),
+    ("75%", dict(num_layers=3, d_model=128, num_heads=4, num_kv_heads=2, mlp_dim=320)),
+    ("90%", dict(num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, mlp_dim=256)),
+)
+HEADER = ["model", "shape (layers, d, heads/kv, mlp)", "params", "removed", "checkpoint bytes",
+          "val perplexity pruned", "val perplexity distilled", "val perplexity from scratch",
+          "train step ms", "step x teacher", "decode ms/token", "decode x teacher"]
+
+
+def variant(raw: dict, changes: dict) -> Config:
+  return validate(with_overrides(raw, changes))
+
+
+def shape_label(m) -> str:
+  return f"{m.num_layers}, {m.d_model}, {m.num_heads}/{m.num_kv_heads}, {m.mlp_dim}"
+
+
+def step_ms(cfg: Config) -> float:
+  """Median train-step time (ms) of cfg's model on cfg's mesh, random tokens."""
+  return 1e3 * time_train_step(build_context(cfg), steps=FLAGS.timed_steps, warmup=2).median_s
+
+
+def decode_ms(checkpoint_dir: str) -> float:
+  """Greedy decode ms per generated token, batch 1, prompt 16, KV cache, on one device."""
+  loaded = load_checkpoint(checkpoint_dir, devices=jax.devices()[:1])
+  fn = make_generate_fn(loaded.ctx.mdef.graphdef, max_new_tokens=FLAGS.new_tokens, temperature=0.0)
+  prompt = np.random.RandomState(0).randint(0, loaded.cfg.model.vocab_size, (1, 16)).astype(np.int32)
+  run = lambda: jax.block_until_ready(fn(loaded.params, prompt, jax.random.key(0)))
+  run()
+  times = []
+  for _ in range(5):
+    start = time.perf_counter()
+    run()
+    times.append(time.perf_counter() - start)
+  return 1e3 * statistics.median(times) / FLAGS.new_tokens
+
+
+def ppl(loss: float) -> str:
+  return f"{math.exp(loss):.1f}"
+
+
+def main(argv):
+  del argv
+  cli.quiet_logs()
+  simulate_cpu_devices(FLAGS.cpu_devices)  # no-op on GPU/TPU
+  if not os.path.isdir(FLAGS.teacher):
+    raise app.UsageError(f"No teacher at {FLAGS.teacher}; train one with `python -m launch.demo --config "
+                         "configs/demo.py --workdir runs/demo` or pass --teacher.")
+  if os.path.isdir(FLAGS.workdir):
+    shutil.rmtree(FLAGS.workdir)  # this script's own runs from a previous invocation
+  saved, teacher_step = read_saved_config(FLAGS.teacher)
+  raw = saved.to_dict()
+  n = FLAGS.steps
+  common = {"train.tensorboard": False, "train.eval_every": 0, "train.eval_batches": FLAGS.eval_batches,
+            "checkpoint.keep": 1, "checkpoint.async_save": False, "checkpoint.save_every": n,
+            "mesh.num_devices": 0, "model.dtype": "float32", "train.steps": n}
+  teacher_cfg = variant(raw, common)
+  t0 = time.perf_counter()
+  log = lambda msg: print(f"[structured {time.perf_counter() - t0:6.0f}s] {msg}", flush=True)
+  teacher_loss = eval_checkpoint(FLAGS.teacher, eval_batches=FLAGS.eval_batches)["val_loss"]
+  log(f"teacher: perplexity {math.exp(teacher_loss):.1f}")
+  models = [("teacher (demo)", teacher_cfg, FLAGS.teacher, teacher_step)]
+  quality = {"teacher (demo)": (teacher_loss, None, None)}
+
+  for label, shape in TARGETS:
+    name = f"pruned {label}"
+    prune_cfg = variant(raw, {**common, "prune.method": "structured", "prune.init_checkpoint": FLAGS.teacher,
+                              **{f"prune.{k}": v for k, v in shape.items()}})
+    out = prune_structured(prune_cfg, os.path.join(FLAGS.workdir, f"pruned_{label[:-1]}"))
+    pruned_loss = eval_checkpoint(out["checkpoint_dir"], eval_batches=FLAGS.eval_batches)["val_loss"]
+    log(f"{name}: {out['params_after']:,} params (layers kept {out['layers_kept']}), "
+        f"perplexity {math.exp(pruned_loss):.1f} before recovery")
+    small = {**common, **{f"model.{k}": v for k, v in shape.items()}}
+    kd_cfg = variant(raw, {**small, "train.init_checkpoint": out["checkpoint_dir"],
+                           "train.learning_rate": FLAGS.learning_rate, "train.warmup_steps": max(n // 10, 1),
+                           "distill.teacher_checkpoint": FLAGS.teacher, "distill.alpha": FLAGS.alpha,
+                           "distill.temperature": FLAGS.temperature})
+    distilled = distill(kd_cfg, os.path.join(FLAGS.workdir, f"distilled_{label[:-1]}"))
+    log(f"{name}: distilled {n} steps, perplexity {math.exp(distilled.val_loss):.1f}")
+    scratch_cfg = variant(raw, small)
+    scratch = train(scratch_cfg, os.path.join(FLAGS.workdir, f"scratch_{label[:-1]}"))
+    log(f"{name}: from scratch {n} steps, perplexity {math.exp(scratch.val_loss):.1f}")
+    models.append((name, scratch_cfg, out["checkpoint_dir"], out["step"]))
+    quality[name] = (pruned_loss, distilled.val_loss, scratch.val_loss)
+
+  log("timing train steps and decoding, every model in turn")
+  speed = {name: (step_ms(cfg), decode_ms(ckpt)) for name, cfg, ckpt, _ in models}
+  rows, teacher_params = [], teacher_cfg.model.num_params()
+  t_step, t_decode = speed["teacher (demo)"]
+  for name, cfg, ckpt, step in models:
+    p = cfg.model.num_params()
+    pruned, distilled, scratch = quality[name]
+    s, d = speed[name]
+    rows.append([name, shape_label(cfg.model), f"{p:,}", f"{100 * (1 - p / teacher_params):.1f}%",
+                 f"{checkpoint_bytes(ckpt, step):,}", ppl(pruned),
+                 "" if distilled is None else ppl(distilled), "" if scratch is None else ppl(scratch),
+                 f"{s:.0f}", f"{s / t_step:.2f}", f"{d:.2f}", f"{d / t_decode:.2f}"])
+
+  half_pruned, half_kd, half_scratch = quality["pruned 50%"]
+  half_step = speed["pruned 50%"][0] / t_step
+  goals = [
+      f"distilled perplexity within 5% of the teacher's: {math.exp(half_kd):.1f} vs "
+      f"{math.exp(teacher_loss):.1f} ({100 * (math.exp(half_kd - teacher_loss) - 1):+.1f}%) -> "
+      f"{'met' if math.exp(half_kd - teacher_loss) <= 1.05 else 'NOT met'}",
+      f"better than from scratch: {math.exp(half_kd):.1f} vs {math.exp(half_scratch):.1f} -> "
+      f"{'met' if half_kd < half_scratch else 'NOT met'}",
+      f"train step <= 0.6x the teacher's: {half_step:.2f}x -> {'met' if half_step <= 0.6 else 'NOT met'}",
+  ]
+  devices = f"{len(jax.devices())} x {jax.devices()[0].platform}"
+  table = "\n".join(["| " + " | ".join(HEADER) + " |", "|---|---|" + "---:|" * (len(HEADER) - 2)]
+                    + ["| " + " | ".join(r) + " |" for r in rows])
+  tokens = n * teacher_cfg.train.global_batch_size * teacher_cfg.data.seq_len
+  note = (f"Teacher: {teacher_step} steps. Distilled and from-scratch: {n} steps each of "
+          f"{teacher_cfg.train.global_batch_size} x {teacher_cfg.data.seq_len} tokens ({tokens:,} tokens), "
+          f"the same batches. Distillation: alpha={FLAGS.alpha:g}, T={FLAGS.temperature:g}, peak lr "
+          f"{FLAGS.learning_rate:g}; from scratch: the demo's lr {teacher_cfg.train.learning_rate:g}. "
+          f"Validation: {FLAGS.eval_batches or 'all'} batches. Params count the tied embedding once; checkpoint "
+          f"bytes are the saved parameters on disk. Train step: median of {FLAGS.timed_steps} steps, "
+          f"{devices} devices (dp, float32); decode: batch 1, greedy, {FLAGS.new_tokens} tokens after a "
+          "16-token prompt, one device. Timings are wall-clock on a shared 2-core CPU.")
+  goal_text = "Goals at 50% removed (computed from the row above):\n" + "\n".join(f"- {g}" for g in goals)
+  print(table + "\n\n" + note + "\n\n" + goal_text)
+  os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
+  with open(FLAGS.out + ".md", "w") as fh:
+    fh.write(f"Made by `python -m launch.reproduce.structured --steps {n}` "
+             f"({time.perf_counter() - t0:.0f} s on this machine).\n\n{table}\n\n{note}\n\n{goal_text}\n")
+  with open(FLAGS.out + ".csv", "w", newline="") as fh:
+    writer = csv.writer(fh)
+    writer.writerow(HEADER)
+    writer.writerows(rows)
+
+
+if __name__ == "__main__":
+  cli.run(main)
