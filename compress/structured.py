@@ -32,7 +32,7 @@ from flax import nnx
 from lm import layers
 from lm.config import ModelConfig
 from lm.loss import cross_entropy
-from lm.transformer import Block, Transformer
+from lm.transformer import Block, Transformer, rotary_inputs
 
 Params = dict[str, Any]
 Batch = dict[str, np.ndarray]  # {"inputs": int [B, L], "targets": int [B, L]}
@@ -134,7 +134,7 @@ def make_width_stats(cfg: ModelConfig):
     model = nnx.merge(graphdef, params)
     batch, length = tokens_BxL.shape
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-    sin, cos = layers.rotary_tables(positions, cfg.head_dim, cfg.rope_theta)
+    sin, cos = rotary_inputs(cfg, positions)  # the model's own tables (rope scaling included)
     x = model.embed(tokens_BxL)
     abs_sum = lambda a: jnp.sum(jnp.abs(a.astype(jnp.float32)), axis=tuple(range(a.ndim - 1)))
     embed_D, mlp, heads = jnp.zeros((cfg.d_model,), jnp.float32), [], []
