@@ -58,7 +58,8 @@ class Attention(nnx.Module):
     prefill = isinstance(cache_index, int) and cache_index == 0
     if cache_kv is None or prefill:
       cfg = self.cfg
-      choice = attention_lib.select_for(cfg.attention, cfg.dtype, cfg.head_dim, x_BxLxD.shape[1])
+      choice = attention_lib.select_for(cfg.attention, cfg.dtype, cfg.head_dim, x_BxLxD.shape[1],
+                                        segments=segment_ids_BxL is not None)
       out_BxLxNxK = attention_lib.attend(choice.implementation, q_BxLxNxK, k_BxLxGxK, v_BxLxGxK,
                                          segment_ids_BxL, recompute=cfg.remat == "none")
     else:
@@ -162,7 +163,7 @@ class Transformer(nnx.Module):
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
     sin, cos = layers.rotary_tables(positions_BxL, cfg.head_dim, cfg.rope_theta)
-    # Expanded once here, outside the layer scan: the backward pass then keeps one copy, not one per layer.
+    # Expanded once here, outside the layer scan: autodiff then keeps one copy, not one per layer.
     sin, cos = sin[:, :, None, :], cos[:, :, None, :]
     x_BxLxD = constrain(self.embed(tokens_BxL), ("batch", "length", "embed"))
 
