@@ -6,10 +6,11 @@ and stores it in its checkpoints' meta (launch/run/context.py, launch/run/loop.p
 the same function while tracing, with the lengths it really sees (so prefill of a short prompt may
 fall back where training did not). What `auto` picks:
 
-  * NVIDIA GPU, bf16/fp16, head dim a multiple of 8 up to 128 (256 on Hopper and later), even
-    sequence length: cuDNN's fused flash attention (`jax.nn.dot_product_attention(implementation=
-    "cudnn")`). Segment ids reach it as a boolean mask, which cuDNN turns into an additive
-    [B, 1, L, L] bias: the kernel stays fused, but that bias (and its gradient) costs B*L^2 values.
+  * NVIDIA GPU, bf16/fp16, head dim a multiple of 8 up to 128 (256 on Hopper and later), and an
+    even sequence length when segment ids come too: cuDNN's fused flash attention
+    (`jax.nn.dot_product_attention(implementation="cudnn")`). Segment ids reach it as a boolean
+    mask, which cuDNN turns into an additive [B, 1, L, L] bias: the kernel stays fused, but that
+    bias (and its gradient) costs B*L^2 values.
   * TPU, sequence length a multiple of 128: the Pallas splash attention kernel
     (`jax.experimental.pallas.ops.tpu.splash_attention`) with its own segment ids, run per device
     through `lm.axes.per_shard` (a shard_map over batch and heads installed by the step).
@@ -56,7 +57,8 @@ def platform_of(device) -> str:
   return "rocm" if "rocm" in version else "cuda"
 
 
-def _cudnn_problem(dtype: str, head_dim: int, seq_len: int, compute_capability: str | None) -> str:
+def _cudnn_problem(dtype: str, head_dim: int, seq_len: int, compute_capability: str | None,
+                   masked: bool) -> str:
   """'' when cuDNN flash attention takes these shapes, else why not (jax's own checks, mirrored)."""
   if dtype not in ("bfloat16", "float16"):
     return f"cuDNN flash attention needs bfloat16 or float16 compute, not model.dtype={dtype!r}"
@@ -65,7 +67,7 @@ def _cudnn_problem(dtype: str, head_dim: int, seq_len: int, compute_capability: 
   if head_dim % 8 or head_dim > max_head:
     return (f"cuDNN flash attention needs a head dim that is a multiple of 8 and at most {max_head}, "
             f"not model.head_dim={head_dim}")
-  if seq_len % 2:
+  if masked and seq_len % 2:
     # Training with a bias (the segment mask) needs even lengths (jax's check_is_flash_attention).
     return f"cuDNN flash attention with a segment mask needs an even sequence length, not {seq_len}"
   return ""
@@ -79,11 +81,12 @@ def _splash_problem(seq_len: int) -> str:
 
 
 def select(requested: str, *, platform: str, dtype: str, head_dim: int, seq_len: int,
-           compute_capability: str | None = None) -> Selection:
+           compute_capability: str | None = None, segments: bool = True) -> Selection:
   """Resolves `model.attention` for one platform and shape; the only place the choice is made.
 
   `platform` is one of PLATFORMS, `dtype` the compute dtype name, `seq_len` the query length the
-  kernel sees, `compute_capability` a CUDA device's ("9.0"; None when unknown). Returns a Selection.
+  kernel sees, `compute_capability` a CUDA device's ("9.0"; None when unknown), `segments` whether
+  a segment mask comes too (training and eval; not a prompt's prefill). Returns a Selection.
   Raises ValueError when an explicit `cudnn` or `splash` cannot run here (auto falls back instead).
   """
   if requested not in IMPLEMENTATIONS:
@@ -93,7 +96,7 @@ def select(requested: str, *, platform: str, dtype: str, head_dim: int, seq_len:
   if requested == "xla":
     return Selection(requested, "xla", "as configured")
   cudnn_problem = ("cuDNN runs only on NVIDIA GPUs, and this is " + platform if platform != "cuda"
-                   else _cudnn_problem(dtype, head_dim, seq_len, compute_capability))
+                   else _cudnn_problem(dtype, head_dim, seq_len, compute_capability, segments))
   splash_problem = ("splash attention is a TPU (Pallas Mosaic) kernel, and this is " + platform
                     if platform != "tpu" else _splash_problem(seq_len))
   if requested == "cudnn":
@@ -126,11 +129,11 @@ def current_device() -> tuple[str, str | None]:
   return platform_of(device), getattr(device, "compute_capability", None)
 
 
-def select_for(requested: str, dtype: str, head_dim: int, seq_len: int) -> Selection:
+def select_for(requested: str, dtype: str, head_dim: int, seq_len: int, segments: bool) -> Selection:
   """`select` on jax's default device."""
   platform, capability = current_device()
   return select(requested, platform=platform, dtype=dtype, head_dim=head_dim, seq_len=seq_len,
-                compute_capability=capability)
+                compute_capability=capability, segments=segments)
 
 
 def segment_mask(segment_ids_BxL: jax.Array | None, length: int) -> jax.Array:

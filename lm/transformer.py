@@ -71,7 +71,8 @@ class Attention(nnx.Module):
     prefill = isinstance(cache_index, int) and cache_index == 0
     if cache_kv is None or prefill:
       cfg = self.cfg
-      choice = attention_lib.select_for(cfg.attention, cfg.dtype, cfg.head_dim, x_BxLxD.shape[1])
+      choice = attention_lib.select_for(cfg.attention, cfg.dtype, cfg.head_dim, x_BxLxD.shape[1],
+                                        segments=segment_ids_BxL is not None)
       out_BxLxNxK = attention_lib.attend(choice.implementation, q_BxLxNxK, k_BxLxGxK, v_BxLxGxK,
                                          segment_ids_BxL, recompute=cfg.remat == "none")
     else:

@@ -49,6 +49,12 @@ def test_selection_table(requested, platform, dtype, head_dim, seq_len, cap, exp
   assert choice.message().startswith(f"attention: {expected} ({requested}: ")
 
 
+def test_odd_prompt_prefill_keeps_cudnn_without_a_segment_mask():
+  choice = attention.select("auto", platform="cuda", dtype="bfloat16", head_dim=64, seq_len=37,
+                            compute_capability="9.0", segments=False)
+  assert choice.implementation == "cudnn"
+
+
 @pytest.mark.parametrize("requested,platform,dtype,words", [
     ("cudnn", "cpu", "bfloat16", "only on NVIDIA GPUs, and this is cpu"),
     ("cudnn", "cuda", "float32", "needs bfloat16 or float16"),
