@@ -242,8 +242,13 @@ def generate(model: Transformer, prompt_BxP: jax.Array, *, max_new_tokens: int, 
   if not all(_is_count(i) and 0 <= i < model.cfg.vocab_size for i in eos_ids):
     raise ValueError(f"eos_id={eos_id!r}: must be token ids in [0, {model.cfg.vocab_size}) or None.")
   batch, prompt_len = prompt_BxP.shape
-  if prompt_lengths_B is not None and not isinstance(prompt_lengths_B, jax.core.Tracer):
-    check_prompt_lengths(prompt_lengths_B, batch, prompt_len)
+  if prompt_lengths_B is not None:
+    try:  # concrete lengths are checked here; traced ones (inside jit) cannot be
+      concrete = np.asarray(prompt_lengths_B)
+    except jax.errors.TracerArrayConversionError:
+      concrete = None
+    if concrete is not None:
+      check_prompt_lengths(concrete, batch, prompt_len)
   prompt_BxP = prompt_BxP.astype(jnp.int32)
   if max_new_tokens == 0:
     return prompt_BxP
