@@ -117,6 +117,9 @@ class Block(nnx.Module):
     # remat=none keeps every activation the backward pass needs; `lean` trims that to what is
     # expensive to recompute (matmul outputs), recomputing norms, SwiGLU and attention scores.
     self.lean = cfg.remat == "none"
+    # Quantized layers may record input ranges (nnx state), which cannot change inside a
+    # jax.checkpoint; they only run forward, where recomputation saves nothing anyway.
+    self.lean_mlp = self.lean and cfg.quant == "none"
     norm_kw = dict(eps=cfg.norm_eps, param_dtype=cfg.storage_dtype, rngs=rngs)
     self.attention_norm = layers.RMSNorm(cfg.d_model, **norm_kw)
     self.attention = Attention(cfg, rngs=rngs)
@@ -129,7 +132,7 @@ class Block(nnx.Module):
     attn, new_kv = self.attention(self.attention_norm(x_BxLxD, self.lean), sin, cos, segment_ids_BxL,
                                   mask_BxLxS, cache_kv, cache_index, layer)
     x_BxLxD = constrain(x_BxLxD + attn, ("batch", "length", "embed"))
-    x_BxLxD = x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD, self.lean), self.lean)
+    x_BxLxD = x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD, self.lean), self.lean_mlp)
     return constrain(x_BxLxD, ("batch", "length", "embed")), new_kv
 
 

@@ -163,3 +163,6 @@ def test_checkpoint_is_self_describing(uninterrupted):
   assert meta["step"] == 8
   assert meta["config"]["model"]["vocab_size"] == 512
   json.dumps(meta["data_state"])  # the data position is plain JSON
+  # Which attention ran and why (issue 12): auto on CPU is XLA.
+  assert meta["attention"] == {"requested": "auto", "implementation": "xla",
+                               "reason": "no fused attention kernel on cpu; XLA"}
