@@ -41,7 +41,7 @@ def prune_structured(cfg: Config, workdir: str) -> dict:
 
   Every input is checked (target shape, mesh fit, an empty output directory) before any array is
   read. Returns {"checkpoint_dir", "step", "params_before", "params_after", "model": {new shape},
-  "layers_kept", ...}.
+  "layers_kept", "layer_importance", "importance"}; the kept indices go to the checkpoint's meta.
   """
   source = cfg.prune.init_checkpoint
   if not source:
@@ -68,4 +68,5 @@ def prune_structured(cfg: Config, workdir: str) -> dict:
     checkpointer.close()
   shape = {k: getattr(small_cfg.model, k) for k in structured.TARGET_KEYS}
   return {"checkpoint_dir": out_dir, "step": step, "params_before": cfg.model.num_params(),
-          "params_after": small_cfg.model.num_params(), "model": shape, **report}
+          "params_after": small_cfg.model.num_params(), "model": shape,
+          **{k: v for k, v in report.items() if k != "kept"}}  # the kept indices are in the meta
