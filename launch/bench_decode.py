@@ -6,10 +6,12 @@
 
 Random weights; each row compiles prefill and a `--new_tokens`-step decode loop for one (weights,
 batch, prompt) and times them (compile and a warm-up excluded; best of --repeats). The floor is
-(weight bytes + mean KV-cache bytes read per step) / bandwidth, with the bandwidth of an in-place
-copy measured in this run (the chip's spec sheet is printed beside it). Writes decode.md and .csv.
+the larger of (weight bytes + mean KV-cache bytes read per step) / bandwidth, with the bandwidth of
+an in-place copy measured in this run (the chip's spec sheet is printed beside it), and the step's
+FLOPs / a 2048^3 matmul's rate measured in this run. Writes decode.md and .csv.
 """
 
+import os
 import sys
 
 import jax
@@ -19,6 +21,7 @@ from launch.measure import decode as decode_lib
 from launch.measure.profile import profile_markdown, summarize_trace
 from launch.measure.tables import write_table
 from launch.run import cli
+from launch.run.throughput import measure_matmul_flops
 
 flags.DEFINE_string("out", None, "Write decode.md and decode.csv here.")
 flags.DEFINE_list("weights", ["float", "w8a16", "w8a8"], "float, float_stored, w8a16, w8a8.")
@@ -46,10 +49,18 @@ def main(argv):
     raise ValueError(f"--prompt_lens {max(prompt_lens)} + --new_tokens {FLAGS.new_tokens} + 1 exceeds "
                      f"model.max_seq_len={cfg.model.max_seq_len}; set --config.model.max_seq_len={longest}.")
   device = jax.devices()[0]
+  kind = device.device_kind
+  if device.platform == "cpu":
+    # Name the CPU, and the load it shared: on a shared machine that sets how far to trust the rows.
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                  if line.startswith("model name")), "CPU") if os.path.exists("/proc/cpuinfo") else "CPU"
+    kind = f"{model}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start"
   measured = decode_lib.measure_copy_bandwidth()
   spec = decode_lib.table_bandwidth(device.device_kind)
-  machine = (f"{device.device_kind} ({device.platform}), copy bandwidth measured {measured / 1e9:.1f} GB/s"
+  machine = (f"{kind} ({device.platform}), copy bandwidth measured {measured / 1e9:.1f} GB/s"
              + (f", spec sheet {spec / 1e9:.0f} GB/s" if spec else ""))
+  matmul = measure_matmul_flops(2048, 2048, 2048, cfg.model.dtype)
+  machine += f", {cfg.model.dtype} matmul measured {matmul / 1e12:.2f} TFLOP/s"
   print(machine, flush=True)
   rows, export_rows, profile, skipped = [], [], "", set()
   for variant in decode_lib.make_variants(cfg.model, FLAGS.weights):
@@ -59,13 +70,14 @@ def main(argv):
           skipped.add(f"batch {batch} x prompt {prompt_len}")
           continue
         trace = FLAGS.profile if not rows else None
-        row, compiled = decode_lib.decode_row(variant, batch, prompt_len, FLAGS.new_tokens, measured,
+        row, compiled = decode_lib.decode_row(variant, batch, prompt_len, FLAGS.new_tokens, measured, matmul,
                                               temperature=FLAGS.temperature, top_k=FLAGS.top_k,
                                               repeats=FLAGS.repeats, profile_dir=trace)
         rows.append(row)
         if trace:
           summary = summarize_trace(trace, compiled.as_text())
-          profile = profile_markdown(summary, f"decode loop, {variant.name}, batch {batch}, prompt {prompt_len}")
+          profile = profile_markdown(summary, f"decode loop, {variant.name}, batch {batch}, prompt {prompt_len}",
+                                     f"one run of {FLAGS.new_tokens} steps")
           print(profile)
     if FLAGS.export:
       for batch in [b for b in batches if b <= 8]:
@@ -73,7 +85,7 @@ def main(argv):
                                                  repeats=FLAGS.repeats))
   if FLAGS.out:
     command = "python -m launch.bench_decode " + " ".join(sys.argv[1:])
-    notes = f"Machine: {machine}.\n"
+    notes = f"Machine: {machine}; load average {os.getloadavg()[0]:.1f} at the end.\n"
     if skipped:
       notes += f"\nSkipped (--max_prefill_tokens={FLAGS.max_prefill_tokens}): {', '.join(sorted(skipped))}.\n"
     notes += f"\n{profile}"

@@ -1,10 +1,12 @@
 """Generation speed: prefill tokens/s and decode ms/token per (weights, batch, prompt), beside the floor.
 
 One decode step reads every weight once and the KV cache written so far, so at small batch its time
-is bounded below by (weight bytes + KV bytes) / memory bandwidth: the "floor". The bandwidth is the
-chip's spec sheet where known (`CHIP_BANDWIDTH_GBS`) and, always, a device-to-device copy measured
-in the same run; the floor uses the measured copy, so a ratio to it says how far the step is from
-what this machine can stream. Weights are random (speed does not depend on their values); int8
+is bounded below by (weight bytes + KV bytes) / memory bandwidth: the memory floor. At large batch
+its FLOPs bound it instead (2 per weight per row plus attention, over a matmul rate measured in the
+same run): the compute floor. A row's floor is the larger. The bandwidth is the chip's spec sheet
+where known (`CHIP_BANDWIDTH_GBS`) and, always, a device-to-device copy measured in the same run;
+the floor uses the measured copy, so a ratio to it says how far the step is from what this machine
+can stream. Weights are random (speed does not depend on their values); int8
 weights come from `compress.quantize` applied to them, as `launch.quantize` would.
 """
 
@@ -19,6 +21,7 @@ import numpy as np
 
 from compress.quantize import quantize_params, quantized_config
 from launch.run import state as ts
+from lm import flops
 from lm import generate as gen_lib
 from lm.serving import serving_params
 from lm.config import ModelConfig
@@ -167,12 +170,20 @@ def compile_decode(variant: Variant, batch: int, prompt_len: int, new_tokens: in
   return prefill_c, decode_c
 
 
-def decode_row(variant: Variant, batch: int, prompt_len: int, new_tokens: int, bandwidth: float, *,
-               temperature: float = 1.0, top_k: int = 50, repeats: int = 3,
+def decode_flops(cfg: ModelConfig, batch: int, context: float) -> float:
+  """Forward FLOPs of one decode step: 2 per matmul weight per row, plus attention over `context` keys."""
+  attention = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * context
+  return batch * (2.0 * flops.matmul_params(cfg) + attention)
+
+
+def decode_row(variant: Variant, batch: int, prompt_len: int, new_tokens: int, bandwidth: float,
+               matmul_flops: float, *, temperature: float = 1.0, top_k: int = 50, repeats: int = 3,
                profile_dir: str | None = None) -> tuple[dict, Any]:
   """Times prefill and `new_tokens` cached decode steps of one variant at one shape.
 
-  Returns (the row, the compiled decode function). With `profile_dir`, traces one more decode run.
+  `bandwidth` (bytes/s) sets the memory floor, `matmul_flops` (FLOP/s) the compute floor of a step;
+  the row's `floor_ms` is the larger. Returns (the row, the compiled decode function). With
+  `profile_dir`, traces one more decode run.
   """
   cfg = variant.cfg
   prefill_c, decode_c = compile_decode(variant, batch, prompt_len, new_tokens,
@@ -196,12 +207,15 @@ def decode_row(variant: Variant, batch: int, prompt_len: int, new_tokens: int, b
   weights = weight_read_bytes(cfg, variant.params)
   # Mean KV bytes a step reads: every written column of every layer, P + 1 .. P + new_tokens.
   kv_read = kv_cache_bytes(cfg, batch, prompt_len + (new_tokens + 1) / 2)
-  floor_s = (weights + kv_read) / bandwidth
+  memory_floor_s = (weights + kv_read) / bandwidth
+  compute_floor_s = decode_flops(cfg, batch, prompt_len + (new_tokens + 1) / 2) / matmul_flops
+  floor_s = max(memory_floor_s, compute_floor_s)
   row = {"weights": variant.name, "batch": batch, "prompt": prompt_len,
          "prefill_tok_s": batch * prompt_len / prefill_best,
          "decode_ms_tok": step_s * 1e3, "decode_tok_s": batch / step_s,
          "median_vs_best": decode_median / decode_best,
          "weight_MB": weights / 1e6, "kv_cache_MB": kv_cache_bytes(cfg, batch, prompt_len + new_tokens + 1) / 1e6,
+         "memory_floor_ms": memory_floor_s * 1e3, "compute_floor_ms": compute_floor_s * 1e3,
          "floor_ms": floor_s * 1e3, "x_floor": step_s / floor_s}
   print(f"{row['weights']:16s} B={batch:<4d} P={prompt_len:<5d} prefill {row['prefill_tok_s']:9.0f} tok/s  "
         f"decode {row['decode_ms_tok']:8.2f} ms/step ({row['decode_tok_s']:8.0f} tok/s)  "

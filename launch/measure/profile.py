@@ -90,11 +90,12 @@ def summarize_trace(trace_dir: str, hlo_text: str, top: int = 10) -> dict:
           "top_ops": [(op, kind, us, us / total) for (op, kind), us in by_op.most_common(top)]}
 
 
-def profile_markdown(summary: dict, label: str) -> str:
-  """The output of `summarize_trace` as Markdown tables (share per kind of op, top ops)."""
+def profile_markdown(summary: dict, label: str, traced: str = "3 steps") -> str:
+  """The output of `summarize_trace` as Markdown tables (share per kind of op, top ops); `traced`
+  says what the trace covered."""
   lines = [f"## Where the step's time goes: {label}", "",
            "| kind | share of op time |", "|---|---|"]
   lines += [f"| {kind} | {share:.1%} |" for kind, share in summary["share"].items()]
-  lines += ["", "| top ops | kind | ms (3 steps, summed over threads) | share |", "|---|---|---|---|"]
+  lines += ["", f"| top ops | kind | ms ({traced}, summed over threads) | share |", "|---|---|---|---|"]
   lines += [f"| {op} | {kind} | {us / 1e3:.1f} | {share:.1%} |" for op, kind, us, share in summary["top_ops"]]
   return "\n".join(lines) + "\n"
