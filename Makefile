@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh machine:
 #   make demo   - create .venv, install, train the demo LM on 8 simulated CPU devices, eval, generate.
 #   make test   - create .venv, install with the dev extra, run the test suite.
+# And one that regenerates the docs' figures:
 #   make reproduce - regenerate every table and figure under docs/results, then compare each number
 #                 with the committed one (launch/reproduce/summary.py; non-zero exit when a quality
 #                 number moved beyond its tolerance). About 2.5 h on the 2-core CPU (README).
@@ -26,7 +27,7 @@ test: setup
 
 # --- make reproduce: one step per table or figure; each prints its progress --------------------
 R := runs/reproduce
-step = @echo; echo "=== [$(1)/9] $(2)  ($$(date +%H:%M:%S))"
+step = @echo; echo "=== [$(1)/12] $(2)  ($$(date +%H:%M:%S))"
 
 reproduce: setup
 	$(call step,0,snapshot of the committed docs/results -> $(R)/committed)
@@ -60,7 +61,16 @@ reproduce: setup
 	$(PY) -m launch.reproduce.compression --out docs/results/compression --workdir $(R)/compression
 	$(call step,8,structured pruning + distillation vs from scratch -> docs/results/structured)
 	$(PY) -m launch.reproduce.structured --out docs/results/structured --workdir $(R)/structured
-	$(call step,9,summary: regenerated vs committed -> $(R)/summary.md)
+	$(call step,9,pipeline bubble: stage x micro-batches x schedule -> docs/results/pipeline)
+	rm -rf docs/results/pipeline/sweep
+	$(PY) -m launch.reproduce.pipeline --out docs/results/pipeline --steps 3
+	$(call step,10,checkpoint save/restore with and without checksums -> docs/results/checkpoints)
+	$(PY) -m launch.reproduce.checkpoints --configs demo,llama_125m --repeats 3 --out docs/results
+	$(call step,11,decode: prefill and ms/token, float vs int8, beside the weight-read floor -> docs/results/decode)
+	$(PY) -m launch.bench_decode --config configs/bench_decode.py --weights float,float:stored,w8a16,w8a8 \
+	  --batches 1,8 --prompt_lens 128,512 --max_prefill_tokens 1024 --new_tokens 16 --repeats 3 --export \
+	  --out docs/results/decode
+	$(call step,12,summary: regenerated vs committed -> $(R)/summary.md)
 	$(PY) -m launch.reproduce.summary --committed $(R)/committed --regenerated docs/results --out $(R)/summary.md
 
 clean:
