@@ -40,3 +40,24 @@ def test_profile_summary_finds_the_matmul(tmp_path):
   summary = summarize_trace(str(tmp_path), compiled.as_text())
   assert summary["share"].get("matmul", 0) > 0
   assert sum(summary["share"].values()) == pytest.approx(1.0)
+
+
+# ---- launch/measure/decode.py ---------------------------------------------------------------------
+
+def test_decode_row_measures_a_tiny_model_and_sizes_its_floor():
+  from launch.measure import decode as decode_lib
+  from launch.run.config import model_config
+  cfg = model_config(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+                     mlp_dim=64, max_seq_len=32, dtype="float32")
+  # Closed forms: 2 (k, v) x layers x batch x length x kv_heads x head_dim x 4 bytes.
+  assert decode_lib.kv_cache_bytes(cfg, 3, 10) == 2 * 2 * 3 * 10 * 2 * 8 * 4
+  matmul_params = 2 * (32 * 8 * (2 * 4 + 2 * 2) + 3 * 32 * 64) + 64 * 32
+  assert decode_lib.decode_flops(cfg, 2, 5.0) == 2 * (2 * matmul_params + 4 * 2 * 4 * 8 * 5.0)
+  float_v, int8_v = decode_lib.make_variants(cfg, ["float", "w8a8"])
+  assert decode_lib.weight_read_bytes(cfg, float_v.params) == cfg.num_params() * 4
+  assert decode_lib.weight_read_bytes(int8_v.cfg, int8_v.params) < cfg.num_params() * 4 / 3
+  row, _ = decode_lib.decode_row(int8_v, 2, 4, 3, bandwidth=1e9, matmul_flops=1e9, repeats=1)
+  assert row["floor_ms"] == max(row["memory_floor_ms"], row["compute_floor_ms"])
+  assert row["decode_ms_tok"] > 0 and row["x_floor"] == pytest.approx(row["decode_ms_tok"] / row["floor_ms"])
+  with pytest.raises(ValueError, match="weights mode"):
+    decode_lib.make_variants(cfg, ["w4a16"])
