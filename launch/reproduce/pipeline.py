@@ -28,7 +28,7 @@ FLAGS = flags.FLAGS
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(REPO, "configs", "demo.py")
 COMMON = ["--config.model.num_layers=8", "--config.train.global_batch_size=16", "--config.model.dtype=float32"]
-STAGES, DATA = 4, 2
+STAGES, DATA, BATCH, LAYERS = 4, 2, 16, 8
 GRIDS = [  # (label, grid)
     ("reference", "mesh=data8"),
     ("gpipe", f"mesh=stage{STAGES}.data{DATA};schedule=gpipe;micro=1,2,4,8"),
@@ -51,6 +51,9 @@ def bubble_rows(records: dict[str, list[dict]]) -> list[dict]:
                    "iterations": pipe.iterations, "bubble": pipe.bubble, "step_s": r["step_s"],
                    "time_vs_reference": r["step_s"] / reference["step_s"],
                    "formula_1/(1-bubble)": 1 / (1 - pipe.bubble),
+                   # Activations a stage holds for the backward pass, by the formula: every iteration's
+                   # micro-batch rows (B / (M * data)) through the layers it runs per iteration.
+                   "formula_held_row_layers": pipe.iterations * BATCH // (pipe.microbatches * DATA) * LAYERS // pipe.groups,
                    "temp_MiB_per_device": r["temp_bytes"] / MIB,
                    "reference_temp_MiB": reference["temp_bytes"] / MIB, "status": "ok", "reason": ""})
   return rows
@@ -92,7 +95,9 @@ def main(argv):
                     "Measured on 8 simulated CPU devices sharing one 2-core host: a stage in its bubble "
                     "computes on zeros, so time over the no-pipeline reference should follow 1/(1-bubble). "
                     "temp_MiB_per_device: the compiled step's temporaries (activations held for the "
-                    "in-flight micro-batches, gradients) from memory_analysis()."))
+                    "in-flight micro-batches, gradients) from memory_analysis(). formula_held_row_layers: "
+                    "iterations x B / (M x data) rows x the layers a stage runs per iteration (L/P, or L/(R P) circular), "
+                    "the activations a stage keeps for the backward pass (the reference, no pipeline, keeps B/8 x 8 = 16)."))
   plot(rows, os.path.join(FLAGS.out, "bubble.png"))
 
 
