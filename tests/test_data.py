@@ -145,7 +145,7 @@ def test_byte_tokenizer_round_trips():
 
 
 def test_vocab_mismatch_errors_name_the_fix(data_dir):
-  with pytest.raises(ValueError, match=r"byte tokenizer has 259 tokens.*vocab_size = 259"):
+  with pytest.raises(ValueError, match=r"byte tokenizer has 259 tokens but model.vocab_size=512.*--config.model.vocab_size=259"):
     tokenizer_lib.load_tokenizer("byte", data_dir, VOCAB)
   assert tokenizer_lib.load_tokenizer("byte", data_dir, 259).vocab_size == 259
   with pytest.raises(ValueError, match="'wordpiece' is not one of"):
