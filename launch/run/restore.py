@@ -16,6 +16,7 @@ from launch.run.config import Config, validate, with_overrides
 from launch.run.context import RunContext, build_context
 from lm.data import loader
 from lm.generate import generate_text
+from lm.serving import serving_params
 
 # The model.* fields that shape the weights; the others (dtype, remat, max_seq_len, ...) may change.
 # (rope_scaling.. and qkv_bias: issue 14; they change what the weights compute or their tree.)
@@ -121,10 +122,12 @@ class LoadedModel:
   step: int
 
   def generate(self, prompts: list[str], **sampling) -> list[str]:
-    """lm.generate.generate_text with this checkpoint's model and tokenizer; `sampling`: max_new_tokens,
-    temperature, top_k, top_p, seed. Returns one string per prompt (prompt included)."""
-    return generate_text(self.ctx.mdef.graphdef, self.params, self.tokenizer, prompts,
-                         max_seq_len=self.cfg.model.max_seq_len, **sampling)
+    """lm.generate.generate_text with this checkpoint's model and tokenizer, through the serving layout
+    `launch.generate` uses (lm/serving.py); `sampling`: max_new_tokens, temperature, top_k, top_p,
+    seed, batch_size, stop_ids, echo. Returns one string per prompt (prompt included unless echo=False)."""
+    model = self.cfg.model
+    return generate_text(model, serving_params(self.params, model.compute_dtype), self.tokenizer, prompts,
+                         max_seq_len=model.max_seq_len, **sampling)
 
 
 def load_checkpoint(checkpoint_dir: str, step: int | None = None, devices: list | None = None,
