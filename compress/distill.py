@@ -14,11 +14,13 @@ from lm.loss import cross_entropy
 
 
 def kd_loss_sums(student_logits_BxLxV: jax.Array, teacher_logits_BxLxV: jax.Array, targets_BxL: jax.Array,
-                 *, alpha: float, temperature: float) -> dict[str, jax.Array]:
+                 *, alpha: float, temperature: float,
+                 weights_BxL: jax.Array | None = None) -> dict[str, jax.Array]:
   """Returns float32 sums over tokens: {"loss", "kl", "ce", "tokens"}.
 
   `kl` is the plain sum of KL(p_teacher,T || p_student,T) per token; `loss` = alpha * T^2 * kl +
   (1 - alpha) * ce. The teacher's logits are treated as constants (no gradient flows into them).
+  `weights_BxL` (0 on an instruction's prompt tokens) weighs each position's KL and CE alike.
   """
   t = jnp.float32(temperature)
   # Softmax of both in float32: the soft targets' small probabilities are what carries the knowledge.
@@ -26,8 +28,8 @@ def kd_loss_sums(student_logits_BxLxV: jax.Array, teacher_logits_BxLxV: jax.Arra
   log_p_BxLxV = jax.nn.log_softmax(jax.lax.stop_gradient(teacher_logits_BxLxV).astype(jnp.float32) / t,
                                    axis=-1)
   kl_BxL = jnp.sum(jnp.exp(log_p_BxLxV) * (log_p_BxLxV - log_q_BxLxV), axis=-1)
-  ce_sum, tokens = cross_entropy(student_logits_BxLxV, targets_BxL)
-  kl_sum = jnp.sum(kl_BxL)
+  ce_sum, tokens = cross_entropy(student_logits_BxLxV, targets_BxL, weights_BxL)
+  kl_sum = jnp.sum(kl_BxL if weights_BxL is None else kl_BxL * weights_BxL.astype(jnp.float32))
   loss_sum = alpha * t * t * kl_sum + (1.0 - alpha) * ce_sum
   return {"loss": loss_sum, "kl": kl_sum, "ce": ce_sum, "tokens": tokens}
 
@@ -44,20 +46,25 @@ def distill_loss(params, batch, teacher_params, *, student, teacher, alpha: floa
 
   `student` and `teacher` are ModelDefs (anything with `.bind(params)` returning a Transformer).
   The teacher's forward runs inside the same jitted step as the student's, with its parameters an
-  argument of that step (sharded by the same rule table), and receives no gradient.
+  argument of that step (sharded by the same rule table), and receives no gradient. Both see the
+  batch's segment ids (packed documents kept apart, as in training) and its loss weights.
   """
-  inputs_BxL = batch["inputs"]
+  inputs_BxL, segment_ids_BxL = batch["inputs"], batch.get("segment_ids")
   teacher_model = teacher.bind(jax.lax.stop_gradient(teacher_params))
-  teacher_hidden_BxLxD, _ = teacher_model.hidden_states(inputs_BxL)
+  teacher_hidden_BxLxD, _ = teacher_model.hidden_states(inputs_BxL, segment_ids_BxL=segment_ids_BxL)
   teacher_logits_BxLxV = teacher_model.logits(teacher_hidden_BxLxD)
   student_model = student.bind(params)
-  student_hidden_BxLxD, _ = student_model.hidden_states(inputs_BxL)
+  student_hidden_BxLxD, _ = student_model.hidden_states(inputs_BxL, segment_ids_BxL=segment_ids_BxL)
   student_logits_BxLxV = student_model.logits(student_hidden_BxLxD)
+  weights_BxL = batch.get("loss_weights")
   sums = kd_loss_sums(student_logits_BxLxV, teacher_logits_BxLxV, batch["targets"],
-                      alpha=alpha, temperature=temperature)
+                      alpha=alpha, temperature=temperature, weights_BxL=weights_BxL)
   loss_sum = sums["loss"]
   if hidden_weight:
-    loss_sum = loss_sum + hidden_weight * hidden_mse_sum(student_hidden_BxLxD, teacher_hidden_BxLxD)
+    mse_BxLxD = (student_hidden_BxLxD, teacher_hidden_BxLxD)
+    if weights_BxL is not None:
+      mse_BxLxD = tuple(h * weights_BxL[..., None].astype(h.dtype) for h in mse_BxLxD)
+    loss_sum = loss_sum + hidden_weight * hidden_mse_sum(*mse_BxLxD)
   return loss_sum / sums["tokens"], (loss_sum, sums["tokens"])
 
 

@@ -44,6 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.corpus = "shakespeare"      # shakespeare (bundled) | text | jsonl | parquet (your files; docs/data.md)
   c.data.path = ""                   # glob of your files, e.g. "/data/books/**/*.txt" (not for shakespeare)
   c.data.field = "text"              # JSONL key / Parquet column holding each document's text
+  c.data.prompt_field = ""           # instruction data: the key / column of each record's prompt (not scored)
   c.data.validation_path = ""        # glob of held-out files in the same format; "" splits a fraction off
   c.data.validation_fraction = 0.05  # share of documents held out when validation_path is ""
   c.data.data_dir = "runs/data"      # prepared tfds shards, manifest and tokenizer; one corpus per directory

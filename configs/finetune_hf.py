@@ -9,7 +9,8 @@ The model section is Llama-3.2-1B's config.json (as published; not downloaded he
 model, replace it with the `--config.model.*` flags `launch.convert` prints (a field that differs
 from the checkpoint stops the run before compiling, with the flag to set). The tokenizer is left
 unset: a run with `train.init_checkpoint` then reads its text with the tokenizer the converted
-checkpoint carries (<converted>/tokenizer/tokenizer.json).
+checkpoint carries (<converted>/tokenizer/tokenizer.json). Instruction data (records with a prompt and
+a response, loss on the response only): add --config.data.prompt_field=prompt --config.data.field=response.
 """
 
 from configs.base import base_config
@@ -25,6 +26,7 @@ def get_config():
   c.model.remat = "full"             # activations of 16 layers x 1024 tokens would not fit otherwise
   c.model.logits_chunk_size = 256    # 128k-entry vocabulary: score 256 positions at a time
   # Your documents: JSONL with a "text" field (or corpus="text" and a glob of .txt files); docs/data.md.
+  # prompt_field="prompt" (and field="response") scores only the responses of instruction records.
   c.data.update(corpus="jsonl", path="/data/my_notes/*.jsonl", field="text", data_dir="runs/data-finetune",
                 seq_len=1024)
   # A fine-tune: small learning rate, short warmup, no weight decay, evaluation every 100 steps.

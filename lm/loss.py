@@ -36,30 +36,34 @@ def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array,
 
 
 def chunked_cross_entropy(hidden_BxLxD: jax.Array, targets_BxL: jax.Array,
-                          project: Callable[[jax.Array], jax.Array],
-                          chunk_size: int) -> tuple[jax.Array, jax.Array]:
+                          project: Callable[[jax.Array], jax.Array], chunk_size: int,
+                          weights_BxL: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Cross-entropy of `project(hidden)` computed `chunk_size` positions at a time.
 
   `project` maps hidden [B, C, D] to logits [B, C, V]. Chunks run in a `lax.scan` under
   `jax.checkpoint`, so the backward pass recomputes one chunk's logits instead of storing all of
   them (memory [B, chunk, V] instead of [B, L, V], for one extra output-projection matmul).
+  `weights_BxL` (e.g. 0 on an instruction's prompt tokens) weighs each target as in `cross_entropy`.
   Returns (loss sum, token count) like `cross_entropy`.
   """
   batch, length, _ = hidden_BxLxD.shape
   if chunk_size <= 0 or chunk_size >= length:
-    return cross_entropy(project(hidden_BxLxD), targets_BxL)
+    return cross_entropy(project(hidden_BxLxD), targets_BxL, weights_BxL)
   if length % chunk_size:
     raise ValueError(f"sequence length {length} is not a multiple of the logits chunk size {chunk_size}.")
   chunks = length // chunk_size
   # Chunk along the sequence so each chunk keeps the batch's sharding.
   hidden_NxBxCxD = hidden_BxLxD.reshape(batch, chunks, chunk_size, -1).swapaxes(0, 1)
   targets_NxBxC = targets_BxL.reshape(batch, chunks, chunk_size).swapaxes(0, 1)
+  if weights_BxL is None:
+    weights_BxL = jnp.ones((batch, length), jnp.float32)
+  weights_NxBxC = weights_BxL.astype(jnp.float32).reshape(batch, chunks, chunk_size).swapaxes(0, 1)
 
   @jax.checkpoint
   def chunk_loss(total, chunk):
-    hidden_BxCxD, targets_BxC = chunk
-    loss_sum, _ = cross_entropy(project(hidden_BxCxD), targets_BxC)
+    hidden_BxCxD, targets_BxC, weights_BxC = chunk
+    loss_sum, _ = cross_entropy(project(hidden_BxCxD), targets_BxC, weights_BxC)
     return total + loss_sum, None
 
-  total, _ = jax.lax.scan(chunk_loss, jnp.float32(0), (hidden_NxBxCxD, targets_NxBxC))
-  return total, jnp.float32(batch * length)
+  total, _ = jax.lax.scan(chunk_loss, jnp.float32(0), (hidden_NxBxCxD, targets_NxBxC, weights_NxBxC))
+  return total, jnp.sum(weights_BxL.astype(jnp.float32))

@@ -172,3 +172,16 @@ def test_export_without_an_imported_config_picks_the_family():
   assert hf_lib.model_fields_from_hf(hf)["rope_factor"] == 2.0
   plain = hf_lib.hf_config_from_model(model_config(), "float32")
   assert (plain["model_type"], plain["rope_scaling"]) == ("llama", None)
+
+
+def test_a_moved_converted_checkpoint_finds_its_tokenizer(tmp_path):
+  """The saved tokenizer path is absolute; after a move the copy inside the checkpoint is used."""
+  written, moved = str(tmp_path / "written"), str(tmp_path / "moved")
+  convert.import_hf(os.path.join(FIXTURES, "hf_llama3_rope"), written)
+  saved_path = read_saved_config(written)[0].data.tokenizer_path
+  assert saved_path == os.path.join(written, "tokenizer", "tokenizer.json")
+  tokenizer_bytes = open(saved_path, "rb").read()
+  os.rename(written, moved)
+  cfg, _ = read_saved_config(moved)
+  assert cfg.data.tokenizer_path == os.path.join(moved, "tokenizer", "tokenizer.json")
+  assert open(cfg.data.tokenizer_path, "rb").read() == tokenizer_bytes

@@ -23,6 +23,7 @@ class DataConfig:
   corpus: str
   path: str
   field: str
+  prompt_field: str
   validation_path: str
   validation_fraction: float
   data_dir: str
@@ -352,6 +353,12 @@ def _corpus_source_errors(d: DataConfig) -> list[str]:
     if not d.validation_path and not 0 < d.validation_fraction < 1:
       errors.append(f"data.validation_fraction={d.validation_fraction}: must be in (0, 1) when "
                     "data.validation_path is '' (e.g. 0.05).")
+  if d.prompt_field and d.corpus not in ("jsonl", "parquet"):
+    errors.append(f"data.prompt_field={d.prompt_field!r} is read from JSONL / Parquet records; set "
+                  "data.corpus='jsonl' (or 'parquet') and data.path, or clear data.prompt_field.")
+  elif d.prompt_field and d.prompt_field == d.field:
+    errors.append(f"data.prompt_field and data.field are both {d.field!r}; name the prompt's key in "
+                  "data.prompt_field and the response's in data.field.")
   if d.tokenizer == "huggingface" and not d.tokenizer_path:
     errors.append("data.tokenizer='huggingface' needs data.tokenizer_path (a tokenizer.json).")
   if d.tokenizer == "byte" and d.tokenizer_path:

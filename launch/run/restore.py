@@ -7,6 +7,7 @@ code no longer knows are refused (the checkpoint was written by another version)
 """
 
 import dataclasses
+import os
 from typing import Any
 
 from configs.base import base_config
@@ -51,13 +52,31 @@ def saved_config(meta: dict[str, Any], where: str = "checkpoint", overrides: dic
 
 def read_saved_config(checkpoint_dir: str, step: int | None = None,
                       overrides: dict | None = None) -> tuple[Config, int]:
-  """Returns (the Config `checkpoint_dir` was saved with, the step read); CheckpointError if unreadable."""
+  """Returns (the Config `checkpoint_dir` was saved with, the step read); CheckpointError if unreadable.
+
+  A tokenizer saved inside the checkpoint directory (launch.convert's `<out>/tokenizer/`) is found
+  there even when the directory has moved since: the saved absolute data.tokenizer_path is then
+  replaced by the same file name under `<checkpoint_dir>/tokenizer/`.
+  """
   checkpointer = ckpt_lib.Checkpointer(checkpoint_dir, read_only=True)
   try:
     meta = checkpointer.read_meta(step)
   finally:
     checkpointer.close()
-  return saved_config(meta, checkpoint_dir, overrides), int(meta["step"])
+  cfg = saved_config(meta, checkpoint_dir, overrides)
+  return _tokenizer_beside(cfg, checkpoint_dir), int(meta["step"])
+
+
+def _tokenizer_beside(cfg: Config, checkpoint_dir: str) -> Config:
+  """`cfg` with data.tokenizer_path moved into `checkpoint_dir`/tokenizer/ when the saved path is gone
+  and the checkpoint carries a file of that name (a converted checkpoint that was moved or copied)."""
+  path = cfg.data.tokenizer_path
+  if not path or os.path.exists(path):
+    return cfg
+  beside = os.path.join(checkpoint_dir, "tokenizer", os.path.basename(path.rstrip("/")))
+  if not os.path.exists(beside):
+    return cfg
+  return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer_path=os.path.abspath(beside)))
 
 
 def restore_params(checkpoint_dir: str, mdef: ts.ModelDef, shardings: ts.Params,

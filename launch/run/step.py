@@ -15,8 +15,9 @@ from lm.loss import chunked_cross_entropy
 from launch.run.state import ModelDef, TrainState
 from sharding import rules as rules_lib
 
-# {"inputs": int32 [B, L], "targets": int32 [B, L], "segment_ids": int32 [B, L]}; segment_ids (the
-# document index of each token within its packed row) may be absent: then one row is one document.
+# {"inputs": int32 [B, L], "targets": int32 [B, L], "segment_ids": int32 [B, L], "loss_weights":
+# float32 [B, L]}; segment_ids (the document index of each token within its packed row) may be absent:
+# then one row is one document; loss_weights (0 on instruction prompts) may be absent: all count.
 Batch = dict[str, jax.Array]
 
 
@@ -36,7 +37,7 @@ def _loss(params, batch: Batch, mdef: ModelDef):
   model = mdef.bind(params)
   hidden_BxLxD, _ = model.hidden_states(batch["inputs"], segment_ids_BxL=batch.get("segment_ids"))
   loss_sum, tokens = chunked_cross_entropy(hidden_BxLxD, batch["targets"], model.logits,
-                                           mdef.cfg.logits_chunk_size)
+                                           mdef.cfg.logits_chunk_size, batch.get("loss_weights"))
   return loss_sum / tokens, (loss_sum, tokens)
 
 

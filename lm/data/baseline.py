@@ -16,7 +16,8 @@ from lm.data import tokenizer as tokenizer_lib
 def train_token_counts(data_dir: str, tokenizer: tokenizer_lib.Tokenizer) -> np.ndarray:
   """Returns int64 [vocab_size]: how often each id occurs in the train split, one EOS per document.
 
-  These are the tokens the train loader packs (each document's ids followed by EOS).
+  These are the tokens the train loader scores (each document's ids followed by EOS; an instruction
+  record's response, not its prompt).
   """
   counts_V = np.zeros(tokenizer.vocab_size, dtype=np.int64)
   source = tfds_builder.data_source(data_dir, "train")
@@ -35,14 +36,16 @@ def unigram_perplexity(data_dir: str, tokenizer: tokenizer_lib.Tokenizer, seq_le
   global_batch_size=1: every target of every full seq_len + 1 window of the packed validation
   stream (EOS included). A larger eval batch drops up to global_batch_size - 1 trailing windows,
   which moves this number by far less than its meaningful digits. Comparable to exp(validation
-  loss) of the LM with the same tokenizer and seq_len.
+  loss) of the LM with the same tokenizer and seq_len. For instruction data only the scored
+  (response) targets count, as in the LM's loss.
   """
   counts_V = train_token_counts(data_dir, tokenizer)
   log_p_V = np.log(counts_V + 1.0) - math.log(counts_V.sum() + tokenizer.vocab_size)
   total, num_targets = 0.0, 0
   for batch in loader.eval_batches(data_dir, tokenizer, seq_len=seq_len, global_batch_size=1):
-    total += float(log_p_V[batch["targets"]].sum())
-    num_targets += batch["targets"].size
+    weights_BxL = batch.get("loss_weights", np.ones_like(batch["targets"]))
+    total += float((log_p_V[batch["targets"]] * weights_BxL).sum())
+    num_targets += int(weights_BxL.sum())
   if num_targets == 0:
     raise ValueError(f"seq_len={seq_len} is longer than the whole validation split; lower it.")
   return math.exp(-total / num_targets)

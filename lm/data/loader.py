@@ -8,6 +8,10 @@ the EOS input that predicts the next document's first token still belongs to the
 model masks attention with them, so documents packed in one row do not see each other, and restarts
 rotary positions at each document (lm/transformer.py).
 
+Instruction data (a corpus prepared with data.prompt_field) is tokenized as prompt ids + response
+ids + EOS, and its batches carry `loss_weights`: 1.0 where the target is a response token or the
+EOS, 0.0 where it is a prompt token, so the loss (launch/run/step.py) scores responses only.
+
 Per-process sharding:
   * train: documents are sharded by process (process p reads documents p, p + P, p + 2P, ... of the
     train split) and each process packs its own stream, which is infinite, so every process always
@@ -83,21 +87,37 @@ def _record_token_counts(data_dir: str, tokenizer: tokenizer_lib.Tokenizer, key:
       continue
     source = tfds_builder.data_source(data_dir, split)
     counts[split] = sum(len(tokenizer.encode(source[i]["text"].decode("utf-8"))) + 1
+                        + len(tokenizer.encode(source[i].get("prompt", b"").decode("utf-8")))
                         for i in tqdm.trange(len(source), desc=f"Counting {split} tokens",
                                              unit="doc", leave=False))
   manifest_lib.record_tokens(data_dir, key, counts)
 
 
 class _Tokenize:
-  """grain map: {"text": bytes, ...} -> {"tokens": int32 [n + 1]}, the document's ids then EOS."""
+  """grain map: {"text": bytes, ...} -> {"tokens": int32 [n + 1]}, the document's ids then EOS.
 
-  def __init__(self, tokenizer: tokenizer_lib.Tokenizer):
-    self._tokenizer = tokenizer
+  With `prompts`, the example's "prompt" is tokenized first and {"tokens": int32 [p + n + 1],
+  "weights": int32 [p + n + 1]} comes out, weights 0 on the p prompt ids and 1 after.
+  """
+
+  def __init__(self, tokenizer: tokenizer_lib.Tokenizer, prompts: bool = False):
+    self._tokenizer, self._prompts = tokenizer, prompts
 
   def __call__(self, example: dict[str, Any]) -> dict[str, np.ndarray]:
     ids = self._tokenizer.encode(example["text"].decode("utf-8"))
     ids.append(self._tokenizer.eos_id)
-    return {"tokens": np.asarray(ids, dtype=np.int32)}
+    if not self._prompts:
+      return {"tokens": np.asarray(ids, dtype=np.int32)}
+    prompt = example["prompt"].decode("utf-8")
+    prompt_ids = self._tokenizer.encode(prompt) if prompt else []
+    weights = np.concatenate([np.zeros(len(prompt_ids), np.int32), np.ones(len(ids), np.int32)])
+    return {"tokens": np.asarray(prompt_ids + ids, dtype=np.int32), "weights": weights}
+
+
+def has_prompts(data_dir: str) -> bool:
+  """Whether the corpus prepared in `data_dir` is instruction data (prepared with data.prompt_field)."""
+  prepared = manifest_lib.read(data_dir)
+  return bool(prepared and prepared["source"].get("prompt_field"))
 
 
 def _is_full_window(window: dict[str, np.ndarray]) -> bool:
@@ -107,13 +127,17 @@ def _is_full_window(window: dict[str, np.ndarray]) -> bool:
 
 def _inputs_and_targets(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """{"tokens": [B, L + 1], "tokens_segment_ids": [B, L + 1], ...} -> {"inputs", "targets",
-  "segment_ids"}, each int32 [B, L]."""
+  "segment_ids"}, each int32 [B, L], and "loss_weights" float32 [B, L] when the windows carry
+  "weights" (a target's weight is its own token's: 0 for a prompt token)."""
   tokens_BxL1 = batch["tokens"]
   # grain numbers the documents of a window 1, 2, ... (0 is padding, which full windows never have).
   segment_ids_BxL = batch["tokens_segment_ids"][:, :-1].astype(np.int32) - 1
-  return {"inputs": np.ascontiguousarray(tokens_BxL1[:, :-1]),
-          "targets": np.ascontiguousarray(tokens_BxL1[:, 1:]),
-          "segment_ids": np.ascontiguousarray(segment_ids_BxL)}
+  out = {"inputs": np.ascontiguousarray(tokens_BxL1[:, :-1]),
+         "targets": np.ascontiguousarray(tokens_BxL1[:, 1:]),
+         "segment_ids": np.ascontiguousarray(segment_ids_BxL)}
+  if "weights" in batch:
+    out["loss_weights"] = np.ascontiguousarray(batch["weights"][:, 1:], dtype=np.float32)
+  return out
 
 
 class _RowSlice:
@@ -127,11 +151,12 @@ class _RowSlice:
 
 
 def _packed_windows(docs: grain.MapDataset, tokenizer: tokenizer_lib.Tokenizer,
-                    seq_len: int) -> grain.IterDataset:
-  """Documents -> full windows {"tokens": int32 [seq_len + 1], ...} of the concatenated stream."""
-  tokens = docs.map(_Tokenize(tokenizer)).to_iter_dataset(_READ_OPTIONS)
-  windows = grain.experimental.ConcatThenSplitIterDataset(
-      tokens, length_struct={"tokens": seq_len + 1})
+                    seq_len: int, prompts: bool = False) -> grain.IterDataset:
+  """Documents -> full windows {"tokens": int32 [seq_len + 1], ...} of the concatenated stream
+  (and "weights" alike, packed in step with the tokens, when `prompts`)."""
+  tokens = docs.map(_Tokenize(tokenizer, prompts)).to_iter_dataset(_READ_OPTIONS)
+  lengths = {"tokens": seq_len + 1, **({"weights": seq_len + 1} if prompts else {})}
+  windows = grain.experimental.ConcatThenSplitIterDataset(tokens, length_struct=lengths)
   return windows.filter(_is_full_window)
 
 
@@ -210,7 +235,8 @@ def train_iterator(data_dir: str, tokenizer: tokenizer_lib.Tokenizer, *, seq_len
   rows of each global batch, so the global batches are the same for any number of processes
   (exactly reproducible multi-host runs, at process_count times the tokenization work).
 
-  Each element is {"inputs", "targets", "segment_ids"}, each int32 [local_batch, seq_len], with
+  Each element is {"inputs", "targets", "segment_ids"}, each int32 [local_batch, seq_len] (and
+  "loss_weights", float32, for instruction data; see the module doc), with
   local_batch = global_batch_size // process_count, targets[:, t] == inputs[:, t + 1] within a row,
   and segment_ids[:, t] the number of EOS tokens in inputs[:, :t] (the document index in the row). This process reads documents process_index::process_count of the
   train split. With `shuffle`, documents are reshuffled every epoch; epoch e uses grain's
@@ -237,7 +263,7 @@ def train_iterator(data_dir: str, tokenizer: tokenizer_lib.Tokenizer, *, seq_len
     raise ValueError(f"process_count={process_count} exceeds the {len(source)} train documents.")
   if shuffle:
     docs = docs.shuffle(seed=seed)
-  windows = _packed_windows(docs.repeat(), tokenizer, seq_len)
+  windows = _packed_windows(docs.repeat(), tokenizer, seq_len, has_prompts(data_dir))
   if by_rows:
     start = process_index * local_batch
     batches = (windows.batch(global_batch_size, drop_remainder=True)
@@ -272,7 +298,7 @@ def eval_batches(data_dir: str, tokenizer: tokenizer_lib.Tokenizer, *, seq_len: 
   if max_batches < 0:
     raise ValueError(f"max_batches={max_batches} must be >= 0 (0 means the whole split).")
   docs = grain.MapDataset.source(tfds_builder.data_source(data_dir, "validation"))
-  windows = _packed_windows(docs, tokenizer, seq_len)
+  windows = _packed_windows(docs, tokenizer, seq_len, has_prompts(data_dir))
   start = process_index * local_batch
   batches = (windows.batch(global_batch_size, drop_remainder=True)
              .map(_RowSlice(start, start + local_batch))

@@ -7,6 +7,10 @@ A `CorpusSource` names local files in one of three formats:
   * "parquet": the string column `field`; each row is one document, verbatim (needs pyarrow).
 Empty and whitespace-only documents are skipped; nothing else is changed.
 
+Instruction data (JSONL or Parquet) names a second field, `prompt_field`: each record is then a prompt
+and a response (`field`), kept apart so that training scores the response only (lm/data/loader.py
+gives prompt tokens loss weight 0). The prompt is used verbatim: put any template into it.
+
 Validation is either a separate set of files (`validation_path`, same format) or a deterministic
 fraction of the documents: a document is held out iff the first 8 bytes of sha256(text), read as a
 fraction of 2**64, are below `validation_fraction`. That depends on the document alone, so adding
@@ -22,11 +26,21 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 from lm.data import corpus
 
 KINDS = ("text", "jsonl", "parquet")
+
+
+class Document(NamedTuple):
+  """One document: where it came from ("b.jsonl:17"), its text, and its prompt ("" for plain text).
+
+  With a prompt, the document is prompt + text and only the text (the response) is scored.
+  """
+  title: str
+  text: str
+  prompt: str
 SPLITS = corpus.SPLITS
 _HASH_CHUNK = 1 << 20
 
@@ -38,13 +52,15 @@ class CorpusSource:
   kind: "text" | "jsonl" | "parquet". path: a glob of input files (`**` recurses), matched in sorted
   order. field: the JSONL key or Parquet column that holds the text (unused for "text").
   validation_path: a glob of held-out files in the same format; "" splits off
-  `validation_fraction` (in (0, 1)) of the documents instead.
+  `validation_fraction` (in (0, 1)) of the documents instead. prompt_field: "" (plain documents),
+  or the JSONL key / Parquet column of each record's prompt, whose tokens are not scored.
   """
   kind: str
   path: str
   field: str = "text"
   validation_path: str = ""
   validation_fraction: float = 0.05
+  prompt_field: str = ""
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -59,10 +75,18 @@ class CorpusSource:
     if not self.validation_path and not 0 < self.validation_fraction < 1:
       raise ValueError(f"data.validation_fraction={self.validation_fraction} must be in (0, 1) "
                        "when data.validation_path is empty (e.g. 0.05), or set data.validation_path.")
+    if self.prompt_field and self.kind == "text":
+      raise ValueError(f"data.prompt_field={self.prompt_field!r} needs records with named fields; "
+                       "use data.corpus='jsonl' or 'parquet', or clear data.prompt_field.")
+    if self.prompt_field and self.prompt_field == self.field:
+      raise ValueError(f"data.prompt_field and data.field are both {self.field!r}; the prompt and "
+                       "the response must be different fields.")
 
   def spec(self) -> dict[str, Any]:
     """The settings as plain JSON types (what the manifest records)."""
     spec = dataclasses.asdict(self)
+    if not self.prompt_field:
+      del spec["prompt_field"]  # plain corpora keep the manifest (and shard name) they had
     if self.validation_path:
       spec["validation_fraction"] = None  # ignored: a separate validation source is given
     return spec
@@ -71,13 +95,14 @@ class CorpusSource:
 def from_config(data) -> CorpusSource | None:
   """Returns the source named by a DataConfig (`launch.run.config`), or None for the bundled corpus.
 
-  Reads the attributes corpus, path, field, validation_path and validation_fraction.
+  Reads the attributes corpus, path, field, prompt_field, validation_path and validation_fraction.
   """
   if data.corpus == "shakespeare":
     return None
   return CorpusSource(kind=data.corpus, path=data.path, field=data.field,
                       validation_path=data.validation_path,
-                      validation_fraction=data.validation_fraction)
+                      validation_fraction=data.validation_fraction,
+                      prompt_field=data.prompt_field)
 
 
 def list_files(pattern: str, key: str = "data.path") -> list[str]:
@@ -130,16 +155,29 @@ def _text_documents(path: str) -> Iterator[tuple[str, str]]:
     yield f"{name}#{i}", chunk
 
 
-def _jsonl_documents(path: str, field: str) -> Iterator[tuple[str, str]]:
+def _jsonl_documents(path: str, field: str, prompt_field: str) -> Iterator[Document]:
   name = os.path.basename(path)
   opener = gzip.open if path.endswith(".gz") else open
   with opener(path, "rb") as f:  # streamed: a JSONL file may be larger than memory
     for number, raw in enumerate(f, start=1):
-      yield from _jsonl_record(path, name, number, raw, field)
+      yield from _jsonl_record(path, name, number, raw, field, prompt_field)
 
 
-def _jsonl_record(path: str, name: str, number: int, raw: bytes,
-                  field: str) -> Iterator[tuple[str, str]]:
+def _record_string(record: dict, key: str, setting: str, path: str, number: int) -> str | None:
+  """record[key] as a string (None for a null), or a ValueError naming the line and the setting."""
+  what = "prompt" if setting == "data.prompt_field" else "text"
+  if key not in record:
+    raise ValueError(f"{path} line {number} has no field {key!r} (it has {sorted(record)}); set "
+                     f"{setting} to the key that holds the {what}.")
+  value = record[key]
+  if value is not None and not isinstance(value, str):
+    raise ValueError(f"{path} line {number}: field {key!r} is a {type(value).__name__}, not a "
+                     f"string; set {setting} to the key that holds the {what}.")
+  return value
+
+
+def _jsonl_record(path: str, name: str, number: int, raw: bytes, field: str,
+                  prompt_field: str = "") -> Iterator[Document]:
   """The document of line `number` of a JSONL file (none for a blank line or a null value)."""
   try:
     line = raw.decode("utf-8")
@@ -151,16 +189,13 @@ def _jsonl_record(path: str, name: str, number: int, raw: bytes,
     except json.JSONDecodeError as e:
       raise ValueError(f"{path} line {number} is not JSON ({e}); data.corpus='jsonl' expects one "
                        "object per line.") from e
-    if not isinstance(record, dict) or field not in record:
-      keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-      raise ValueError(f"{path} line {number} has no field {field!r} (it has {keys}); set "
-                       "data.field to the key that holds the text.")
-    text = record[field]
-    if text is not None and not isinstance(text, str):
-      raise ValueError(f"{path} line {number}: field {field!r} is a {type(text).__name__}, not a "
-                       "string; set data.field to the key that holds the text.")
+    if not isinstance(record, dict):
+      raise ValueError(f"{path} line {number} is a JSON {type(record).__name__}, not an object; "
+                       f"data.corpus='jsonl' expects one object per line with the key {field!r}.")
+    text = _record_string(record, field, "data.field", path, number)
+    prompt = _record_string(record, prompt_field, "data.prompt_field", path, number) if prompt_field else ""
     if text is not None:
-      yield f"{name}:{number}", text
+      yield Document(f"{name}:{number}", text, prompt or "")
 
 
 def _import_pyarrow_parquet():
@@ -172,62 +207,68 @@ def _import_pyarrow_parquet():
   return pq
 
 
-def _parquet_documents(path: str, field: str) -> Iterator[tuple[str, str]]:
+def _parquet_documents(path: str, field: str, prompt_field: str) -> Iterator[Document]:
   pq = _import_pyarrow_parquet()
   file = pq.ParquetFile(path)
   names = file.schema_arrow.names
-  if field not in names:
-    raise ValueError(f"{path} has no column {field!r} (it has {names}); set data.field to the "
-                     "column that holds the text.")
-  column_type = file.schema_arrow.field(field).type
-  if str(column_type) not in ("string", "large_string", "string_view"):
-    raise ValueError(f"{path}: column {field!r} has type {column_type}, not string; set data.field "
-                     "to the column that holds the text.")
+  columns = [(field, "data.field")] + ([(prompt_field, "data.prompt_field")] if prompt_field else [])
+  for column, setting in columns:
+    if column not in names:
+      raise ValueError(f"{path} has no column {column!r} (it has {names}); set {setting} to the "
+                       "column that holds it.")
+    column_type = file.schema_arrow.field(column).type
+    if str(column_type) not in ("string", "large_string", "string_view"):
+      raise ValueError(f"{path}: column {column!r} has type {column_type}, not string; set "
+                       f"{setting} to a string column.")
   name, row = os.path.basename(path), 0
-  for batch in file.iter_batches(columns=[field], batch_size=1024):
-    for text in batch.column(0).to_pylist():
+  for batch in file.iter_batches(columns=[c for c, _ in columns], batch_size=1024):
+    texts = batch.column(0).to_pylist()
+    prompts = batch.column(1).to_pylist() if prompt_field else [""] * len(texts)
+    for text, prompt in zip(texts, prompts):
       if text is not None:
-        yield f"{name}:{row}", text
+        yield Document(f"{name}:{row}", text, prompt or "")
       row += 1
 
 
 def iter_documents(kind: str, field: str, paths: list[str],
-                   on_file_done: Callable[[str], None] | None = None) -> Iterator[tuple[str, str]]:
-  """Yields (title, text) for every non-empty document of `paths`, in file order then file order.
+                   on_file_done: Callable[[str], None] | None = None,
+                   prompt_field: str = "") -> Iterator[Document]:
+  """Yields a Document (title, text, prompt) for every non-empty document of `paths`, in file order.
 
-  Titles name the file and the position in it ("a.txt#3", "b.jsonl:17", "c.parquet:0").
-  `on_file_done(path)` is called after each file (progress bars).
+  Titles name the file and the position in it ("a.txt#3", "b.jsonl:17", "c.parquet:0"); `prompt` is
+  "" unless `prompt_field` names the records' prompt (JSONL / Parquet). A record whose text
+  (response) is empty is skipped. `on_file_done(path)` is called after each file (progress bars).
   """
   for path in paths:
     if kind == "text":
-      docs = _text_documents(path)
+      docs = (Document(title, text, "") for title, text in _text_documents(path))
     elif kind == "jsonl":
-      docs = _jsonl_documents(path, field)
+      docs = _jsonl_documents(path, field, prompt_field)
     elif kind == "parquet":
-      docs = _parquet_documents(path, field)
+      docs = _parquet_documents(path, field, prompt_field)
     else:
       raise ValueError(f"data.corpus={kind!r} is not one of {KINDS}.")
-    for title, text in docs:
-      if text.strip():
-        yield title, text
+    for doc in docs:
+      if doc.text.strip():
+        yield doc
     if on_file_done is not None:
       on_file_done(path)
 
 
 def split_documents(source: CorpusSource, files: dict[str, list[str]], split: str,
-                    on_file_done: Callable[[str], None] | None = None) -> Iterator[tuple[str, str]]:
-  """Yields the (title, text) documents of `split` ("train" or "validation") in input order."""
+                    on_file_done: Callable[[str], None] | None = None) -> Iterator[Document]:
+  """Yields the Documents of `split` ("train" or "validation") in input order."""
   if split not in SPLITS:
     raise ValueError(f"split={split!r} is not one of {SPLITS}.")
   paths = files[split] if source.validation_path else files["train"]
-  docs = iter_documents(source.kind, source.field, paths, on_file_done)
+  docs = iter_documents(source.kind, source.field, paths, on_file_done, source.prompt_field)
   if source.validation_path:
     yield from docs
     return
   held_out = split == "validation"
-  for title, text in docs:
-    if is_validation(text, source.validation_fraction) == held_out:
-      yield title, text
+  for doc in docs:
+    if is_validation(doc.prompt + doc.text, source.validation_fraction) == held_out:
+      yield doc
 
 
 def file_stats(paths: list[str]) -> list[list]:

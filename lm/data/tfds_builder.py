@@ -27,8 +27,12 @@ CORPUS_NAME = "corpus"
 _DOWNLOAD_CONFIG = dict(try_download_gcs=False, compute_stats=tfds.download.ComputeStatsMode.SKIP)
 
 
-def _features() -> tfds.features.FeaturesDict:
-  return tfds.features.FeaturesDict({"text": tfds.features.Text(), "title": tfds.features.Text()})
+def _features(prompts: bool = False) -> tfds.features.FeaturesDict:
+  """{"text", "title"}, plus "prompt" (unscored text before the response; "" for plain documents)."""
+  features = {"text": tfds.features.Text(), "title": tfds.features.Text()}
+  if prompts:
+    features["prompt"] = tfds.features.Text()
+  return tfds.features.FeaturesDict(features)
 
 
 class ShakespeareBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -97,7 +101,8 @@ def prepare_shards(data_dir: str | pathlib.Path) -> ShakespeareBuilder:
 
 
 def data_source(data_dir: str | pathlib.Path, split: str):
-  """Returns the random-access source of one prepared split; element i is {"text": bytes, "title": bytes}.
+  """Returns the random-access source of one prepared split; element i is {"text": bytes, "title":
+  bytes} (and "prompt": bytes for a corpus of your own).
 
   Raises a ValueError naming the fix when the shards have not been prepared yet.
   """
@@ -112,7 +117,8 @@ def data_source(data_dir: str | pathlib.Path, split: str):
 
 
 class CorpusBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """A corpus of your own (sources.CorpusSource); each example is {"text": str, "title": str}.
+  """A corpus of your own (sources.CorpusSource); each example is {"text", "title", "prompt"} (str;
+  the prompt is "" unless data.prompt_field names one).
 
   Splits "train" and "validation" hold exactly `sources.split_documents(source, files, split)` in
   order. `source`, `files` and `counts` ({split: documents}, for the progress bar) are needed only to
@@ -120,8 +126,9 @@ class CorpusBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """
   name = CORPUS_NAME
   # Bump when sources.py changes what the documents are, so old shards are not reused.
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Text files cut at blank lines; JSONL/Parquet records verbatim."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "Text files cut at blank lines; JSONL/Parquet records verbatim.",
+                   "1.1.0": "A prompt beside each document (instruction data, data.prompt_field)."}
   url_infos = None  # nothing is downloaded (see ShakespeareBuilder)
 
   def __init__(self, *, source: sources.CorpusSource | None = None,
@@ -131,8 +138,8 @@ class CorpusBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     super().__init__(file_format="array_record", **kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(builder=self, description=self.__doc__, features=_features(),
-                                 disable_shuffling=True)
+    return tfds.core.DatasetInfo(builder=self, description=self.__doc__,
+                                 features=_features(prompts=True), disable_shuffling=True)
 
   def _split_generators(self, dl_manager):
     del dl_manager  # local files; nothing is downloaded
@@ -144,8 +151,8 @@ class CorpusBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _generate_examples(self, split):
     with tqdm.tqdm(total=self._counts.get(split), unit="doc", desc=f"Writing {split} shards") as bar:
       docs = sources.split_documents(self._source, self._files, split)
-      for index, (title, text) in enumerate(docs):
-        yield index, {"text": text, "title": title}
+      for index, doc in enumerate(docs):
+        yield index, {"text": doc.text, "title": doc.title, "prompt": doc.prompt}
         bar.update()
 
 
@@ -180,7 +187,9 @@ def _count_documents(source: sources.CorpusSource,
     def done(path):
       bar.update(sizes[path])
     for split in (corpus.SPLITS if source.validation_path else ("train",)):
-      for _, text in sources.iter_documents(source.kind, source.field, files[split], done):
+      for doc in sources.iter_documents(source.kind, source.field, files[split], done,
+                                        source.prompt_field):
+        text = doc.prompt + doc.text
         if source.validation_path:
           to = split
         else:

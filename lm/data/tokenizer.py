@@ -260,13 +260,15 @@ def sentencepiece_path(data_dir: str | pathlib.Path, vocab_size: int) -> pathlib
 
 
 def _training_texts(data_dir: str | pathlib.Path) -> list[str]:
-  """The train split's documents; for a large prepared corpus every k-th, ~_MAX_TRAINING_CHARS."""
+  """The train split's documents (with their prompts); for a large prepared corpus every k-th,
+  ~_MAX_TRAINING_CHARS."""
   prepared = manifest.read(data_dir)
   if prepared is None:
     return [d.text for d in corpus.documents("train")]
   stride = max(1, -(-prepared["splits"]["train"]["characters"] // _MAX_TRAINING_CHARS))
   source = tfds_builder.data_source(data_dir, "train")
-  return [source[i]["text"].decode("utf-8") for i in range(0, len(source), stride)]
+  return [(source[i].get("prompt", b"") + source[i]["text"]).decode("utf-8")
+          for i in range(0, len(source), stride)]
 
 
 def _train_and_cache(path: pathlib.Path, data_dir: str | pathlib.Path, vocab_size: int) -> None:
