@@ -7,8 +7,9 @@ holds more than [L_local, L_local] scores, and the mask is computed from the pos
 with the block, so any token layout works (natural or the balanced zigzag below).
 
 The backward pass is a `custom_vjp` that keeps only q, k, v, the output and the log-sum-exp and
-recomputes the blocks in a second ring, in which the dK/dV accumulators travel with their K/V block
-and come home after one last hop: activation memory is O(L_local), not O(L_total).
+recomputes the blocks in a second ring (turning the other way), in which the dK/dV accumulators
+travel with their K/V block and come home after one last hop: activation memory is O(L_local), not
+O(L_total).
 
 Causal balance: with the natural layout device i's queries see only blocks 0..i, so the last device
 works N times as long as the first. `zigzag_order` puts chunk i and chunk 2N-1-i of 2N chunks on
@@ -137,9 +138,10 @@ def _pieces(skip: bool, length: int) -> int:
 # ------------------------------------------------------------------------------------------------
 # The two rings.
 
-def _ring_perm(axis_name):
+def _ring_perm(axis_name, direction: int = 1):
+  """(ring size, ppermute pairs sending each device's block to its neighbour `direction` away)."""
   n = jax.lax.axis_size(axis_name)
-  return n, [(i, (i + 1) % n) for i in range(n)]
+  return n, [(i, (i + direction) % n) for i in range(n)]
 
 
 def _forward(axis_name, skip, q_BxLxNxK, k_BxSxGxK, v_BxSxGxK, q_pos, kv_pos, q_seg, kv_seg):
@@ -177,7 +179,10 @@ def _backward(axis_name, skip, q_BxLxNxK, k_BxSxGxK, v_BxSxGxK, q_pos, kv_pos, q
   """(dq, dk, dv) in the inputs' dtypes; dk/dv accumulate in float32 while they travel."""
   batch, length, heads, head_dim = q_BxLxNxK.shape
   groups = k_BxSxGxK.shape[2]
-  n, perm = _ring_perm(axis_name)
+  # The backward ring turns the other way. Were its K/V hops the forward's, XLA would merge the two
+  # rings when both passes sit in one computation (CSE; XLA:CPU drops optimization barriers before
+  # it) and keep every device's K/V block alive from forward to backward: O(L_total) memory.
+  n, perm = _ring_perm(axis_name, direction=-1)
   c = _pieces(skip, length)
   grouped = lambda x: x.reshape(batch, length, groups, heads // groups, head_dim)
   q, dout = grouped(q_BxLxNxK), grouped(dout_BxLxNxK)
