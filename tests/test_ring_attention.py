@@ -115,3 +115,30 @@ def test_length_errors():
   x = np.zeros((1, 30, 2, 8), np.float32)
   with pytest.raises(ValueError, match="L=30 must be divisible by mesh.sequence=4"):
     ra.ring_attention(x, x, x, np.zeros((1, 30), np.int32), mesh=mesh_of({"sequence": 4}))
+
+
+def test_compiled_ring_sends_what_the_formula_says():
+  # The N=4 program above, read back from its HLO: forward (n-1) hops of K/V and int32 ids, backward
+  # the same again (the other way round) plus n hops of float32 dK/dV. No all-gather anywhere.
+  from launch.measure.collectives import collective_bytes
+  shards, tokens = 4, B * L // 4
+  inputs, _ = problem()
+  hlo = ring_and_vjp((("sequence", shards),), None, None).lower(*inputs).compile().as_text()
+  sent = collective_bytes(hlo)
+  kv_hop, ids_hop = 2 * tokens * G * K * 4, 2 * tokens * 4
+  assert sent["collective-permute"]["bytes"] == 2 * (shards - 1) * (kv_hop + ids_hop) + shards * kv_hop
+  assert sent["all-gather"]["count"] == sent["reduce-scatter"]["count"] == 0
+
+
+def test_collective_bytes_prices_each_kind():
+  from launch.measure.collectives import collective_bytes
+  hlo = "\n".join([
+      "  %a = f32[2,64]{1,0} all-gather(f32[2,16]{1,0} %x), replica_groups={{0,1,2,3}}, dimensions={1}",
+      "  %b = bf16[2,16]{1,0} reduce-scatter(bf16[2,64]{1,0} %y), replica_groups=[2,4]<=[8], dimensions={1}",
+      "  ROOT %c = f32[] all-reduce(f32[] %z), replica_groups=mesh['a'=2,'b'=4] {'b'}, to_apply=%add",
+      "  %d = (s32[2,16]{1,0}, f32[8]{0}) collective-permute(%p, %q), source_target_pairs={{0,1},{1,0}}"])
+  sent = collective_bytes(hlo)
+  assert sent["all-gather"] == {"count": 1, "bytes": 2 * 64 * 4 * 3 // 4}
+  assert sent["reduce-scatter"] == {"count": 1, "bytes": 2 * 16 * 2 * 3}
+  assert sent["all-reduce"] == {"count": 1, "bytes": 6}  # 2 x 4 bytes x 3/4
+  assert sent["collective-permute"] == {"count": 1, "bytes": 2 * 16 * 4 + 8 * 4}
