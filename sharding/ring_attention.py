@@ -181,7 +181,8 @@ def _backward(axis_name, skip, q_BxLxNxK, k_BxSxGxK, v_BxSxGxK, q_pos, kv_pos, q
   groups = k_BxSxGxK.shape[2]
   # The backward ring turns the other way. Were its K/V hops the forward's, XLA would merge the two
   # rings when both passes sit in one computation (CSE; XLA:CPU drops optimization barriers before
-  # it) and keep every device's K/V block alive from forward to backward: O(L_total) memory.
+  # it) and keep every device's K/V block alive from forward to backward: O(L_total) memory. (At
+  # sequence=2 both ways are the one pair and the hop is shared: the block it keeps is held anyway.)
   n, perm = _ring_perm(axis_name, direction=-1)
   c = _pieces(skip, length)
   grouped = lambda x: x.reshape(batch, length, groups, heads // groups, head_dim)
