@@ -271,6 +271,14 @@ def ring_attention(q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, positions_BxL, segments_BxL=
   if length % shards:
     raise ValueError(f"sequence length L={length} must be divisible by mesh.sequence={shards} "
                      f"(the '{axis_name}' axis) for ring attention.")
+  split = lambda axes: int(np.prod([mesh.shape[a] for a in
+                                    ((axes,) if isinstance(axes, str) else axes or ())]))
+  for what, size, axes in (("batch", q_BxLxNxK.shape[0], batch_axes),
+                           ("query heads", q_BxLxNxK.shape[2], head_axis),
+                           ("kv heads", k_BxLxGxK.shape[2], head_axis)):
+    if size % split(axes):
+      raise ValueError(f"ring attention: {what} ({size}) must be divisible by the mesh axes "
+                       f"{axes!r} they are split over (size {split(axes)}).")
   if segments_BxL is None:
     segments_BxL = jnp.zeros(positions_BxL.shape, jnp.int32)
   heads, tokens = P(batch_axes, axis_name, head_axis, None), P(batch_axes, axis_name)
