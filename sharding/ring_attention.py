@@ -129,10 +129,11 @@ def _zeros_like_vma(shape, like, value=0.0):
   return jax.lax.pcast(x, axes, to="varying") if axes else x
 
 
-def _pieces(skip: bool, length: int) -> int:
+def _pieces(length: int) -> int:
   # Two sub-chunks per local block: in the zigzag layout they are the front and back chunk, and
-  # exactly two of the four sub-blocks are fully masked at every ring step off the diagonal.
-  return 2 if skip and length % 2 == 0 else 1
+  # exactly two of the four sub-blocks are fully masked at every ring step off the diagonal. The
+  # same split without skipping, so that skipping is the only difference between the two.
+  return 2 if length % 2 == 0 else 1
 
 
 # ------------------------------------------------------------------------------------------------
@@ -149,7 +150,7 @@ def _forward(axis_name, skip, q_BxLxNxK, k_BxSxGxK, v_BxSxGxK, q_pos, kv_pos, q_
   batch, length, heads, head_dim = q_BxLxNxK.shape
   groups = k_BxSxGxK.shape[2]
   n, perm = _ring_perm(axis_name)
-  c = _pieces(skip, length)
+  c = _pieces(length)
   q_BxLxGxRxK = q_BxLxNxK.reshape(batch, length, groups, heads // groups, head_dim)
   q_parts = jnp.split(q_BxLxGxRxK, c, axis=1)
   qpos_parts, qseg_parts = jnp.split(q_pos, c, axis=1), jnp.split(q_seg, c, axis=1)
@@ -184,7 +185,7 @@ def _backward(axis_name, skip, q_BxLxNxK, k_BxSxGxK, v_BxSxGxK, q_pos, kv_pos, q
   # it) and keep every device's K/V block alive from forward to backward: O(L_total) memory. (At
   # sequence=2 both ways are the one pair and the hop is shared: the block it keeps is held anyway.)
   n, perm = _ring_perm(axis_name, direction=-1)
-  c = _pieces(skip, length)
+  c = _pieces(length)
   grouped = lambda x: x.reshape(batch, length, groups, heads // groups, head_dim)
   q, dout = grouped(q_BxLxNxK), grouped(dout_BxLxNxK)
   # delta = rowsum(dO * O): the softmax Jacobian's correction term, one per query and head.
