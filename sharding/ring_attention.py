@@ -1,0 +1,279 @@
+"""Ring attention: causal attention over a sequence split along a mesh axis (Liu et al., 2023).
+
+Each device of the `sequence` axis holds a chunk of the queries and of the keys/values. K/V blocks
+(with their positions and segment ids) travel round the ring with `ppermute`; each device folds the
+block it holds into an online (flash) softmax (running max and denominator in float32), so no device
+holds more than [L_local, L_local] scores, and the mask is computed from the positions that travel
+with the block, so any token layout works (natural or the balanced zigzag below).
+
+The backward pass is a `custom_vjp` that keeps only q, k, v, the output and the log-sum-exp and
+recomputes the blocks in a second ring (turning the other way), in which the dK/dV accumulators
+travel with their K/V block and come home after one last hop: activation memory is O(L_local), not
+O(L_total).
+
+Causal balance: with the natural layout device i's queries see only blocks 0..i, so the last device
+works N times as long as the first. `zigzag_order` puts chunk i and chunk 2N-1-i of 2N chunks on
+device i; then, at every ring step, exactly half of each device's (front/back chunk x front/back
+chunk) sub-blocks are fully masked, and `skip_masked=True` skips them with `lax.cond`.
+
+Shape suffixes: B batch, L local query length, S local key length, N query heads, G kv heads,
+R = N / G query heads per kv head, K head dim. Pure JAX: no config, mesh plan or launch imports.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
+
+_MASKED = -0.7 * float(np.finfo(np.float32).max)  # finite, so a row with nothing to see makes no NaN
+
+
+# ------------------------------------------------------------------------------------------------
+# Balanced (zigzag) layout.
+
+def zigzag_order(length: int, num_shards: int) -> np.ndarray:
+  """Permutation [length] of positions: x[:, order] puts chunks i and 2N-1-i of 2N on shard i.
+
+  Raises ValueError when `length` is not divisible by 2 x num_shards.
+  """
+  if num_shards < 1 or length % (2 * num_shards):
+    raise ValueError(
+        f"sequence length L must be divisible by 2 x mesh.sequence = 2 x {num_shards} = "
+        f"{2 * num_shards} for the balanced (zigzag) ring layout; got L={length}. Choose "
+        f"--config.data.seq_len as a multiple of {2 * num_shards}, or a smaller sequence axis.")
+  chunk = length // (2 * num_shards)
+  chunks = np.arange(length).reshape(2 * num_shards, chunk)
+  return np.concatenate([np.concatenate([chunks[i], chunks[2 * num_shards - 1 - i]])
+                         for i in range(num_shards)])
+
+
+def zigzag_inverse(length: int, num_shards: int) -> np.ndarray:
+  """The inverse permutation of `zigzag_order`: x_zig[:, inverse] is back in natural order."""
+  return np.argsort(zigzag_order(length, num_shards))
+
+
+def to_zigzag(x, num_shards: int, axis: int = 1):
+  """`x` reordered along `axis` (the length axis) into the zigzag layout; works on jax and numpy."""
+  order = zigzag_order(x.shape[axis], num_shards)
+  return x[(slice(None),) * (axis % x.ndim) + (order,)]
+
+
+def from_zigzag(x, num_shards: int, axis: int = 1):
+  """`x` in the zigzag layout along `axis` put back in natural order."""
+  inverse = zigzag_inverse(x.shape[axis], num_shards)
+  return x[(slice(None),) * (axis % x.ndim) + (inverse,)]
+
+
+# ------------------------------------------------------------------------------------------------
+# One block: a query chunk against a key/value chunk.
+
+def _block_mask(q_pos_BxL, kv_pos_BxS, q_seg_BxL, kv_seg_BxS):
+  """Boolean [B, 1, 1, L, S]: causal by global position, and within one document."""
+  mask_BxLxS = ((q_pos_BxL[:, :, None] >= kv_pos_BxS[:, None, :])
+                & (q_seg_BxL[:, :, None] == kv_seg_BxS[:, None, :]))
+  return mask_BxLxS[:, None, None]
+
+
+def _scores(q_BxLxGxRxK, k_BxSxGxK, mask):
+  """Scaled scores [B, G, R, L, S] in float32 (1/sqrt(K), as lm/attention.py), masked entries finite."""
+  head_dim = q_BxLxGxRxK.shape[-1]
+  s = jnp.einsum("blgrk,bsgk->bgrls", q_BxLxGxRxK, k_BxSxGxK,
+                 preferred_element_type=jnp.float32) * head_dim ** -0.5
+  return jnp.where(mask, s, _MASKED)
+
+
+def _forward_block(q, k, v, mask, carry):
+  """Folds one K/V block into the running (max, denominator, accumulator) of one query chunk."""
+  max_BxGxRxL, denom_BxGxRxL, acc_BxGxRxLxK = carry
+  s = _scores(q, k, mask)
+  new_max = jnp.maximum(max_BxGxRxL, s.max(-1))
+  p = jnp.where(mask, jnp.exp(s - new_max[..., None]), 0.0)
+  correction = jnp.exp(max_BxGxRxL - new_max)
+  denom = denom_BxGxRxL * correction + p.sum(-1)
+  acc = acc_BxGxRxLxK * correction[..., None] + jnp.einsum(
+      "bgrls,bsgk->bgrlk", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return new_max, denom, acc
+
+
+def _backward_block(q, k, v, dout, lse_BxGxRxL, delta_BxGxRxL, mask, grads):
+  """Adds one block's contribution to (dq [B,L,G,R,K], dk [B,S,G,K], dv [B,S,G,K]), all float32."""
+  dq, dk, dv = grads
+  scale = q.shape[-1] ** -0.5
+  p = jnp.where(mask, jnp.exp(_scores(q, k, mask) - lse_BxGxRxL[..., None]), 0.0)
+  dv = dv + jnp.einsum("bgrls,blgrk->bsgk", p.astype(dout.dtype), dout,
+                       preferred_element_type=jnp.float32)
+  dp = jnp.einsum("blgrk,bsgk->bgrls", dout, v, preferred_element_type=jnp.float32)
+  ds = (p * (dp - delta_BxGxRxL[..., None])).astype(q.dtype)
+  dq = dq + scale * jnp.einsum("bgrls,bsgk->blgrk", ds, k, preferred_element_type=jnp.float32)
+  dk = dk + scale * jnp.einsum("bgrls,blgrk->bsgk", ds, q, preferred_element_type=jnp.float32)
+  return dq, dk, dv
+
+
+def _maybe(skip: bool, mask, fn, carry):
+  """fn(carry), or carry unchanged when `skip` and the block's mask is all False (a real branch)."""
+  if not skip:
+    return fn(carry)
+  return jax.lax.cond(jnp.any(mask), fn, lambda c: c, carry)
+
+
+def _zeros_like_vma(shape, like, value=0.0):
+  """float32 `value`s of `shape`, varying over the same mesh axes as `like` (so `lax.cond` branches
+  and the ring's carries agree under shard_map's check_vma; a no-op without it)."""
+  x = jnp.full(shape, value, jnp.float32)
+  aval = jax.typeof(like)
+  # jax 0.10 keeps the varying axes in `manual_axis_type.varying`; earlier versions in `vma`.
+  manual = getattr(aval, "manual_axis_type", None)
+  axes = tuple(sorted(manual.varying if manual is not None else getattr(aval, "vma", ())))
+  return jax.lax.pcast(x, axes, to="varying") if axes else x
+
+
+def _pieces(skip: bool, length: int) -> int:
+  # Two sub-chunks per local block: in the zigzag layout they are the front and back chunk, and
+  # exactly two of the four sub-blocks are fully masked at every ring step off the diagonal.
+  return 2 if skip and length % 2 == 0 else 1
+
+
+# ------------------------------------------------------------------------------------------------
+# The two rings.
+
+def _ring_perm(axis_name, direction: int = 1):
+  """(ring size, ppermute pairs sending each device's block to its neighbour `direction` away)."""
+  n = jax.lax.axis_size(axis_name)
+  return n, [(i, (i + direction) % n) for i in range(n)]
+
+
+def _forward(axis_name, skip, q_BxLxNxK, k_BxSxGxK, v_BxSxGxK, q_pos, kv_pos, q_seg, kv_seg):
+  """(out [B, L, N, K] in q's dtype, logsumexp [B, G, R, L] float32)."""
+  batch, length, heads, head_dim = q_BxLxNxK.shape
+  groups = k_BxSxGxK.shape[2]
+  n, perm = _ring_perm(axis_name)
+  c = _pieces(skip, length)
+  q_BxLxGxRxK = q_BxLxNxK.reshape(batch, length, groups, heads // groups, head_dim)
+  q_parts = jnp.split(q_BxLxGxRxK, c, axis=1)
+  qpos_parts, qseg_parts = jnp.split(q_pos, c, axis=1), jnp.split(q_seg, c, axis=1)
+  stat = (batch, groups, heads // groups, length // c)
+  carries = [(_zeros_like_vma(stat, q_BxLxNxK, _MASKED), _zeros_like_vma(stat, q_BxLxNxK),
+              _zeros_like_vma(stat + (head_dim,), q_BxLxNxK)) for _ in range(c)]
+  travelling = (k_BxSxGxK, v_BxSxGxK, kv_pos, kv_seg)
+  for step in range(n):
+    # Send this block on before using it, so the transfer can overlap the block's compute.
+    following = jax.lax.ppermute(travelling, axis_name, perm) if step < n - 1 else None
+    k, v, kpos, kseg = (jnp.split(t, c, axis=1) for t in travelling)
+    for a in range(c):
+      for b in range(c):
+        mask = _block_mask(qpos_parts[a], kpos[b], qseg_parts[a], kseg[b])
+        fold = functools.partial(_forward_block, q_parts[a], k[b], v[b], mask)
+        carries[a] = _maybe(skip, mask, fold, carries[a])
+    travelling = following
+  maxes, denoms, accs = (jnp.concatenate(parts, axis=3) for parts in zip(*carries))
+  denoms = jnp.where(denoms == 0.0, 1.0, denoms)  # a query with no key at all (never causal self)
+  out_BxGxRxLxK = accs / denoms[..., None]
+  out = out_BxGxRxLxK.transpose(0, 3, 1, 2, 4).reshape(q_BxLxNxK.shape).astype(q_BxLxNxK.dtype)
+  return out, maxes + jnp.log(denoms)
+
+
+def _backward(axis_name, skip, q_BxLxNxK, k_BxSxGxK, v_BxSxGxK, q_pos, kv_pos, q_seg, kv_seg,
+              out_BxLxNxK, lse_BxGxRxL, dout_BxLxNxK):
+  """(dq, dk, dv) in the inputs' dtypes; dk/dv accumulate in float32 while they travel."""
+  batch, length, heads, head_dim = q_BxLxNxK.shape
+  groups = k_BxSxGxK.shape[2]
+  # The backward ring turns the other way. Were its K/V hops the forward's, XLA would merge the two
+  # rings when both passes sit in one computation (CSE; XLA:CPU drops optimization barriers before
+  # it) and keep every device's K/V block alive from forward to backward: O(L_total) memory.
+  n, perm = _ring_perm(axis_name, direction=-1)
+  c = _pieces(skip, length)
+  grouped = lambda x: x.reshape(batch, length, groups, heads // groups, head_dim)
+  q, dout = grouped(q_BxLxNxK), grouped(dout_BxLxNxK)
+  # delta = rowsum(dO * O): the softmax Jacobian's correction term, one per query and head.
+  delta_BxGxRxL = jnp.einsum("blgrk,blgrk->bgrl", dout.astype(jnp.float32),
+                             grouped(out_BxLxNxK).astype(jnp.float32))
+  q_parts, dout_parts = jnp.split(q, c, axis=1), jnp.split(dout, c, axis=1)
+  lse_parts, delta_parts = jnp.split(lse_BxGxRxL, c, axis=3), jnp.split(delta_BxGxRxL, c, axis=3)
+  qpos_parts, qseg_parts = jnp.split(q_pos, c, axis=1), jnp.split(q_seg, c, axis=1)
+  dq_parts = [_zeros_like_vma(p.shape, q_BxLxNxK) for p in q_parts]
+  block = (k_BxSxGxK, v_BxSxGxK, kv_pos, kv_seg)
+  dkv = (_zeros_like_vma(k_BxSxGxK.shape, k_BxSxGxK), _zeros_like_vma(v_BxSxGxK.shape, v_BxSxGxK))
+  for step in range(n):
+    following = jax.lax.ppermute(block, axis_name, perm) if step < n - 1 else None
+    k, v, kpos, kseg = (jnp.split(t, c, axis=1) for t in block)
+    # This block's dK/dV start at zero and are added to the arriving accumulators afterwards, so
+    # the accumulators' transfer overlaps this block's compute too.
+    dk_parts = [_zeros_like_vma(p.shape, k_BxSxGxK) for p in k]
+    dv_parts = [_zeros_like_vma(p.shape, v_BxSxGxK) for p in v]
+    for a in range(c):
+      for b in range(c):
+        mask = _block_mask(qpos_parts[a], kpos[b], qseg_parts[a], kseg[b])
+        fold = functools.partial(_backward_block, q_parts[a], k[b], v[b], dout_parts[a],
+                                 lse_parts[a], delta_parts[a], mask)
+        dq_parts[a], dk_parts[b], dv_parts[b] = _maybe(
+            skip, mask, fold, (dq_parts[a], dk_parts[b], dv_parts[b]))
+    dkv = (dkv[0] + jnp.concatenate(dk_parts, axis=1), dkv[1] + jnp.concatenate(dv_parts, axis=1))
+    # The accumulators follow their block; after the last step one more hop brings them home.
+    dkv = jax.lax.ppermute(dkv, axis_name, perm)
+    block = following
+  dq = jnp.concatenate(dq_parts, axis=1).reshape(q_BxLxNxK.shape)
+  return dq.astype(q_BxLxNxK.dtype), dkv[0].astype(k_BxSxGxK.dtype), dkv[1].astype(v_BxSxGxK.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _ring(axis_name, skip, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
+  return _forward(axis_name, skip, q, k, v, q_pos, kv_pos, q_seg, kv_seg)[0]
+
+
+def _ring_fwd(axis_name, skip, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
+  out, lse = _forward(axis_name, skip, q, k, v, q_pos, kv_pos, q_seg, kv_seg)
+  return out, (q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse)
+
+
+def _ring_bwd(axis_name, skip, residuals, dout):
+  q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse = residuals
+  dq, dk, dv = _backward(axis_name, skip, q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout)
+  no_grad = lambda x: np.zeros(x.shape, jax.dtypes.float0)  # integer inputs have no cotangent
+  return dq, dk, dv, no_grad(q_pos), no_grad(kv_pos), no_grad(q_seg), no_grad(kv_seg)
+
+
+_ring.defvjp(_ring_fwd, _ring_bwd)
+
+
+def ring_attention_shard(q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, q_positions_BxL, kv_positions_BxL,
+                         q_segments_BxL, kv_segments_BxL, *, axis_name: str,
+                         skip_masked: bool = True):
+  """The per-device body of ring attention; call it inside `jax.shard_map` over `axis_name`.
+
+  q [B, L, N, K], k and v [B, L, G, K] (G divides N; K/V travel with G heads, never repeated), and
+  int positions and segment ids [B, L] of this device's chunk (global positions: any layout). A
+  query attends to keys with position <= its own in the same segment. `skip_masked` skips fully
+  masked sub-blocks with `lax.cond`. Returns [B, L, N, K] in q's dtype; differentiable in q, k, v.
+  """
+  if q_BxLxNxK.shape[2] % k_BxLxGxK.shape[2]:
+    raise ValueError(f"query heads ({q_BxLxNxK.shape[2]}) must be a multiple of kv heads "
+                     f"({k_BxLxGxK.shape[2]}).")
+  ints = lambda x: jnp.asarray(x, jnp.int32)
+  return _ring(axis_name, skip_masked, q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, ints(q_positions_BxL),
+               ints(kv_positions_BxL), ints(q_segments_BxL), ints(kv_segments_BxL))
+
+
+def ring_attention(q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, positions_BxL, segments_BxL=None, *,
+                   mesh: Mesh, axis_name: str = "sequence", batch_axes=None, head_axis=None,
+                   skip_masked: bool = True):
+  """Ring attention of global arrays: a `shard_map` of `ring_attention_shard` over `mesh`.
+
+  Batch is split over `batch_axes` (a mesh axis name, a tuple of them, or None), length over
+  `axis_name`, query and kv heads over `head_axis` (or None). `positions_BxL` are the tokens' global
+  positions in the layout the arrays are in (natural, or `to_zigzag`'s); `segments_BxL` (None: one
+  document) keep documents apart. Raises ValueError when the length does not split over the axis.
+  Returns [B, L, N, K] in q's dtype, sharded like q.
+  """
+  length, shards = q_BxLxNxK.shape[1], mesh.shape[axis_name]
+  if length % shards:
+    raise ValueError(f"sequence length L={length} must be divisible by mesh.sequence={shards} "
+                     f"(the '{axis_name}' axis) for ring attention.")
+  if segments_BxL is None:
+    segments_BxL = jnp.zeros(positions_BxL.shape, jnp.int32)
+  heads, tokens = P(batch_axes, axis_name, head_axis, None), P(batch_axes, axis_name)
+  body = functools.partial(ring_attention_shard, axis_name=axis_name, skip_masked=skip_masked)
+  run = jax.shard_map(lambda q, k, v, pos, seg: body(q, k, v, pos, pos, seg, seg), mesh=mesh,
+                      in_specs=(heads, heads, heads, tokens, tokens), out_specs=heads)
+  return run(q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, positions_BxL, segments_BxL)
