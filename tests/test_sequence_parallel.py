@@ -86,7 +86,7 @@ MESHES = [({"mesh.sequence": 2}, "seq2"), ({"mesh.sequence": 4}, "seq4"), ({"mes
            "seq2-fsdp2-tensor2")]
 
 
-@pytest.mark.parametrize("strategy", ["all_gather"])
+@pytest.mark.parametrize("strategy", ["ring", "all_gather"])
 @pytest.mark.parametrize("changes", [m for m, _ in MESHES], ids=[i for _, i in MESHES])
 def test_sequence_parallel_equals_single_device(changes, strategy, params, reference):
   loss, grads = loss_and_grads(make_config(**changes, **{"mesh.sequence_attention": strategy}), params)
