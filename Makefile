@@ -49,6 +49,9 @@ reproduce: setup
 	$(PY) -m launch.layout --config configs/demo.py --config.mesh.rules=tp --config.mesh.data=2 --config.mesh.tensor=4 --png docs/results/layout_tp.png
 	$(PY) -m launch.layout --config configs/demo.py --config.mesh.rules=fsdp_tp --config.mesh.data=1 --config.mesh.fsdp=2 --config.mesh.tensor=4 --png docs/results/layout_fsdp_tp.png
 	$(PY) -m launch.layout --config configs/demo.py --config.mesh.rules=dp_fsdp_tp --config.mesh.data=2 --config.mesh.fsdp=2 --config.mesh.tensor=2 --png docs/results/layout_dp_fsdp_tp.png
+	$(PY) -m launch.layout --config configs/demo.py --config.mesh.rules=sp --config.mesh.data=1 --config.mesh.sequence=8 --png docs/results/layout_sp.png
+	$(PY) -m launch.layout --config configs/demo.py --config.mesh.rules=fsdp_sp --config.mesh.data=1 --config.mesh.fsdp=2 --config.mesh.sequence=4 --png docs/results/layout_fsdp_sp.png
+	$(PY) -m launch.layout --config configs/demo.py --config.mesh.rules=fsdp_sp_tp --config.mesh.data=1 --config.mesh.fsdp=2 --config.mesh.sequence=2 --config.mesh.tensor=2 --png docs/results/layout_fsdp_sp_tp.png
 	$(call step,5,sweep: mesh x remat x batch -> docs/results/sweep)
 	rm -rf docs/results/sweep/points
 	$(PY) -m launch.sweep --config configs/demo.py --out docs/results/sweep --steps 5 --warmup 2 \

@@ -79,7 +79,7 @@ def variant(cfg: Config, dtype: str, rules: str | None = None, mesh: dict | None
   """`cfg` with compute `dtype`, rule preset `rules` and mesh axis sizes `mesh` on `num_devices` devices."""
   model = dataclasses.replace(cfg.model, dtype=dtype)
   mesh_cfg = dataclasses.replace(cfg.mesh, num_devices=num_devices, rules=rules or cfg.mesh.rules,
-                                 **(mesh or dict(data=1, fsdp=1, tensor=1)))
+                                 **(mesh or dict(data=1, fsdp=1, sequence=1, tensor=1)))
   return dataclasses.replace(cfg, model=model, mesh=mesh_cfg)
 
 
