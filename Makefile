@@ -27,7 +27,7 @@ test: setup
 
 # --- make reproduce: one step per table or figure; each prints its progress --------------------
 R := runs/reproduce
-step = @echo; echo "=== [$(1)/12] $(2)  ($$(date +%H:%M:%S))"
+step = @echo; echo "=== [$(1)/13] $(2)  ($$(date +%H:%M:%S))"
 
 reproduce: setup
 	$(call step,0,snapshot of the committed docs/results -> $(R)/committed)
@@ -73,7 +73,9 @@ reproduce: setup
 	$(PY) -m launch.bench_decode --config configs/bench_decode.py --weights float,float:stored,w8a16,w8a8 \
 	  --batches 1,8 --prompt_lens 128,512 --max_prefill_tokens 1024 --new_tokens 16 --repeats 3 --export \
 	  --out docs/results/decode
-	$(call step,12,summary: regenerated vs committed -> $(R)/summary.md)
+	$(call step,12,sequence parallelism: ring vs all-gather bytes (CPU HLO), overlap on paper -> docs/results/sequence_*)
+	$(PY) -m launch.reproduce.sequence_cost --out docs/results
+	$(call step,13,summary: regenerated vs committed -> $(R)/summary.md)
 	$(PY) -m launch.reproduce.summary --committed $(R)/committed --regenerated docs/results --out $(R)/summary.md
 
 clean:

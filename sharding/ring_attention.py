@@ -129,10 +129,11 @@ def _zeros_like_vma(shape, like, value=0.0):
   return jax.lax.pcast(x, axes, to="varying") if axes else x
 
 
-def _pieces(skip: bool, length: int) -> int:
+def _pieces(length: int) -> int:
   # Two sub-chunks per local block: in the zigzag layout they are the front and back chunk, and
-  # exactly two of the four sub-blocks are fully masked at every ring step off the diagonal.
-  return 2 if skip and length % 2 == 0 else 1
+  # exactly two of the four sub-blocks are fully masked at every ring step off the diagonal. The
+  # same split without skipping, so that skipping is the only difference between the two.
+  return 2 if length % 2 == 0 else 1
 
 
 # ------------------------------------------------------------------------------------------------
@@ -149,7 +150,7 @@ def _forward(axis_name, skip, q_BxLxNxK, k_BxSxGxK, v_BxSxGxK, q_pos, kv_pos, q_
   batch, length, heads, head_dim = q_BxLxNxK.shape
   groups = k_BxSxGxK.shape[2]
   n, perm = _ring_perm(axis_name)
-  c = _pieces(skip, length)
+  c = _pieces(length)
   q_BxLxGxRxK = q_BxLxNxK.reshape(batch, length, groups, heads // groups, head_dim)
   q_parts = jnp.split(q_BxLxGxRxK, c, axis=1)
   qpos_parts, qseg_parts = jnp.split(q_pos, c, axis=1), jnp.split(q_seg, c, axis=1)
@@ -181,9 +182,10 @@ def _backward(axis_name, skip, q_BxLxNxK, k_BxSxGxK, v_BxSxGxK, q_pos, kv_pos, q
   groups = k_BxSxGxK.shape[2]
   # The backward ring turns the other way. Were its K/V hops the forward's, XLA would merge the two
   # rings when both passes sit in one computation (CSE; XLA:CPU drops optimization barriers before
-  # it) and keep every device's K/V block alive from forward to backward: O(L_total) memory.
+  # it) and keep every device's K/V block alive from forward to backward: O(L_total) memory. (At
+  # sequence=2 both ways are the one pair and the hop is shared: the block it keeps is held anyway.)
   n, perm = _ring_perm(axis_name, direction=-1)
-  c = _pieces(skip, length)
+  c = _pieces(length)
   grouped = lambda x: x.reshape(batch, length, groups, heads // groups, head_dim)
   q, dout = grouped(q_BxLxNxK), grouped(dout_BxLxNxK)
   # delta = rowsum(dO * O): the softmax Jacobian's correction term, one per query and head.
@@ -270,6 +272,14 @@ def ring_attention(q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, positions_BxL, segments_BxL=
   if length % shards:
     raise ValueError(f"sequence length L={length} must be divisible by mesh.sequence={shards} "
                      f"(the '{axis_name}' axis) for ring attention.")
+  split = lambda axes: int(np.prod([mesh.shape[a] for a in
+                                    ((axes,) if isinstance(axes, str) else axes or ())]))
+  for what, size, axes in (("batch", q_BxLxNxK.shape[0], batch_axes),
+                           ("query heads", q_BxLxNxK.shape[2], head_axis),
+                           ("kv heads", k_BxLxGxK.shape[2], head_axis)):
+    if size % split(axes):
+      raise ValueError(f"ring attention: {what} ({size}) must be divisible by the mesh axes "
+                       f"{axes!r} they are split over (size {split(axes)}).")
   if segments_BxL is None:
     segments_BxL = jnp.zeros(positions_BxL.shape, jnp.int32)
   heads, tokens = P(batch_axes, axis_name, head_axis, None), P(batch_axes, axis_name)

@@ -142,3 +142,31 @@ def test_collective_bytes_prices_each_kind():
   assert sent["reduce-scatter"] == {"count": 1, "bytes": 2 * 16 * 2 * 3}
   assert sent["all-reduce"] == {"count": 1, "bytes": 6}  # 2 x 4 bytes x 3/4
   assert sent["collective-permute"] == {"count": 1, "bytes": 2 * 16 * 4 + 8 * 4}
+
+
+def test_bfloat16_inputs_stay_close_to_float32_reference():
+  # The training dtype: bf16 q/k/v in, bf16 out, float32 statistics inside. Against the float32
+  # reference the error is bf16 rounding (seen: <= 0.8% of the largest value), not a wrong block.
+  shards = 4
+  mesh = mesh_of({"sequence": shards})
+  inputs, expected = problem()
+  q, k, v, positions, segments, cotangent = inputs
+  to_bf16 = lambda x: jnp.asarray(x, jnp.bfloat16)
+
+  @jax.jit
+  def run(q, k, v):
+    attend = lambda q, k, v: ra.ring_attention(q, k, v, positions, segments, mesh=mesh)
+    out, vjp = jax.vjp(attend, q, k, v)
+    return (out, *vjp(to_bf16(cotangent)))
+  got = run(to_bf16(q), to_bf16(k), to_bf16(v))
+  assert [g.dtype for g in got] == [jnp.bfloat16] * 4
+  for name, g, e in zip(("out", "dq", "dk", "dv"), got, expected):
+    scale = np.max(np.abs(e))
+    np.testing.assert_allclose(np.asarray(g, np.float32) / scale, e / scale, atol=1.5e-2, err_msg=name)
+
+
+def test_heads_that_do_not_split_are_an_error():
+  q, kv = np.zeros((2, 32, 4, 8), np.float32), np.zeros((2, 32, 2, 8), np.float32)
+  mesh = mesh_of({"sequence": 2, "tensor": 4})
+  with pytest.raises(ValueError, match=r"kv heads \(2\) must be divisible .*'tensor'.*size 4"):
+    ra.ring_attention(q, kv, kv, np.zeros((2, 32), np.int32), mesh=mesh, head_axis="tensor")
