@@ -8,10 +8,10 @@ dots_no_batch) with ONE layer and batch 1 on N simulated CPU devices (mesh seque
 else split) and read `memory_analysis()`; nothing runs. Activation bytes are the step's
 temporaries minus those at 256 tokens (gradients and optimizer temporaries do not grow with length),
 compared with the unsplit run's divided by N. The fit columns scale the one-layer activations to
-16 layers (x16: conservative, since the embedding and loss parts do not grow with layers), fit a
-quadratic through the three measured lengths (exact through them; attention scores grow with L^2)
-and solve for the longest sequence whose activations fit 16 / 80 / 139 GiB per device, leaving
-weights and optimizer state out (another axis, fsdp, splits those). Writes sequence_memory.{md,csv}
+16 layers (x16: conservative, since the embedding and loss parts do not grow with layers), join the
+measured lengths by straight lines on log-log axes (a local power law: attention scores grow with
+L^2, the rest with L), continued past the ends, and solve for the longest sequence whose activations
+fit 16 / 80 / 139 GiB per device, leaving weights and optimizer state out (fsdp splits those). Writes sequence_memory.{md,csv}
 and sequence_memory.png.
 """
 
@@ -56,11 +56,13 @@ def sweep_records(lengths: list[int], shards: list[int]) -> list[dict]:
 
 
 def longest_fit(lengths: list[int], activation_bytes: list[float], capacity: float) -> float:
-  """The L at which the quadratic through (lengths, activation_bytes) reaches `capacity` bytes."""
-  c2, c1, c0 = np.polyfit(np.asarray(lengths, float), np.asarray(activation_bytes, float), 2)
-  roots = np.roots([c2, c1, c0 - capacity])
-  real = [r.real for r in roots if abs(r.imag) < 1e-6 * abs(r) and r.real > 0]
-  return min(real) if real else float("nan")
+  """The L at which activations reach `capacity` bytes: straight lines between the measured points on
+  log-log axes (a local power law), continued past the first and last points with their segment's."""
+  log_l, log_b = np.log(np.asarray(lengths, float)), np.log(np.asarray(activation_bytes, float))
+  target = np.log(capacity)
+  segment = int(np.clip(np.searchsorted(log_b, target) - 1, 0, len(lengths) - 2))
+  slope = (log_b[segment + 1] - log_b[segment]) / (log_l[segment + 1] - log_l[segment])
+  return float(np.exp(log_l[segment] + (target - log_b[segment]) / slope))
 
 
 def memory_rows(records: list[dict], lengths: list[int]) -> tuple[list[dict], list[dict]]:
@@ -87,7 +89,7 @@ def memory_rows(records: list[dict], lengths: list[int]) -> tuple[list[dict], li
       rows.append({"sequence": n, "strategy": strategy, "tokens": length, "activation_GiB": act / GIB,
                    "ideal_GiB (unsplit/N)": ideal / GIB, "vs_ideal": act / ideal if ideal else float("nan"),
                    "status": "ok", "reason": ""})
-    if len(measured) == 3:
+    if len(measured) >= 2:
       xs, ys = zip(*measured)
       fit = {"sequence": n, "strategy": strategy}
       for cap in CAPACITIES_GIB:
@@ -137,8 +139,9 @@ def main(argv):
   if fits:
     markdown += "\n" + write_table(
         fits, FLAGS.out, "sequence_memory_fit", "Longest sequence whose activations fit one device",
-        command, f"Extrapolated, not measured: the 1-layer activations x {FULL_LAYERS} layers, a quadratic "
-        "through the three measured lengths solved for the capacity. Weights, gradients and optimizer "
+        command, f"Extrapolated, not measured: the 1-layer activations x {FULL_LAYERS} layers, joined between "
+        "the measured lengths by a power law (straight on log-log axes, continued past the ends) and "
+        "solved for the capacity. Weights, gradients and optimizer "
         "state are left out (sequence parallelism does not split them; combine with fsdp).")
   print(markdown)
   plot(rows, os.path.join(FLAGS.out, "sequence_memory.png"))
