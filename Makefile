@@ -73,8 +73,10 @@ reproduce: setup
 	$(PY) -m launch.bench_decode --config configs/bench_decode.py --weights float,float:stored,w8a16,w8a8 \
 	  --batches 1,8 --prompt_lens 128,512 --max_prefill_tokens 1024 --new_tokens 16 --repeats 3 --export \
 	  --out docs/results/decode
-	$(call step,12,sequence parallelism: ring vs all-gather bytes (CPU HLO), overlap on paper -> docs/results/sequence_*)
+	$(call step,12,sequence parallelism: ring vs all-gather bytes (CPU HLO), overlap on paper; activation memory vs N (compile-only, ~25 min) -> docs/results/sequence_*)
 	$(PY) -m launch.reproduce.sequence_cost --out docs/results
+	rm -rf docs/results/sequence_memory/sweep
+	$(PY) -m launch.reproduce.sequence_memory --out docs/results/sequence_memory
 	$(call step,13,summary: regenerated vs committed -> $(R)/summary.md)
 	$(PY) -m launch.reproduce.summary --committed $(R)/committed --regenerated docs/results --out $(R)/summary.md
 
