@@ -49,6 +49,9 @@ reproduce: setup
 	$(PY) -m launch.layout --config configs/demo.py --config.mesh.rules=tp --config.mesh.data=2 --config.mesh.tensor=4 --png docs/results/layout_tp.png
 	$(PY) -m launch.layout --config configs/demo.py --config.mesh.rules=fsdp_tp --config.mesh.data=1 --config.mesh.fsdp=2 --config.mesh.tensor=4 --png docs/results/layout_fsdp_tp.png
 	$(PY) -m launch.layout --config configs/demo.py --config.mesh.rules=dp_fsdp_tp --config.mesh.data=2 --config.mesh.fsdp=2 --config.mesh.tensor=2 --png docs/results/layout_dp_fsdp_tp.png
+	$(PY) -m launch.layout --config configs/demo.py --config.mesh.rules=sp --config.mesh.data=1 --config.mesh.sequence=8 --png docs/results/layout_sp.png
+	$(PY) -m launch.layout --config configs/demo.py --config.mesh.rules=fsdp_sp --config.mesh.data=1 --config.mesh.fsdp=2 --config.mesh.sequence=4 --png docs/results/layout_fsdp_sp.png
+	$(PY) -m launch.layout --config configs/demo.py --config.mesh.rules=fsdp_sp_tp --config.mesh.data=1 --config.mesh.fsdp=2 --config.mesh.sequence=2 --config.mesh.tensor=2 --png docs/results/layout_fsdp_sp_tp.png
 	$(call step,5,sweep: mesh x remat x batch -> docs/results/sweep)
 	rm -rf docs/results/sweep/points
 	$(PY) -m launch.sweep --config configs/demo.py --out docs/results/sweep --steps 5 --warmup 2 \
@@ -70,8 +73,10 @@ reproduce: setup
 	$(PY) -m launch.bench_decode --config configs/bench_decode.py --weights float,float:stored,w8a16,w8a8 \
 	  --batches 1,8 --prompt_lens 128,512 --max_prefill_tokens 1024 --new_tokens 16 --repeats 3 --export \
 	  --out docs/results/decode
-	$(call step,12,sequence parallelism: ring vs all-gather bytes (CPU HLO), overlap on paper -> docs/results/sequence_*)
+	$(call step,12,sequence parallelism: ring vs all-gather bytes (CPU HLO), overlap on paper; activation memory vs N (compile-only, ~25 min) -> docs/results/sequence_*)
 	$(PY) -m launch.reproduce.sequence_cost --out docs/results
+	rm -rf docs/results/sequence_memory/sweep
+	$(PY) -m launch.reproduce.sequence_memory --out docs/results/sequence_memory
 	$(call step,13,summary: regenerated vs committed -> $(R)/summary.md)
 	$(PY) -m launch.reproduce.summary --committed $(R)/committed --regenerated docs/results --out $(R)/summary.md
 

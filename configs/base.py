@@ -89,12 +89,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.stage = 1                   # pipeline stages: the layer stack split over devices (docs/sharding.md)
   c.mesh.data = -1                   # -1 absorbs the devices the other axes leave
   c.mesh.fsdp = 1
+  c.mesh.sequence = 1                # sequence (context) parallelism: each sequence split into blocks over devices
   c.mesh.tensor = 1
-  c.mesh.rules = "dp"                # logical-axis rule table: dp | fsdp | tp | fsdp_tp | dp_fsdp_tp
+  c.mesh.sequence_attention = "ring"  # mesh.sequence > 1: ring (K/V blocks passed around) | all_gather
+  c.mesh.rules = "dp"                # logical-axis rule table: dp | fsdp | tp | fsdp_tp | dp_fsdp_tp | sp | fsdp_sp | fsdp_sp_tp
   c.mesh.custom_rules = ""           # overrides `rules`: "batch=data+fsdp,embed=fsdp,heads=tensor,..."
-  c.mesh.dcn_stage = 1               # multi-slice / multi-host: the stage, data, fsdp, tensor sizes above are
+  c.mesh.dcn_stage = 1               # multi-slice / multi-host: the stage, data, fsdp, sequence, tensor sizes above are
   c.mesh.dcn_data = 1                # within a slice (ICI); each axis is further multiplied by its
   c.mesh.dcn_fsdp = 1                # dcn_* size across slices or hosts (DCN)
+  c.mesh.dcn_sequence = 1
   c.mesh.dcn_tensor = 1
   c.mesh.num_devices = 0             # 0: all visible devices; n: the first n (for single-device references)
 

@@ -3,7 +3,8 @@
 The model only *names* axes (`batch`, `length`, `embed`, `heads`, `kv_heads`, `kv`, `mlp`, `vocab`,
 `layers`); `sharding/` decides where each name lives on a mesh by installing a constraint function
 with `use_constraint`. Without one installed, `constrain` is the identity, so the model runs
-unchanged on one device and in tests.
+unchanged on one device and in tests. Two more hooks work the same way: `per_shard` (a kernel run on
+each device's block) and `sequence_attention` (attention across a sequence split over devices).
 """
 
 import contextlib
@@ -61,3 +62,30 @@ def use_per_shard(wrap: PerShardFn | None):
     yield
   finally:
     _per_shard.reset(token)
+
+
+# Attention of a sequence split over devices (mesh.sequence > 1): (q [B, L, N, K], k, v [B, L, G, K],
+# positions [B, L], segment ids [B, L] or None, recompute=bool) -> [B, L, N, K]. Each token's
+# position orders it (the causal mask), because the step may have reordered the sequence.
+SequenceAttentionFn = Callable[..., jax.Array]
+_sequence_attention: contextvars.ContextVar[SequenceAttentionFn | None] = contextvars.ContextVar(
+    "lm_sequence_attention", default=None)
+
+
+def sequence_attention() -> SequenceAttentionFn | None:
+  """The installed attention across sequence shards, or None (the sequence is whole on each device).
+
+  Called as fn(q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, positions_BxL, segment_ids_BxL, recompute=...)
+  and returns out_BxLxNxK, causal by position and within one segment.
+  """
+  return _sequence_attention.get()
+
+
+@contextlib.contextmanager
+def use_sequence_attention(fn: SequenceAttentionFn | None):
+  """Within this context (while tracing), full-sequence attention runs through `fn`."""
+  token = _sequence_attention.set(fn)
+  try:
+    yield
+  finally:
+    _sequence_attention.reset(token)

@@ -52,12 +52,14 @@ def chunked_cross_entropy(hidden_BxLxD: jax.Array, targets_BxL: jax.Array,
   if length % chunk_size:
     raise ValueError(f"sequence length {length} is not a multiple of the logits chunk size {chunk_size}.")
   chunks = length // chunk_size
-  # Chunk along the sequence so each chunk keeps the batch's sharding.
-  hidden_NxBxCxD = hidden_BxLxD.reshape(batch, chunks, chunk_size, -1).swapaxes(0, 1)
-  targets_NxBxC = targets_BxL.reshape(batch, chunks, chunk_size).swapaxes(0, 1)
+  # Chunk n holds positions n, n + chunks, n + 2 chunks, ... (strided, not contiguous): the loss is a
+  # sum, so any split works, and this one keeps the batch's sharding and a sequence axis's split of
+  # length (each device scores its own positions of every chunk, none is gathered).
+  hidden_NxBxCxD = jnp.moveaxis(hidden_BxLxD.reshape(batch, chunk_size, chunks, -1), 2, 0)
+  targets_NxBxC = jnp.moveaxis(targets_BxL.reshape(batch, chunk_size, chunks), 2, 0)
   if weights_BxL is None:
     weights_BxL = jnp.ones((batch, length), jnp.float32)
-  weights_NxBxC = weights_BxL.astype(jnp.float32).reshape(batch, chunks, chunk_size).swapaxes(0, 1)
+  weights_NxBxC = jnp.moveaxis(weights_BxL.astype(jnp.float32).reshape(batch, chunk_size, chunks), 2, 0)
 
   @jax.checkpoint
   def chunk_loss(total, chunk):

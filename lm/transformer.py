@@ -13,7 +13,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from lm import attention as attention_lib
 from lm import layers, quant
-from lm.axes import constrain
+from lm.axes import constrain, sequence_attention
 from lm.config import ModelConfig
 
 KVCache = dict[str, jax.Array]  # {"k": [layers, B, S, G, K], "v": [layers, B, S, G, K]}
@@ -39,14 +39,15 @@ class Attention(nnx.Module):
                              init_scale=(2 * cfg.num_layers) ** -0.5, **kw)
 
   def __call__(self, x_BxLxD, sin, cos, segment_ids_BxL=None, mask_BxLxS=None, cache_kv=None,
-               cache_index=None, layer=None):
+               cache_index=None, layer=None, positions_BxL=None):
     """Returns (y [B, L, D], the updated (k, v) caches of all layers, or None without a cache).
 
     With a cache, `cache_kv` is every layer's (k, v) [layers, B, S, G, K] and `layer` this block's
     index. Without a cache, or when prefilling an empty one (`cache_index` the int 0), attention runs
     through the implementation `lm.attention.select` picks for this length (segment ids keep
     documents, or a left-padded row's padding, apart); a decode step reads the cache through XLA
-    with `mask_BxLxS`.
+    with `mask_BxLxS`. When the sequence is split over devices (`lm.axes.sequence_attention`
+    installed), full-sequence attention runs through that hook with each token's `positions_BxL`.
     """
     q_BxLxNxK = layers.apply_rotary(self.query(x_BxLxD), sin, cos)
     k_BxLxGxK = layers.apply_rotary(self.key(x_BxLxD), sin, cos)
@@ -69,7 +70,11 @@ class Attention(nnx.Module):
       v_BxSxGxK = jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False)
       # ---- end KV-cache write ----
     prefill = isinstance(cache_index, int) and cache_index == 0
-    if cache_kv is None or prefill:
+    across_shards = sequence_attention() if cache_kv is None else None
+    if across_shards is not None:
+      out_BxLxNxK = across_shards(q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, positions_BxL, segment_ids_BxL,
+                                  recompute=self.cfg.remat == "none")
+    elif cache_kv is None or prefill:
       cfg = self.cfg
       choice = attention_lib.select_for(cfg.attention, cfg.dtype, cfg.head_dim, x_BxLxD.shape[1],
                                         segments=segment_ids_BxL is not None)
@@ -127,10 +132,10 @@ class Block(nnx.Module):
     self.mlp = Mlp(cfg, rngs=rngs)
 
   def __call__(self, x_BxLxD, sin, cos, segment_ids_BxL=None, mask_BxLxS=None, cache_kv=None,
-               cache_index=None, layer=None):
+               cache_index=None, layer=None, positions_BxL=None):
     """Returns (x [B, L, D], the updated KV caches of all layers or None)."""
     attn, new_kv = self.attention(self.attention_norm(x_BxLxD, self.lean), sin, cos, segment_ids_BxL,
-                                  mask_BxLxS, cache_kv, cache_index, layer)
+                                  mask_BxLxS, cache_kv, cache_index, layer, positions_BxL)
     x_BxLxD = constrain(x_BxLxD + attn, ("batch", "length", "embed"))
     x_BxLxD = x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD, self.lean), self.lean_mlp)
     return constrain(x_BxLxD, ("batch", "length", "embed")), new_kv
@@ -190,7 +195,7 @@ class Transformer(nnx.Module):
       return self._cached_layers(x_BxLxD, sin, cos, cache, start, key_start_B)
 
     def layer(x, block):
-      return block(x, sin, cos, segment_ids_BxL)[0]
+      return block(x, sin, cos, segment_ids_BxL, positions_BxL=positions_BxL)[0]
 
     if self.layer_stack is not None and cache is None:
       # The pipeline carries each row's rotary tables (and segment ids) with its micro-batch.

@@ -7,14 +7,16 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
-# Outermost first: `stage` usually spans the slowest links (DCN), `tensor` the fastest.
-MESH_AXES = ("stage", "data", "fsdp", "tensor")
+# Outermost first: `stage` usually spans the slowest links (DCN), `tensor` the fastest. `sequence`
+# (a sequence split into contiguous blocks, docs/sharding.md) sits next to `tensor`: its attention
+# passes key/value blocks between neighbours every layer, so it wants fast links too.
+MESH_AXES = ("stage", "data", "fsdp", "sequence", "tensor")
 
 
 def resolve_mesh_shape(requested: dict[str, int], num_devices: int) -> dict[str, int]:
   """Fills the one axis given as -1 so the product equals `num_devices`.
 
-  Takes {"stage": s, "data": d, "fsdp": f, "tensor": t} (positive, or -1 for at most one axis) and returns the
+  Takes {"stage": s, "data": d, "fsdp": f, "sequence": q, "tensor": t} (positive, or -1 for at most one axis) and returns the
   same dict with every entry positive. Raises ValueError naming the axes when they cannot fit.
   """
   requested = {name: requested.get(name, 1) for name in MESH_AXES}  # an axis left out has size 1
@@ -49,7 +51,7 @@ def num_granules(devices: list) -> tuple[int, str]:
 
 def make_mesh(shape: dict[str, int], devices: list | None = None,
               dcn_shape: dict[str, int] | None = None) -> Mesh:
-  """Returns a Mesh over `devices` (default: all) with axes ("stage", "data", "fsdp", "tensor").
+  """Returns a Mesh over `devices` (default: all) with axes MESH_AXES (stage, data, fsdp, sequence, tensor).
 
   `shape` gives each axis's size within a slice (ICI); `dcn_shape` (default all 1) multiplies each
   axis across slices or hosts (DCN), so the mesh axis `data` is dcn_data x data, and so on. Within a

@@ -32,16 +32,35 @@ RULE_PRESETS: dict[str, Rules] = {
 # pure replication on top of FSDP x TP.
 RULE_PRESETS["dp_fsdp_tp"] = RULE_PRESETS["fsdp_tp"]
 
+# Sequence (context) parallelism: activations split along `length` over `sequence`; parameters are
+# not split by it (each sequence shard holds the weights its other axes give it). Added to any table
+# when the mesh has a sequence axis > 1; the `sp` presets name it so a table reads whole.
+SEQUENCE_RULES: Rules = (("length", ("sequence",)),)
+RULE_PRESETS["sp"] = RULE_PRESETS["dp"] + SEQUENCE_RULES
+RULE_PRESETS["fsdp_sp"] = RULE_PRESETS["fsdp"] + SEQUENCE_RULES
+RULE_PRESETS["fsdp_sp_tp"] = RULE_PRESETS["fsdp_tp"] + SEQUENCE_RULES
+
 # One 8-device mesh per preset: what launch.bench --presets and the docs' pictures use.
 EXAMPLE_MESHES_8: dict[str, dict[str, int]] = {
-    "dp": dict(stage=1, data=8, fsdp=1, tensor=1), "fsdp": dict(stage=1, data=1, fsdp=8, tensor=1),
-    "tp": dict(stage=1, data=2, fsdp=1, tensor=4), "fsdp_tp": dict(stage=1, data=1, fsdp=2, tensor=4),
-    "dp_fsdp_tp": dict(stage=1, data=2, fsdp=2, tensor=2)}
+    "dp": dict(stage=1, data=8, fsdp=1, sequence=1, tensor=1),
+    "fsdp": dict(stage=1, data=1, fsdp=8, sequence=1, tensor=1),
+    "tp": dict(stage=1, data=2, fsdp=1, sequence=1, tensor=4),
+    "fsdp_tp": dict(stage=1, data=1, fsdp=2, sequence=1, tensor=4),
+    "dp_fsdp_tp": dict(stage=1, data=2, fsdp=2, sequence=1, tensor=2),
+    "sp": dict(stage=1, data=1, fsdp=1, sequence=8, tensor=1),
+    "fsdp_sp": dict(stage=1, data=1, fsdp=2, sequence=4, tensor=1),
+    "fsdp_sp_tp": dict(stage=1, data=1, fsdp=2, sequence=2, tensor=2)}
 
 
 def preset_for_mesh(shape: dict[str, int]) -> str:
-  """The rule preset a mesh shape implies: which of fsdp and tensor are split (data adds replication)."""
+  """The rule preset a mesh shape implies: which of fsdp, sequence and tensor are split (data adds
+  replication)."""
   fsdp, tensor = shape.get("fsdp", 1) > 1, shape.get("tensor", 1) > 1
+  if shape.get("sequence", 1) > 1:
+    # (With tensor but no fsdp, dp's table plus the sequence rule is tp's: "tp" gets it added.)
+    if tensor and not fsdp:
+      return "tp"
+    return "fsdp_sp_tp" if fsdp and tensor else "fsdp_sp" if fsdp else "sp"
   if fsdp and tensor:
     return "dp_fsdp_tp" if shape.get("data", 1) > 1 else "fsdp_tp"
   return "fsdp" if fsdp else "tp" if tensor else "dp"
@@ -56,9 +75,10 @@ LOGICAL_NAMES = ("batch", "length", "embed", "heads", "kv_heads", "kv", "mlp", "
 STAGE_RULES: Rules = (("layers", ("stage",)), ("stage", ("stage",)))
 
 
-def get_rules(name: str, custom: str = "", pipelined: bool = False) -> Rules:
+def get_rules(name: str, custom: str = "", pipelined: bool = False, sequenced: bool = False) -> Rules:
   """Returns the rule table: `custom` parsed when non-empty, else the preset called `name`, plus the
-  stage rules when `pipelined` (and the table does not place `layers` or `stage` itself).
+  stage rules when `pipelined` and the sequence rule when `sequenced` (a mesh with sequence > 1),
+  each only where the table does not place those names itself.
 
   Raises ValueError listing the presets for an unknown name.
   """
@@ -68,10 +88,9 @@ def get_rules(name: str, custom: str = "", pipelined: bool = False) -> Rules:
     raise ValueError(f"mesh.rules={name!r} is not a rule preset; choose one of {sorted(RULE_PRESETS)}.")
   else:
     rules = RULE_PRESETS[name]
-  if pipelined:
-    placed = {logical for logical, _ in rules}
-    rules = rules + tuple(rule for rule in STAGE_RULES if rule[0] not in placed)
-  return rules
+  added = (STAGE_RULES if pipelined else ()) + (SEQUENCE_RULES if sequenced else ())
+  placed = {logical for logical, _ in rules}
+  return rules + tuple(rule for rule in added if rule[0] not in placed)
 
 
 def parse_rules(text: str) -> Rules:

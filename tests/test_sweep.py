@@ -22,11 +22,14 @@ def test_grid_parses_into_points_with_inferred_rules():
       "mesh=data8 remat=none batch=16", "mesh=data8 remat=full batch=16",
       "mesh=data2.fsdp2.tensor2 remat=none batch=16", "mesh=data2.fsdp2.tensor2 remat=full batch=16"]
   assert points[2].overrides == (
-      "--config.mesh.stage=1", "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2", "--config.mesh.rules=dp_fsdp_tp",
+      "--config.mesh.stage=1", "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.sequence=1", "--config.mesh.tensor=2",
+      "--config.mesh.rules=dp_fsdp_tp",
       "--config.model.remat=none", "--config.train.global_batch_size=16")
   assert points[2].slug == "mesh-data2.fsdp2.tensor2_remat-none_batch-16"
   assert [preset_for_mesh(sweep.parse_mesh_point(m)) for m in ("data8", "fsdp8", "data2.fsdp4", "data2.tensor4",
-                                                                 "fsdp2.tensor4")] == ["dp", "fsdp", "fsdp", "tp", "fsdp_tp"]
+                                                                 "fsdp2.tensor4", "sequence8", "fsdp2.sequence4",
+                                                                 "fsdp2.sequence2.tensor2")] == [
+      "dp", "fsdp", "fsdp", "tp", "fsdp_tp", "sp", "fsdp_sp", "fsdp_sp_tp"]
 
 
 def test_grid_explicit_rules_and_generic_keys():

@@ -43,7 +43,7 @@ def compile_train_step(ctx: RunContext):
   """Lowers and compiles the train step for abstract inputs; returns (compiled, abstract state)."""
   cfg = ctx.cfg
   step = jit_train_step(ctx.mdef, ctx.tx, ctx.schedule, cfg.train.grad_accum_steps, ctx.mesh, ctx.rules,
-                        ctx.shardings)
+                        ctx.shardings, sequence_attention=cfg.mesh.sequence_attention)
   abstract = ts.abstract_state(ctx.mdef, ctx.tx, ctx.shardings)
   tokens = jax.ShapeDtypeStruct((cfg.train.global_batch_size, cfg.data.seq_len), jnp.int32,
                                 sharding=batch_sharding(ctx.mesh, ctx.rules))

@@ -27,7 +27,7 @@ from sharding.rules import preset_for_mesh
 ALIASES = {"rules": "mesh.rules", "remat": "model.remat", "batch": "train.global_batch_size",
            "accum": "train.grad_accum_steps", "dtype": "model.dtype", "layers": "model.num_layers",
            "seq": "data.seq_len", "micro": "train.microbatches", "schedule": "train.pipeline_schedule",
-           "repeats": "train.pipeline_repeats"}
+           "repeats": "train.pipeline_repeats", "seq_attention": "mesh.sequence_attention"}
 RETRYABLE = ("error", "timeout", "oom")
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -49,7 +49,8 @@ class Point:
 
 
 def parse_mesh_point(text: str) -> dict[str, int]:
-  """'data2.tensor4' -> {"data": 2, "fsdp": 1, "tensor": 4}; raises ValueError for a bad point."""
+  """'data2.tensor4' -> {"stage": 1, "data": 2, "fsdp": 1, "sequence": 1, "tensor": 4} (every axis of
+  MESH_AXES; 'fsdp2.sequence4' splits sequences); raises ValueError for a bad point."""
   shape = {}
   for part in text.split("."):
     match = re.fullmatch(rf"({'|'.join(MESH_AXES)})(\d+)", part.strip())

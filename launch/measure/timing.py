@@ -50,7 +50,8 @@ def time_train_step(ctx: RunContext, steps: int = 5, warmup: int = 2, step_fn=No
   """
   state = ts.init_train_state(ctx.mdef, ctx.tx, ctx.shardings, seed=0)
   step_fn = step_fn or jit_train_step(ctx.mdef, ctx.tx, ctx.schedule, ctx.cfg.train.grad_accum_steps,
-                                      ctx.mesh, ctx.rules, ctx.shardings)
+                                      ctx.mesh, ctx.rules, ctx.shardings,
+                                      sequence_attention=ctx.cfg.mesh.sequence_attention)
   batch = random_batch(ctx)
   start = time.perf_counter()
   state, metrics = step_fn(state, batch)
@@ -78,7 +79,7 @@ def variant(cfg: Config, dtype: str, rules: str | None = None, mesh: dict | None
   """`cfg` with compute `dtype`, rule preset `rules` and mesh axis sizes `mesh` on `num_devices` devices."""
   model = dataclasses.replace(cfg.model, dtype=dtype)
   mesh_cfg = dataclasses.replace(cfg.mesh, num_devices=num_devices, rules=rules or cfg.mesh.rules,
-                                 **(mesh or dict(data=1, fsdp=1, tensor=1)))
+                                 **(mesh or dict(data=1, fsdp=1, sequence=1, tensor=1)))
   return dataclasses.replace(cfg, model=model, mesh=mesh_cfg)
 
 

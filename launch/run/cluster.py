@@ -101,7 +101,8 @@ def check_plan(raw_config, devices: int, hosts: int, platform: str) -> Plan:
     raise ValueError(f"mesh.dcn_* = {cfg.mesh.dcn_shape()} asks for {slices} slices/hosts but the job has "
                      f"{hosts} processes; make the product of the mesh.dcn_* sizes equal {hosts}.")
   mesh = plan_mesh(cfg, devices, platform).shape
-  rules = rules_lib.get_rules(cfg.mesh.rules, cfg.mesh.custom_rules, pipelined=mesh["stage"] > 1)
+  rules = rules_lib.get_rules(cfg.mesh.rules, cfg.mesh.custom_rules, pipelined=mesh["stage"] > 1,
+                              sequenced=mesh["sequence"] > 1)
   mdef = ts.model_def(cfg.model)
   rules_lib.tree_specs(mdef.logical_names, mdef.abstract_params, mesh, rules)
   params = cfg.model.num_params()

@@ -73,13 +73,16 @@ class MeshConfig:
   stage: int
   data: int
   fsdp: int
+  sequence: int
   tensor: int
+  sequence_attention: str
   rules: str
   num_devices: int
   custom_rules: str
   dcn_stage: int
   dcn_data: int
   dcn_fsdp: int
+  dcn_sequence: int
   dcn_tensor: int
 
   def requested_shape(self) -> dict[str, int]:
@@ -140,6 +143,8 @@ _SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
 CORPORA = ("shakespeare", *FILE_CORPORA)
 # prune.method: none, unstructured magnitude, or n of every m weights along the input (compress/prune.py).
 PRUNE_METHODS = ("none", "magnitude", "n_m", "structured")
+# mesh.sequence_attention: how attention crosses sequence shards (sharding/sequence.py, docs/sharding.md).
+SEQUENCE_ATTENTION = ("ring", "all_gather")
 # train.nonfinite: what a step with a NaN/inf loss or gradient norm does (docs/training.md).
 NONFINITE_POLICIES = ("stop", "skip_step")
 
@@ -292,6 +297,9 @@ def _cross_checks(cfg: Config) -> list[str]:
     errors.append(f"checkpoint.save_every={c.save_every}, checkpoint.keep={c.keep}: both must be >= 1.")
   if mesh.rules not in RULE_PRESETS:
     errors.append(f"mesh.rules={mesh.rules!r}: choose one of {sorted(RULE_PRESETS)}.")
+  if mesh.sequence_attention not in SEQUENCE_ATTENTION:
+    errors.append(f"mesh.sequence_attention={mesh.sequence_attention!r}: choose one of "
+                  f"{list(SEQUENCE_ATTENTION)}.")
   if mesh.custom_rules:
     try:
       parse_rules(mesh.custom_rules)

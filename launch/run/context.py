@@ -19,6 +19,7 @@ from sharding import mesh as mesh_lib
 from sharding import pipeline as pipeline_lib
 from sharding import remat as remat_lib
 from sharding import rules as rules_lib
+from sharding import sequence as sequence_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +67,8 @@ def plan_mesh(cfg: Config, num_devices: int, platform: str,
 
   The one pre-compile check of a plan, shared by the run (build_context) and the cluster launcher's
   dry run: DCN factors vs devices, mesh vs device count, batch vs the data axes, remat vs platform,
-  and an explicit model.attention kernel vs platform (attention_selection).
+  data.seq_len vs the sequence axis, and an explicit model.attention kernel vs platform
+  (attention_selection).
   Raises ValueError naming what does not fit and how to fix it.
   """
   dcn = cfg.mesh.dcn_shape()
@@ -88,8 +90,30 @@ def plan_mesh(cfg: Config, num_devices: int, platform: str,
                                           plan.shape["data"] * plan.shape["fsdp"])
     if errors:
       raise ValueError("Invalid pipeline:\n  " + "\n  ".join(errors))
-  attention_selection(cfg, platform, compute_capability)
+  sequence_errors(cfg, plan.shape)
+  attention_selection(cfg, platform, compute_capability, plan.shape["sequence"])
   return plan
+
+
+def sequence_errors(cfg: Config, shape: dict[str, int]) -> None:
+  """Raises ValueError when the mesh's sequence axis cannot split this config's sequences."""
+  shards = shape["sequence"]
+  if shards == 1:
+    return
+  strategy, seq_len = cfg.mesh.sequence_attention, cfg.data.seq_len
+  multiple = sequence_lib.length_multiple(strategy, shards)
+  if seq_len % multiple:
+    why = (f"2 x mesh.sequence = 2 x {shards} = {multiple} (ring attention's balanced layout gives "
+           f"each device chunks i and {2 * shards - 1}-i of {multiple} equal chunks)"
+           if strategy == "ring" else f"mesh.sequence = {shards} (each device holds an equal block)")
+    other = ("" if strategy != "ring" or seq_len % shards else
+             f", or --config.mesh.sequence_attention=all_gather (needs only a multiple of {shards})")
+    raise ValueError(f"data.seq_len={seq_len} is not divisible by {why}; use a data.seq_len that is a "
+                     f"multiple of {multiple}{other}.")
+  if shape["stage"] > 1:
+    raise ValueError(f"mesh.sequence={shards} with mesh.stage={shape['stage']}: sequence parallelism "
+                     "does not run inside a pipeline yet; set --config.mesh.stage=1 or "
+                     "--config.mesh.sequence=1.")
 
 
 def pipeline_for(cfg: Config, plan: MeshPlan) -> pipeline_lib.Pipeline | None:
@@ -100,13 +124,24 @@ def pipeline_for(cfg: Config, plan: MeshPlan) -> pipeline_lib.Pipeline | None:
                                schedule=cfg.train.pipeline_schedule, repeats=cfg.train.pipeline_repeats)
 
 
-def attention_selection(cfg: Config, platform: str,
-                        compute_capability: str | None = None) -> attention_lib.Selection:
+def attention_selection(cfg: Config, platform: str, compute_capability: str | None = None,
+                        sequence_shards: int = 1) -> attention_lib.Selection:
   """What model.attention runs as for this config's training length on `platform`, and why.
 
-  Raises ValueError (before any compile) when an explicit `cudnn` or `splash` cannot run there.
+  With `sequence_shards` > 1 (mesh.sequence) attention crosses devices (sharding/sequence.py) and
+  every block runs in XLA. Raises ValueError (before any compile) when an explicit `cudnn` or
+  `splash` cannot run there, or cannot run on a split sequence.
   """
   m = cfg.model
+  if sequence_shards > 1:
+    strategy = cfg.mesh.sequence_attention
+    if m.attention in ("cudnn", "splash"):
+      raise ValueError(
+          f"model.attention={m.attention!r} runs on a whole sequence, but mesh.sequence="
+          f"{sequence_shards} splits it: {strategy} attention runs each device's block through XLA. "
+          "Set --config.model.attention=auto (or xla), or --config.mesh.sequence=1.")
+    return attention_lib.Selection(m.attention, "xla", f"mesh.sequence={sequence_shards}: {strategy} "
+                                   "attention across sequence shards, each block through XLA")
   return attention_lib.select(m.attention, platform="cuda" if platform == "gpu" else platform,
                               dtype=m.dtype, head_dim=m.head_dim, seq_len=cfg.data.seq_len,
                               compute_capability=compute_capability)
@@ -120,10 +155,11 @@ def build_context(cfg: Config, devices: list | None = None) -> RunContext:
   plan = plan_mesh(cfg, len(devices), platform, capability)
   mesh = mesh_lib.make_mesh(plan.ici, devices, plan.dcn)
   pipe = pipeline_for(cfg, plan)
-  rules = rules_lib.get_rules(cfg.mesh.rules, cfg.mesh.custom_rules, pipelined=pipe is not None)
+  rules = rules_lib.get_rules(cfg.mesh.rules, cfg.mesh.custom_rules, pipelined=pipe is not None,
+                              sequenced=plan.shape["sequence"] > 1)
   mdef = ts.model_def(cfg.model, pipe)
   tx = optimizer_lib.make_optimizer(cfg.train)
   schedule = optimizer_lib.learning_rate_schedule(cfg.train)
   shardings = ts.state_shardings(mdef, tx, mesh, rules)
   return RunContext(cfg, mesh, rules, mdef, tx, schedule, shardings,
-                    attention_selection(cfg, platform, capability))
+                    attention_selection(cfg, platform, capability, plan.shape["sequence"]))

@@ -164,8 +164,9 @@ def _loop(cfg: Config, workdir: str, checkpointer: ckpt_lib.Checkpointer, state,
   batches = Prefetcher(train_iter)
   step_fn = jit_train_step(ctx.mdef, ctx.tx, ctx.schedule, cfg.train.grad_accum_steps, ctx.mesh,
                            ctx.rules, ctx.shardings, loss_hook,
-                           skip_nonfinite=cfg.train.nonfinite == "skip_step")
-  eval_fn = jit_eval_step(ctx.mdef, ctx.mesh, ctx.rules, ctx.shardings.params)
+                           skip_nonfinite=cfg.train.nonfinite == "skip_step",
+                           sequence_attention=cfg.mesh.sequence_attention)
+  eval_fn = jit_eval_step(ctx.mdef, ctx.mesh, ctx.rules, ctx.shardings.params, cfg.mesh.sequence_attention)
   data_sharding = batch_sharding(ctx.mesh, ctx.rules)
 
   devices = list(ctx.mesh.devices.flat)

@@ -1,5 +1,6 @@
 """The jitted train and eval steps: pure functions of (state, batch)."""
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any, Callable
@@ -10,10 +11,13 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
+from lm import attention as attention_lib
 from lm import axes
 from lm.loss import chunked_cross_entropy
+from lm.transformer import positions_in_documents
 from launch.run.state import ModelDef, TrainState
 from sharding import rules as rules_lib
+from sharding import sequence as sequence_lib
 
 # {"inputs": int32 [B, L], "targets": int32 [B, L], "segment_ids": int32 [B, L], "loss_weights":
 # float32 [B, L]}; segment_ids (the document index of each token within its packed row) may be absent:
@@ -33,18 +37,51 @@ class LossHook:
   extra_shardings: Any
 
 
-def _loss(params, batch: Batch, mdef: ModelDef):
+def _loss(params, batch: Batch, mdef: ModelDef, zigzag_shards: int = 0):
   model = mdef.bind(params)
-  hidden_BxLxD, _ = model.hidden_states(batch["inputs"], segment_ids_BxL=batch.get("segment_ids"))
+  positions_BxL = None
+  if zigzag_shards > 1:
+    order_L = sequence_lib.zigzag_permutation(batch["inputs"].shape[1], zigzag_shards)
+    batch, positions_BxL = reorder_sequence(batch, order_L)
+  hidden_BxLxD, _ = model.hidden_states(batch["inputs"], positions_BxL,
+                                        segment_ids_BxL=batch.get("segment_ids"))
   loss_sum, tokens = chunked_cross_entropy(hidden_BxLxD, batch["targets"], model.logits,
                                            mdef.cfg.logits_chunk_size, batch.get("loss_weights"))
   return loss_sum / tokens, (loss_sum, tokens)
 
 
+def reorder_sequence(batch: Batch, order_L: np.ndarray) -> tuple[Batch, jax.Array]:
+  """The batch's [B, L] arrays reordered along length (new index i holds old index order_L[i]), and
+  each token's position [B, L] computed before reordering (offset in its document, or its index).
+
+  The loss is a sum over tokens, so it does not change; attention masks by position (sharding/sequence.py).
+  """
+  segments_BxL = batch.get("segment_ids")
+  if segments_BxL is None:
+    positions_BxL = jnp.broadcast_to(jnp.arange(batch["inputs"].shape[1], dtype=jnp.int32),
+                                     batch["inputs"].shape)
+  else:
+    positions_BxL = positions_in_documents(segments_BxL)
+  reorder = lambda x_BxL: jnp.take(x_BxL, jnp.asarray(order_L), axis=1)
+  return jax.tree.map(reorder, dict(batch)), reorder(positions_BxL)
+
+
+def zigzag_shards(mesh: Mesh, strategy: str) -> int:
+  """Over how many sequence shards the steps lay each sequence out in ring attention's zigzag
+  order (so every device does equal causal work): the mesh's sequence size under the ring
+  strategy, else 0 (natural order)."""
+  shards = mesh.shape.get(sequence_lib.AXIS, 1)
+  return shards if shards > 1 and strategy == "ring" else 0
+
+
 def train_step(state: TrainState, batch: Batch, extra=None, *, mdef: ModelDef,
                tx: optax.GradientTransformation, schedule: optax.Schedule, accum_steps: int,
-               loss_fn: Callable | None = None, skip_nonfinite: bool = False) -> tuple[TrainState, dict]:
+               loss_fn: Callable | None = None, skip_nonfinite: bool = False,
+               zigzag_shards: int = 0) -> tuple[TrainState, dict]:
   """One optimizer update over the global batch, split into `accum_steps` micro-batches.
+
+  `zigzag_shards` > 1: the cross-entropy loss reads each sequence in the zigzag order over that many
+  sequence shards (see `zigzag_shards`); loss hooks read the natural order.
 
   `loss_fn(params, batch, extra)` (a LossHook's) replaces the cross-entropy when given. With
   `skip_nonfinite`, a step whose loss or gradient norm is NaN/inf leaves params and optimizer state
@@ -52,7 +89,7 @@ def train_step(state: TrainState, batch: Batch, extra=None, *, mdef: ModelDef,
   Returns (new state, metrics dict of float32 scalars: loss, grad_norm, learning_rate, tokens,
   nonfinite (1.0 when loss or grad_norm is NaN/inf; the host reads it one step late, like the rest)).
   """
-  loss = (functools.partial(_loss, mdef=mdef) if loss_fn is None
+  loss = (functools.partial(_loss, mdef=mdef, zigzag_shards=zigzag_shards) if loss_fn is None
           else lambda params, b: loss_fn(params, b, extra))
   grad_fn = jax.value_and_grad(loss, has_aux=True)
   if accum_steps == 1:
@@ -88,9 +125,9 @@ def train_step(state: TrainState, batch: Batch, extra=None, *, mdef: ModelDef,
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(params, batch: Batch, *, mdef: ModelDef) -> dict:
+def eval_step(params, batch: Batch, *, mdef: ModelDef, zigzag_shards: int = 0) -> dict:
   """Returns {"loss_sum", "tokens"} for one batch (sums, so batches combine exactly)."""
-  _, (loss_sum, tokens) = _loss(params, batch, mdef)
+  _, (loss_sum, tokens) = _loss(params, batch, mdef, zigzag_shards)
   return {"loss_sum": loss_sum, "tokens": tokens}
 
 
@@ -128,44 +165,62 @@ def per_shard_map(mesh: Mesh, rules: rules_lib.Rules):
 
 
 def jit_train_step(mdef: ModelDef, tx, schedule, accum_steps: int, mesh: Mesh, rules, state_shardings,
-                   loss_hook: LossHook | None = None, skip_nonfinite: bool = False):
+                   loss_hook: LossHook | None = None, skip_nonfinite: bool = False,
+                   sequence_attention: str = "ring"):
   """Returns the compiled-on-first-call train step with explicit shardings and the state donated.
 
-  `skip_nonfinite`: see train_step (train.nonfinite=skip_step).
+  `skip_nonfinite`: see train_step (train.nonfinite=skip_step). `sequence_attention`
+  (mesh.sequence_attention: ring | all_gather) matters only on a mesh with a sequence axis: how
+  attention crosses its shards, and (ring) the zigzag order of each sequence.
 
   Either way it is called as step(state, batch); a `loss_hook`'s extra inputs are passed for you.
   """
   step = functools.partial(train_step, mdef=mdef, tx=tx, schedule=schedule, accum_steps=accum_steps,
-                           loss_fn=loss_hook and loss_hook.fn, skip_nonfinite=skip_nonfinite)
+                           loss_fn=loss_hook and loss_hook.fn, skip_nonfinite=skip_nonfinite,
+                           zigzag_shards=zigzag_shards(mesh, sequence_attention))
   data = batch_sharding(mesh, rules)
   in_shardings = (state_shardings, data)
   if loss_hook is not None:
     in_shardings += (loss_hook.extra_shardings,)
   jitted = jax.jit(step, in_shardings=in_shardings, out_shardings=(state_shardings, None),
                    donate_argnums=(0,))
-  return _traced_under(jitted, mesh, rules, () if loss_hook is None else (loss_hook.extra,))
+  return _traced_under(jitted, mesh, rules, () if loss_hook is None else (loss_hook.extra,),
+                       sequence_attention)
 
 
-def jit_eval_step(mdef: ModelDef, mesh: Mesh, rules, param_shardings):
-  """Returns the jitted eval step over sharded parameters and a sharded batch."""
+def jit_eval_step(mdef: ModelDef, mesh: Mesh, rules, param_shardings, sequence_attention: str = "ring"):
+  """Returns the jitted eval step over sharded parameters and a sharded batch (`sequence_attention`:
+  see jit_train_step)."""
   data = batch_sharding(mesh, rules)
-  jitted = jax.jit(functools.partial(eval_step, mdef=mdef),
+  jitted = jax.jit(functools.partial(eval_step, mdef=mdef,
+                                     zigzag_shards=zigzag_shards(mesh, sequence_attention)),
                    in_shardings=(param_shardings, data))
-  return _traced_under(jitted, mesh, rules)
+  return _traced_under(jitted, mesh, rules, sequence_attention=sequence_attention)
 
 
 class _traced_under:
-  """Calls a jitted function with the activation-sharding rules installed (they matter at trace time)."""
+  """Calls a jitted function with the activation-sharding rules installed (they matter at trace time),
+  and, on a mesh that splits sequences, attention across sequence shards (`sequence_attention`)."""
 
-  def __init__(self, jitted, mesh, rules, bound_args: tuple = ()):
+  def __init__(self, jitted, mesh, rules, bound_args: tuple = (), sequence_attention: str = "ring"):
     self.jitted, self.constraint = jitted, activation_constraint(mesh, rules)
     self.per_shard = per_shard_map(mesh, rules)
+    self.across_shards = (None if mesh.shape.get(sequence_lib.AXIS, 1) == 1 else
+                          sequence_lib.sequence_attention_fn(mesh, rules, sequence_attention,
+                                                             attention_lib.xla_attention))
     self.bound_args = bound_args  # trailing arguments passed on every call (a LossHook's extra)
 
+  def _hooks(self):
+    stack = contextlib.ExitStack()
+    stack.enter_context(axes.use_constraint(self.constraint))
+    stack.enter_context(axes.use_per_shard(self.per_shard))
+    stack.enter_context(axes.use_sequence_attention(self.across_shards))
+    return stack
+
   def __call__(self, *args):
-    with axes.use_constraint(self.constraint), axes.use_per_shard(self.per_shard):
+    with self._hooks():
       return self.jitted(*args, *self.bound_args)
 
   def lower(self, *args):
-    with axes.use_constraint(self.constraint), axes.use_per_shard(self.per_shard):
+    with self._hooks():
       return self.jitted.lower(*args, *self.bound_args)
