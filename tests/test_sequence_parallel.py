@@ -137,6 +137,11 @@ def test_bad_sequence_plans_fail_before_compiling(changes, message):
     plan_mesh(cfg, int(np.prod([getattr(cfg.mesh, a) for a in AXES])), "tpu" if "splash" in message else "cpu")
 
 
+def test_custom_rules_must_leave_length_to_the_sequence_axis():
+  with pytest.raises(ValueError, match="write length=sequence in mesh.custom_rules"):
+    build_context(make_config(**{"mesh.sequence": 2, "mesh.custom_rules": "batch=data,length="}))
+
+
 def test_unknown_strategy_is_a_config_error():
   with pytest.raises(ValueError, match="mesh.sequence_attention='ringg'"):
     make_config(**{"mesh.sequence_attention": "ringg"})
