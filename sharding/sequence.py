@@ -77,6 +77,16 @@ def ring_attention_block(q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, positions_BxL, segment
                               segments_BxL, segments_BxL, axis_name=axis_name)
 
 
+def check_rules(rules: rules_lib.Rules) -> None:
+  """Raises ValueError unless the table splits activations' `length` over `sequence` alone (what a
+  mesh with sequence > 1 needs; `get_rules(..., sequenced=True)` adds it unless a custom table
+  places `length` itself)."""
+  placed = rules_lib.logical_to_spec(("batch", "length"), rules)[1]
+  if placed != AXIS:
+    raise ValueError(f"mesh.sequence > 1 needs the rule table to split 'length' over '{AXIS}' alone, but "
+                     f"it gives {placed!r}; write length={AXIS} in mesh.custom_rules (or leave length out).")
+
+
 def sequence_attention_fn(mesh: Mesh, rules: rules_lib.Rules, strategy: str, attend: MaskedAttention):
   """The function `lm.axes.use_sequence_attention` installs: attention of `length`-split arrays.
 
@@ -87,13 +97,11 @@ def sequence_attention_fn(mesh: Mesh, rules: rules_lib.Rules, strategy: str, att
   """
   if strategy not in STRATEGIES:
     raise ValueError(f"mesh.sequence_attention={strategy!r}: choose one of {list(STRATEGIES)}.")
+  check_rules(rules)
   spec = lambda names: rules_lib.logical_to_spec(names, rules)
   q_spec = spec(("batch", "length", "heads", None))
   kv_spec = spec(("batch", "length", "kv_heads", None))
   row_spec = spec(("batch", "length"))
-  if row_spec[1] != AXIS:
-    raise ValueError(f"sequence attention needs the rule table to split 'length' over '{AXIS}' only, "
-                     f"but it gives {row_spec[1]!r}; map length=sequence in mesh.custom_rules.")
 
   def fn(q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, positions_BxL, segment_ids_BxL=None, recompute=False):
     if segment_ids_BxL is None:

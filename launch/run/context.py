@@ -157,6 +157,8 @@ def build_context(cfg: Config, devices: list | None = None) -> RunContext:
   pipe = pipeline_for(cfg, plan)
   rules = rules_lib.get_rules(cfg.mesh.rules, cfg.mesh.custom_rules, pipelined=pipe is not None,
                               sequenced=plan.shape["sequence"] > 1)
+  if plan.shape["sequence"] > 1:
+    sequence_lib.check_rules(rules)
   mdef = ts.model_def(cfg.model, pipe)
   tx = optimizer_lib.make_optimizer(cfg.train)
   schedule = optimizer_lib.learning_rate_schedule(cfg.train)
