@@ -88,3 +88,13 @@ def test_command_exit_status(tmp_path):
                           f"--out={tmp_path / name / 'summary.md'}"], capture_output=True, text=True)
     assert run.returncode == code, run.stderr
     assert "| t.md | teacher | val perplexity | 177.9 |" in run.stdout
+
+
+def test_timing_is_a_word_of_the_header_not_a_substring():
+  # "params" holds "ms" and "from scratch" holds " s": both are quality numbers, judged.
+  judged = ["params", "non-zero params", "val perplexity from scratch", "val perplexity fine-tuned, no KD",
+            "validation loss (nats/token)", "params_MiB", "checkpoint bytes"]
+  timing = ["train step ms", "step x teacher", "decode ms/token", "tokens_per_s", "time (s)", "step_s",
+            "generate tok/s, B=8", "mfu", "0.61×"]
+  assert [summary.column_rule(h)[0] for h in judged] == ["judged"] * len(judged)
+  assert [summary.column_rule(h)[0] for h in timing] == ["timing"] * len(timing)

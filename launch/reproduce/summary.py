@@ -4,10 +4,11 @@
 
 Reads every markdown table in the `.md` files under both directories, pairs rows by their text cells
 (the numbers are what may change; the labels name the row) and columns by header, and prints each
-number with its committed value. A column (in a `metric | value` table: a row) is judged by the first rule in TOLERANCES whose pattern
-its header contains: quality numbers (perplexity, loss, memory ratios, memory sizes, parameter counts
-and bytes) fail when they move beyond the stated tolerance; timings are reported, never judged (they
-depend on the machine and its load). Exits 1 when a judged number moved too far or a committed table
+number with its committed value. A column (in a `metric | value` table: a row) whose header has a
+timing word (s, ms, x, time, ...) is a timing: reported, never judged (timings depend on the machine
+and its load). Any other column is judged by the first rule in TOLERANCES whose pattern its header
+contains: quality numbers (perplexity, loss, memory ratios, memory sizes, parameter counts and bytes)
+fail when they move beyond the stated tolerance. Exits 1 when a judged number moved too far or a committed table
 was not regenerated. Writes the comparison to --out as markdown too.
 """
 
@@ -33,7 +34,9 @@ TOLERANCES = (
     ("change", "reported", math.inf),   # derived from perplexities already judged
     ("smaller", "reported", math.inf),
 )
-TIMING = ("_s", "(s)", " s", "ms", "tok", "mfu", "tflops", "spread", "time", "speed", "×", "x teacher")
+# A column is a timing when a *word* of its header is one of these (words, not substrings: "params"
+# holds "ms" and "from scratch" holds " s", and neither is a time).
+TIMING = ("s", "ms", "tok", "mfu", "tflops", "spread", "time", "speed", "×", "x")
 
 
 def parse_number(cell: str) -> float | None:
@@ -67,7 +70,7 @@ def parse_tables(text: str) -> list[tuple[list[str], list[list[str]]]]:
 def column_rule(header: str) -> tuple[str, float]:
   """(kind, relative tolerance) of a column (or of a row of a metric | value table, by its label)."""
   h = header.lower()
-  if any(t in h for t in TIMING):
+  if any(word in TIMING for word in re.findall(r"[a-z0-9]+|×", h)):
     return "timing", math.inf
   for pattern, kind, tol in TOLERANCES:
     if pattern in h:
