@@ -24,7 +24,7 @@ from launch.run import cli
 from launch.run.throughput import measure_matmul_flops
 
 flags.DEFINE_string("out", None, "Write decode.md and decode.csv here.")
-flags.DEFINE_list("weights", ["float", "w8a16", "w8a8"], "float, float_stored, w8a16, w8a8.")
+flags.DEFINE_list("weights", ["float", "w8a16", "w8a8"], "float, float:stored, w8a16, w8a8 (and :stacked variants; launch/measure/decode.py).")
 flags.DEFINE_list("batches", ["1", "8", "64"], "Batch sizes.")
 flags.DEFINE_list("prompt_lens", ["128", "512"], "Prompt lengths.")
 flags.DEFINE_integer("new_tokens", 32, "Decode steps timed per row.")

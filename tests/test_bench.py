@@ -61,3 +61,16 @@ def test_decode_row_measures_a_tiny_model_and_sizes_its_floor():
   assert row["decode_ms_tok"] > 0 and row["x_floor"] == pytest.approx(row["decode_ms_tok"] / row["floor_ms"])
   with pytest.raises(ValueError, match="weights mode"):
     decode_lib.make_variants(cfg, ["w4a16"])
+
+
+def test_time_interleaved_runs_every_workload_once_per_round():
+  calls = []
+  runs = {name: (lambda name=name: calls.append(name)) for name in ("teacher", "student")}
+  times = bench.time_interleaved(runs, rounds=3, warmup=2)
+  # Warm-up per workload first, then rounds that alternate: a round's calls share the same load.
+  assert calls == ["teacher"] * 2 + ["student"] * 2 + ["teacher", "student"] * 3
+  assert {k: len(v) for k, v in times.items()} == {"teacher": 3, "student": 3}
+  # The median of per-round ratios, not the ratio of medians (here 0.5 vs 0.6 / 1.5 = 0.4).
+  assert bench.median_ratio([0.5, 0.6, 1.0], [1.0, 1.5, 2.0]) == pytest.approx(0.5)
+  with pytest.raises(ValueError):
+    bench.median_ratio([1.0], [1.0, 2.0])

@@ -88,3 +88,32 @@ def test_command_exit_status(tmp_path):
                           f"--out={tmp_path / name / 'summary.md'}"], capture_output=True, text=True)
     assert run.returncode == code, run.stderr
     assert "| t.md | teacher | val perplexity | 177.9 |" in run.stdout
+
+
+def test_timing_is_a_word_of_the_header_not_a_substring():
+  # "params" holds "ms" and "from scratch" holds " s": both are quality numbers, judged.
+  judged = ["params", "non-zero params", "val perplexity from scratch", "val perplexity fine-tuned, no KD",
+            "validation loss (nats/token)", "params_MiB", "checkpoint bytes"]
+  timing = ["train step ms", "step x teacher", "decode ms/token", "tokens_per_s", "time (s)", "step_s",
+            "generate tok/s, B=8", "mfu", "0.61×"]
+  assert [summary.column_rule(h)[0] for h in judged] == ["judged"] * len(judged)
+  assert [summary.column_rule(h)[0] for h in timing] == ["timing"] * len(timing)
+
+
+def test_a_table_that_gained_a_column_still_compares_the_columns_it_kept():
+  old = ("| model | params | val perplexity distilled | step ms |\n|---|---:|---:|---:|\n"
+         "| teacher | 4.20M |  | 900 |\n| pruned 50% | 2.10M | 180.6 | 400 |\n")
+  new = ("| model | params | val perplexity distilled | val perplexity fine-tuned, no KD | KD part | step ms |\n"
+         "|---|---:|---:|---:|---:|---:|\n| teacher | 4.20M |  |  |  | 800 |\n"
+         "| pruned 50% | 2.10M | 190.0 | 179.1 | -1% | 350 |\n")
+  cells = summary.compare_text("structured.md", old, new)
+  assert by(cells, "pruned 50%", "val perplexity distilled").regenerated == 190.0
+  assert by(cells, "pruned 50%", "val perplexity distilled").failed           # +5.2% > 3%
+  assert by(cells, "teacher", "step ms").regenerated == 800
+  assert {c.column for c in cells} == {"params", "val perplexity distilled", "step ms"}
+  # A column the regenerated table dropped is missing, a failure where judged.
+  cells = summary.compare_text("structured.md", new, old)
+  assert by(cells, "pruned 50%", "val perplexity fine-tuned, no KD").regenerated is None
+  assert by(cells, "pruned 50%", "val perplexity fine-tuned, no KD").failed
+  # A table sharing fewer than half the columns is not a match.
+  assert summary._pair_table(["model", "a", "b", "c", "d"], [(["model", "a", "x", "y", "z"], [])], set()) is None

@@ -3,6 +3,7 @@
 import dataclasses
 import statistics
 import time
+from typing import Callable
 
 import jax
 import numpy as np
@@ -67,6 +68,46 @@ def time_train_step(ctx: RunContext, steps: int = 5, warmup: int = 2, step_fn=No
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
   return StepTiming(compile_s, statistics.median(times), min(times), max(times), steps)
+
+
+def train_step_runner(ctx: RunContext) -> Callable[[], None]:
+  """A zero-argument function that runs one jitted train step of ctx's model on random tokens and waits
+  for it (the state carries over from call to call); the first call compiles."""
+  step_fn = jit_train_step(ctx.mdef, ctx.tx, ctx.schedule, ctx.cfg.train.grad_accum_steps, ctx.mesh,
+                           ctx.rules, ctx.shardings)
+  batch = random_batch(ctx)
+  holder = [ts.init_train_state(ctx.mdef, ctx.tx, ctx.shardings, seed=0)]
+
+  def run() -> None:
+    holder[0], metrics = step_fn(holder[0], batch)
+    jax.block_until_ready(metrics)
+  return run
+
+
+def time_interleaved(runs: dict[str, Callable[[], None]], rounds: int = 7,
+                     warmup: int = 2) -> dict[str, list[float]]:
+  """Times several workloads against each other: `warmup` untimed calls of each (compiles), then
+  `rounds` rounds that call every workload once, in turn. Returns {name: [seconds per round]}.
+
+  Interleaving puts each round's calls under the same background load, so the ratio of two
+  workloads within a round (and the median of those ratios) is steadier on a shared machine than
+  the ratio of medians taken minutes apart.
+  """
+  for run in runs.values():
+    for _ in range(warmup):
+      run()
+  times = {name: [] for name in runs}
+  for _ in range(rounds):
+    for name, run in runs.items():
+      start = time.perf_counter()
+      run()
+      times[name].append(time.perf_counter() - start)
+  return times
+
+
+def median_ratio(times: list[float], reference: list[float]) -> float:
+  """The median over rounds of times[i] / reference[i] (both from one `time_interleaved` call)."""
+  return statistics.median(t / r for t, r in zip(times, reference, strict=True))
 
 
 def mesh_label(ctx: RunContext) -> str:
