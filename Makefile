@@ -73,6 +73,9 @@ reproduce: setup
 	$(PY) -m launch.bench_decode --config configs/bench_decode.py --weights float,float:stored,w8a16,w8a8 \
 	  --batches 1,8 --prompt_lens 128,512 --max_prefill_tokens 1024 --new_tokens 16 --repeats 3 --export \
 	  --out docs/results/decode
+	$(PY) -m launch.bench_decode --config configs/bench_decode.py --weights float,w8a16,w8a8 \
+	  --kv_cache_dtypes compute,int8 --batches 1,8,64,256 --prompt_lens 128,2048 --max_prefill_tokens 32768 \
+	  --new_tokens 16 --repeats 1 --out docs/results/decode_large
 	$(call step,12,sequence parallelism: ring vs all-gather bytes (CPU HLO), overlap on paper; activation memory vs N (compile-only, ~25 min) -> docs/results/sequence_*)
 	$(PY) -m launch.reproduce.sequence_cost --out docs/results
 	rm -rf docs/results/sequence_memory/sweep

@@ -110,6 +110,7 @@ def save_servable(out_dir: str, graphdef: nnx.GraphDef, params: Params, cfg: Mod
     arrays[f"p{i:05d}"] = x.astype(np.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x
   np.savez(os.path.join(out_dir, "params.npz"), **arrays)
   info = {"batch": batch, "seq_len": seq_len, "vocab_size": cfg.vocab_size, "quant": cfg.quant,
+          "kv_cache_dtype": cfg.kv_cache_dtype,
           "num_params": len(flat), "param_dtypes": [str(x.dtype) for x in flat], "step": step,
           "platforms": list(exported.platforms), "generate_tokens": generate_tokens,
           "temperature": temperature, "top_k": top_k, "eos_id": eos_id}

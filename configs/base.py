@@ -39,6 +39,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.quant = "none"             # none | w8a16 | w8a8: int8 inference (set by python -m launch.quantize)
   c.model.quant_embedding = False    # also int8 the embedding table (and so a tied output projection)
   c.model.quant_skip = ""            # dense layers left in float, comma-separated: "mlp.down,unembed"
+  c.model.kv_cache_dtype = "compute" # compute | int8: KV cache in the compute dtype, or int8 + a scale per (token, kv head)
 
   c.data = ml_collections.ConfigDict()
   c.data.corpus = "shakespeare"      # shakespeare (bundled) | text | jsonl | parquet (your files; docs/data.md)

@@ -2,15 +2,17 @@
 
   python -m launch.bench_decode --config configs/bench_decode.py --out docs/results/decode
   python -m launch.bench_decode --config configs/llama_1b.py --batches 1,8,64,256 \
-      --prompt_lens 128,2048 --out /tmp/decode_gpu          # on a GPU / TPU
+      --prompt_lens 128,2048 --kv_cache_dtypes compute,int8 --out /tmp/decode_gpu   # on a GPU / TPU
 
 Random weights; each row compiles prefill and a `--new_tokens`-step decode loop for one (weights,
 batch, prompt) and times them (compile and a warm-up excluded; best of --repeats). The floor is
 the larger of (weight bytes + mean KV-cache bytes read per step) / bandwidth, with the bandwidth of
 an in-place copy measured in this run (the chip's spec sheet is printed beside it), and the step's
-FLOPs / a 2048^3 matmul's rate measured in this run. Writes decode.md and .csv.
+FLOPs / a 2048^3 matmul's rate measured in this run. --kv_cache_dtypes repeats every row with each
+KV-cache format (model.kv_cache_dtype). Writes decode.md and .csv.
 """
 
+import dataclasses
 import os
 import sys
 
@@ -22,11 +24,14 @@ from launch.measure.profile import profile_markdown, summarize_trace
 from launch.measure.tables import write_table
 from launch.run import cli
 from launch.run.throughput import measure_matmul_flops
+from lm.config import KV_CACHE_DTYPES
 
 flags.DEFINE_string("out", None, "Write decode.md and decode.csv here.")
 flags.DEFINE_list("weights", ["float", "w8a16", "w8a8"], "float, float:stored, w8a16, w8a8 (and :stacked variants; launch/measure/decode.py).")
 flags.DEFINE_list("batches", ["1", "8", "64"], "Batch sizes.")
 flags.DEFINE_list("prompt_lens", ["128", "512"], "Prompt lengths.")
+flags.DEFINE_list("kv_cache_dtypes", [], "KV-cache formats to run each row with: compute, int8 "
+                  "(default: the config's model.kv_cache_dtype).")
 flags.DEFINE_integer("new_tokens", 32, "Decode steps timed per row.")
 flags.DEFINE_integer("repeats", 3, "Timed runs per row (best is reported).")
 flags.DEFINE_integer("top_k", 50, "Sampling: keep the k most likely tokens (0: all; with temperature 0, greedy).")
@@ -44,6 +49,11 @@ def main(argv):
   cli.quiet_logs()
   cfg = cli.load_config()
   batches, prompt_lens = [int(b) for b in FLAGS.batches], [int(p) for p in FLAGS.prompt_lens]
+  cache_dtypes = FLAGS.kv_cache_dtypes or [cfg.model.kv_cache_dtype]
+  for name in cache_dtypes:
+    if name not in KV_CACHE_DTYPES:
+      raise ValueError(f"--kv_cache_dtypes={','.join(cache_dtypes)}: {name!r} is not a KV-cache format; "
+                       f"choose from {list(KV_CACHE_DTYPES)}.")
   longest = max(prompt_lens) + FLAGS.new_tokens + 1
   if longest > cfg.model.max_seq_len:
     raise ValueError(f"--prompt_lens {max(prompt_lens)} + --new_tokens {FLAGS.new_tokens} + 1 exceeds "
@@ -63,7 +73,9 @@ def main(argv):
   machine += f", {cfg.model.dtype} matmul measured {matmul / 1e12:.2f} TFLOP/s"
   print(machine, flush=True)
   rows, export_rows, profile, skipped = [], [], "", set()
-  for variant in decode_lib.make_variants(cfg.model, FLAGS.weights):
+  variants = (variant for name in cache_dtypes for variant in decode_lib.make_variants(
+      dataclasses.replace(cfg.model, kv_cache_dtype=name), FLAGS.weights))
+  for variant in variants:
     for prompt_len in prompt_lens:
       for batch in batches:
         if FLAGS.max_prefill_tokens and batch * prompt_len > FLAGS.max_prefill_tokens:

@@ -11,7 +11,8 @@
 --chat treats each prompt as a user message: the checkpoint's chat template (its Hugging Face
 tokenizer's, lm/data/chat.py) wraps it, and generation stops at the model's end-of-turn tokens;
 only the reply is printed. Weights are laid out for serving once at load (lm/serving.py: per layer, in the compute dtype;
---dtype bfloat16 serves a float32-computing checkpoint in bf16). Prompts of different lengths share
+--dtype bfloat16 serves a float32-computing checkpoint in bf16; --kv_cache_dtype int8 keeps the KV cache
+in int8 with a scale per token and kv head, lm/kv_cache.py). Prompts of different lengths share
 a batch (left-padded), and each row stops at its own end-of-sequence token.
 """
 
@@ -22,7 +23,7 @@ from absl import flags
 
 from launch.run import cli
 from launch.run.restore import load_checkpoint
-from lm.config import DTYPES
+from lm.config import DTYPES, KV_CACHE_DTYPES
 from lm.data.chat import chat_format
 from lm.generate import check_sampling_args, stream_text
 from lm.serving import serving_params
@@ -34,6 +35,8 @@ flags.DEFINE_string("prompts_file", None, "A text file with one prompt per line 
 flags.DEFINE_integer("batch_size", 8, "Prompts decoded together.")
 flags.DEFINE_string("dtype", "", "Compute dtype to serve in (float32, bfloat16, float16; '': the "
                     "checkpoint's model.dtype).")
+flags.DEFINE_string("kv_cache_dtype", "", "KV cache: compute (the compute dtype) or int8 (a scale per "
+                    "token and kv head); '': the checkpoint's model.kv_cache_dtype.")
 flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate after each prompt.")
 flags.DEFINE_float("temperature", 0.8, "0 for greedy decoding.")
 flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0: all).")
@@ -64,6 +67,9 @@ def main(argv):
   check_sampling_args(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
   if FLAGS.dtype and FLAGS.dtype not in DTYPES:
     raise ValueError(f"--dtype={FLAGS.dtype!r}: choose one of {sorted(DTYPES)} (or '' for the checkpoint's).")
+  if FLAGS.kv_cache_dtype and FLAGS.kv_cache_dtype not in KV_CACHE_DTYPES:
+    raise ValueError(f"--kv_cache_dtype={FLAGS.kv_cache_dtype!r}: choose one of {list(KV_CACHE_DTYPES)} "
+                     "(or '' for the checkpoint's).")
   prompts = read_prompts(FLAGS.prompts_file) if FLAGS.prompts_file else FLAGS.prompt
   loaded = load_checkpoint(FLAGS.checkpoint_dir, FLAGS.step)
   texts, extra = prompts, {}
@@ -76,6 +82,8 @@ def main(argv):
   del loaded  # the serving copy below replaces the stacked parameters
   if FLAGS.dtype:
     model_cfg = dataclasses.replace(model_cfg, dtype=FLAGS.dtype)
+  if FLAGS.kv_cache_dtype:
+    model_cfg = dataclasses.replace(model_cfg, kv_cache_dtype=FLAGS.kv_cache_dtype)
   params = serving_params(stacked, model_cfg.compute_dtype)
   del stacked
   results = stream_text(model_cfg, params, tokenizer, texts, max_seq_len=model_cfg.max_seq_len,

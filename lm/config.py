@@ -9,6 +9,9 @@ from lm.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # "observe" is the float model recording its dense layers' input ranges (calibration, lm/quant.py).
 QUANT_MODES = ("none", "w8a16", "w8a8", "observe")
+# How the KV cache stores keys and values (lm/kv_cache.py): in the compute dtype, or int8 with a
+# float32 scale per (token, kv head).
+KV_CACHE_DTYPES = ("compute", "int8")
 # How the rotary inverse frequencies are rescaled (lm/layers.rope_inv_freq; Hugging Face's rope types).
 ROPE_SCALINGS = ("none", "linear", "llama3")
 # The dense layers `model.quant_skip` may name; each name covers that layer in every block.
@@ -49,6 +52,7 @@ class ModelConfig:
   quant: str
   quant_embedding: bool
   quant_skip: str
+  kv_cache_dtype: str          # compute | int8 (KV_CACHE_DTYPES); changes no weight
 
   @property
   def quant_skip_layers(self) -> tuple[str, ...]:
@@ -130,6 +134,9 @@ def model_config_errors(cfg: ModelConfig) -> list[str]:
     errors.append(f"model.attention={cfg.attention!r}: choose one of {list(ATTENTION_IMPLEMENTATIONS)}.")
   if cfg.quant not in QUANT_MODES:
     errors.append(f"model.quant={cfg.quant!r}: choose one of {list(QUANT_MODES)}.")
+  if cfg.kv_cache_dtype not in KV_CACHE_DTYPES:
+    errors.append(f"model.kv_cache_dtype={cfg.kv_cache_dtype!r}: choose one of {list(KV_CACHE_DTYPES)} "
+                  "(--config.model.kv_cache_dtype=int8 halves the cache of a bf16 model).")
   known = DENSE_LAYERS[:-1] if cfg.tie_embeddings else DENSE_LAYERS
   for name in cfg.quant_skip_layers:
     if name not in known:

@@ -20,6 +20,7 @@ from lm.transformer import KVCache, Transformer, init_cache
 
 Params = dict[str, Any]
 _CACHE_NAMES = ("layers", "batch", "length", "kv_heads", "kv")
+_SCALE_NAMES = ("layers", "batch", "length", "kv_heads", None)  # an int8 cache's [.., G, 1] scales
 
 
 def _is_count(value) -> bool:
@@ -29,7 +30,21 @@ def _is_count(value) -> bool:
 def _constrain_cache(cache: KVCache) -> KVCache:
   # Without this the cache's layout is whatever propagation guesses; with it, the rule tables place
   # the cache like the keys and values the model writes into it (by batch and kv_heads).
-  return jax.tree.map(lambda x: constrain(x, _CACHE_NAMES), cache)
+  return {name: jax.tree.map(lambda x, n=_SCALE_NAMES if name.endswith("_scale") else _CACHE_NAMES:
+                             constrain(x, n), arrays) for name, arrays in cache.items()}
+
+
+def _rebuilder(model) -> Callable[[], Any]:
+  """A function returning `model`, to call inside a loop body that runs it.
+
+  nnx refuses Variables from an outer trace inside the model's own nnx.scan, so for a Transformer
+  it rebuilds the module from plain arrays instead of closing over `model`.
+  """
+  if not isinstance(model, nnx.Module):
+    return lambda: model
+  graphdef, state = nnx.split(model)
+  params = nnx.to_pure_dict(state)
+  return lambda: nnx.merge(graphdef, params)
 
 
 def check_sampling_args(temperature: float, top_k: int, top_p: float) -> None:
@@ -163,12 +178,12 @@ def prefill(model: Transformer, prompt_BxP: jax.Array, cache_len: int,
     cache = model.init_cache(batch, cache_len)
   cache = _constrain_cache(cache)
   if prompt_lengths_B is None:
-    logits_BxPxV, cache = model.decode(prompt_BxP, cache, 0)
+    logits_Bx1xV, cache = model.decode(prompt_BxP, cache, 0, last_only=True)
   else:
     pad_B = prompt_len - jnp.asarray(prompt_lengths_B, jnp.int32)
     positions_BxP = jnp.maximum(jnp.arange(prompt_len, dtype=jnp.int32)[None] - pad_B[:, None], 0)
-    logits_BxPxV, cache = model.decode(prompt_BxP, cache, 0, positions_BxP, pad_B)
-  return logits_BxPxV[:, -1], _constrain_cache(cache)
+    logits_Bx1xV, cache = model.decode(prompt_BxP, cache, 0, positions_BxP, pad_B, last_only=True)
+  return logits_Bx1xV[:, -1], _constrain_cache(cache)
 
 
 def decode_steps(model: Transformer, cache: KVCache, token_B: jax.Array, done_B: jax.Array, *,
@@ -183,13 +198,7 @@ def decode_steps(model: Transformer, cache: KVCache, token_B: jax.Array, done_B:
   the cache).
   """
   batch = token_B.shape[0]
-  rebuild = lambda: model
-  if isinstance(model, nnx.Module):
-    # nnx refuses Variables from an outer trace inside the model's own nnx.scan, so the step body
-    # rebuilds the module from plain arrays instead of closing over `model`.
-    graphdef, state = nnx.split(model)
-    params = nnx.to_pure_dict(state)
-    rebuild = lambda: nnx.merge(graphdef, params)
+  rebuild = _rebuilder(model)
   pad_B = jnp.zeros((batch,), jnp.int32) if pad_B is None else pad_B
   eos_ids = _stop_ids(eos_id)
   fill = eos_ids[0] if eos_ids else 0
@@ -216,6 +225,36 @@ def decode_steps(model: Transformer, cache: KVCache, token_B: jax.Array, done_B:
   carry = (jnp.int32(0), cache, token_B, done_B, out_BxN)
   _, cache, _, _, out_BxN = jax.lax.while_loop(keep_going, body, carry)
   return out_BxN, cache
+
+
+def cached_log_probs(model: Transformer, tokens_BxL: jax.Array, prefix_len: int) -> jax.Array:
+  """Teacher-forced log-probabilities read through the KV cache: float32 [B, L - prefix_len].
+
+  Prefills tokens[:, :prefix_len], then feeds the true tokens one cached decode step at a time;
+  entry [b, i] is log p(tokens[b, prefix_len + i] | the tokens before it). It equals a full
+  forward pass's log-probabilities up to rounding, except that every prediction after the first
+  reads the keys and values back from the cache, so an int8 cache (model.kv_cache_dtype) shows
+  in it as it would in generation. Traceable: call it inside `jit`.
+  """
+  batch, length = tokens_BxL.shape
+  if not 1 <= prefix_len < length or length > model.cfg.max_seq_len:
+    raise ValueError(f"prefix_len={prefix_len} must be in [1, {length}) and the length {length} at most "
+                     f"model.max_seq_len={model.cfg.max_seq_len}.")
+  tokens_BxL = jnp.asarray(tokens_BxL, jnp.int32)
+  log_prob = lambda logits_BxV, token_B: jnp.take_along_axis(
+      jax.nn.log_softmax(logits_BxV.astype(jnp.float32), axis=-1), token_B[:, None], axis=-1)[:, 0]
+  logits_BxV, cache = prefill(model, tokens_BxL[:, :prefix_len], length)
+  first_B = log_prob(logits_BxV, tokens_BxL[:, prefix_len])
+  rebuild = _rebuilder(model)
+
+  def step(cache, column):
+    token_B = jax.lax.dynamic_index_in_dim(tokens_BxL, column, axis=1, keepdims=False)
+    logits_Bx1xV, cache = rebuild().decode(token_B[:, None], cache, column)
+    next_B = jax.lax.dynamic_index_in_dim(tokens_BxL, column + 1, axis=1, keepdims=False)
+    return _constrain_cache(cache), log_prob(logits_Bx1xV[:, 0], next_B)
+
+  _, rest_NxB = jax.lax.scan(step, cache, jnp.arange(prefix_len, length - 1, dtype=jnp.int32))
+  return jnp.concatenate([first_B[:, None], rest_NxB.T], axis=1)
 
 
 def generate(model: Transformer, prompt_BxP: jax.Array, *, max_new_tokens: int, rng: jax.Array,

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lm import kv_cache
 from lm.config import ModelConfig
 from lm.transformer import KVCache, Transformer, cache_mask, padding_segments, rotary_inputs
 
@@ -59,13 +60,13 @@ def _graphdefs(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def init_serving_cache(cfg: ModelConfig, batch: int, max_len: int) -> KVCache:
-  """A zero KV cache of one array per layer: {"k": [L x [1, B, max_len, G, K]], "v": same}.
+  """A zero KV cache of one array per layer: {"k": [L x [1, B, max_len, G, K]], "v": same} (and
+  the int8 cache's "k_scale", "v_scale" lists, lm/kv_cache.py).
 
   Each layer's array keeps a leading size-1 `layers` axis, so `Attention` writes it at layer 0.
   """
-  shape = (1, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-  zeros = lambda: [jnp.zeros(shape, cfg.compute_dtype) for _ in range(cfg.num_layers)]
-  return {"k": zeros(), "v": zeros()}
+  per_layer = [kv_cache.empty(cfg, 1, batch, max_len) for _ in range(cfg.num_layers)]
+  return {name: [layer[name] for layer in per_layer] for name in per_layer[0]}
 
 
 class ServingModel:
@@ -83,8 +84,10 @@ class ServingModel:
   def init_cache(self, batch: int, max_len: int) -> KVCache:
     return init_serving_cache(self.cfg, batch, max_len)
 
-  def decode(self, tokens_BxL, cache: KVCache, cache_index, positions_BxL=None, key_start_B=None):
-    """As `Transformer.decode`: returns (float32 logits [B, L, V], the updated per-layer cache)."""
+  def decode(self, tokens_BxL, cache: KVCache, cache_index, positions_BxL=None, key_start_B=None,
+             last_only: bool = False):
+    """As `Transformer.decode`: returns (float32 logits [B, L, V] (or [B, 1, V] with `last_only`),
+    the updated per-layer cache)."""
     cfg, graphdefs, params = self.cfg, _graphdefs(self.cfg), self.params
     batch, length = tokens_BxL.shape
     if positions_BxL is None:
@@ -96,10 +99,12 @@ class ServingModel:
     x_BxLxD = self.embed(tokens_BxL)
     mask_BxLxS = cache_mask(cache["k"][0].shape[2], cache_index, length, key_start_B)
     segments_BxL = padding_segments(cache_index, length, key_start_B)
-    keys, values = list(cache["k"]), list(cache["v"])
+    new_cache = {name: list(arrays) for name, arrays in cache.items()}
     for i, layer_params in enumerate(params["layers"]):
       block = nnx.merge(graphdefs["block"], layer_params)
-      x_BxLxD, (keys[i], values[i]) = block(x_BxLxD, sin, cos, segments_BxL, mask_BxLxS,
-                                            (keys[i], values[i]), cache_index, 0)
+      x_BxLxD, layer_cache = block(x_BxLxD, sin, cos, segments_BxL, mask_BxLxS,
+                                   {name: arrays[i] for name, arrays in cache.items()}, cache_index, 0)
+      for name, array in layer_cache.items():
+        new_cache[name][i] = array
     hidden_BxLxD = nnx.merge(graphdefs["final_norm"], params["final_norm"])(x_BxLxD)
-    return Transformer.logits(self, hidden_BxLxD), {"k": keys, "v": values}
+    return Transformer.logits(self, hidden_BxLxD[:, -1:] if last_only else hidden_BxLxD), new_cache

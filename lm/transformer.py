@@ -12,11 +12,11 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from lm import attention as attention_lib
-from lm import layers, quant
+from lm import kv_cache, layers, quant
 from lm.axes import constrain, sequence_attention
 from lm.config import ModelConfig
 
-KVCache = dict[str, jax.Array]  # {"k": [layers, B, S, G, K], "v": [layers, B, S, G, K]}
+KVCache = kv_cache.KVCache  # {"k", "v": [layers, B, S, G, K]} (+ int8 scales: lm/kv_cache.py)
 RematWrapper = Callable[[Callable[..., Any]], Callable[..., Any]]
 # Runs the stacked blocks in another way than one scan (a pipeline, sharding/pipeline.py):
 # layer_stack(layer_fn, blocks, x_BxLxD, row_inputs, constrain) -> x_BxLxD, where
@@ -42,8 +42,8 @@ class Attention(nnx.Module):
                cache_index=None, layer=None, positions_BxL=None):
     """Returns (y [B, L, D], the updated (k, v) caches of all layers, or None without a cache).
 
-    With a cache, `cache_kv` is every layer's (k, v) [layers, B, S, G, K] and `layer` this block's
-    index. Without a cache, or when prefilling an empty one (`cache_index` the int 0), attention runs
+    With a cache, `cache_kv` is every layer's cache (a `KVCache`, lm/kv_cache.py) and `layer` this
+    block's index. Without a cache, or when prefilling an empty one (`cache_index` the int 0), attention runs
     through the implementation `lm.attention.select` picks for this length (segment ids keep
     documents, or a left-padded row's padding, apart); a decode step reads the cache through XLA
     with `mask_BxLxS`. When the sequence is split over devices (`lm.axes.sequence_attention`
@@ -59,15 +59,10 @@ class Attention(nnx.Module):
     new_kv = None
     if cache_kv is not None:
       # ---- KV-cache write (issue 17) ----
-      # The new entries go straight into the whole loop-carried cache buffer, so XLA updates it in
-      # place; writing into a per-layer slice and re-stacking it copied the whole cache every token.
-      k_all, v_all = cache_kv
-      start = (layer, 0, cache_index, 0, 0)
-      k_all = jax.lax.dynamic_update_slice(k_all, k_BxLxGxK[None].astype(k_all.dtype), start)
-      v_all = jax.lax.dynamic_update_slice(v_all, v_BxLxGxK[None].astype(v_all.dtype), start)
-      new_kv = (k_all, v_all)
-      k_BxSxGxK = jax.lax.dynamic_index_in_dim(k_all, layer, keepdims=False)
-      v_BxSxGxK = jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False)
+      # The new entries go straight into the whole loop-carried cache buffers (in place), quantized
+      # there for an int8 cache; the read dequantizes this layer's columns.
+      new_kv = kv_cache.write(cache_kv, layer, cache_index, k_BxLxGxK, v_BxLxGxK)
+      k_BxSxGxK, v_BxSxGxK = kv_cache.read(new_kv, layer, q_BxLxNxK.dtype)
       # ---- end KV-cache write ----
     prefill = isinstance(cache_index, int) and cache_index == 0
     across_shards = sequence_attention() if cache_kv is None else None
@@ -81,8 +76,7 @@ class Attention(nnx.Module):
       out_BxLxNxK = attention_lib.attend(choice.implementation, q_BxLxNxK, k_BxLxGxK, v_BxLxGxK,
                                          segment_ids_BxL, recompute=cfg.remat == "none")
     else:
-      out_BxLxNxK = attention_lib.xla_attention(
-          q_BxLxNxK, k_BxSxGxK.astype(q_BxLxNxK.dtype), v_BxSxGxK.astype(q_BxLxNxK.dtype), mask_BxLxS)
+      out_BxLxNxK = attention_lib.xla_attention(q_BxLxNxK, k_BxSxGxK, v_BxSxGxK, mask_BxLxS)
     out_BxLxNxK = checkpoint_name(constrain(out_BxLxNxK, ("batch", "length", "heads", "kv")),
                                   "attention")
     return self.out(out_BxLxNxK), new_kv
@@ -223,18 +217,17 @@ class Transformer(nnx.Module):
     segments_BxL = padding_segments(start, length, key_start_B)
 
     def cached_layer(carry, block, index):
-      x, k_all, v_all = carry
-      x, (k_all, v_all) = block(x, sin, cos, segments_BxL, mask_BxLxS, (k_all, v_all), start, index)
-      return x, k_all, v_all
+      x, cache = carry
+      return block(x, sin, cos, segments_BxL, mask_BxLxS, cache, start, index)
 
     # The whole cache rides in the layer loop's carry (not its scanned inputs/outputs), so each
     # layer's write is an in-place update of one buffer.
     scan = nnx.scan(cached_layer, in_axes=(nnx.Carry, 0, 0), out_axes=nnx.Carry,
                     unroll=cfg.scan_unroll)
     layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-    x_BxLxD, k_all, v_all = scan((x_BxLxD, cache["k"], cache["v"]), self.blocks, layer_ids)
+    x_BxLxD, cache = scan((x_BxLxD, cache), self.blocks, layer_ids)
     # ---- end cached decoding ----
-    return self.final_norm(x_BxLxD), {"k": k_all, "v": v_all}
+    return self.final_norm(x_BxLxD), cache
 
   def logits(self, hidden_BxLxD):
     """Projects hidden states [B, L, D] to float32 logits [B, L, V]."""
@@ -251,12 +244,14 @@ class Transformer(nnx.Module):
     hidden, _ = self.hidden_states(tokens_BxL, positions_BxL, segment_ids_BxL=segment_ids_BxL)
     return self.logits(hidden)
 
-  def decode(self, tokens_BxL, cache: KVCache, cache_index, positions_BxL=None, key_start_B=None):
+  def decode(self, tokens_BxL, cache: KVCache, cache_index, positions_BxL=None, key_start_B=None,
+             last_only: bool = False):
     """Incremental decoding: takes tokens [B, L] written at cache columns cache_index..cache_index+L-1.
 
     Their positions default to the columns; left-padded rows pass their own `positions_BxL` and the
     first real column `key_start_B` (see `hidden_states`). Returns (logits [B, L, V] float32, the
-    cache with these tokens' keys and values written in).
+    cache with these tokens' keys and values written in); with `last_only`, logits [B, 1, V] of the
+    last column only (what a prefill needs: XLA does not narrow [B, L, V] logits that are sliced).
     """
     cache_len = cache["k"].shape[2]
     if isinstance(cache_index, int) and cache_index + tokens_BxL.shape[1] > cache_len:
@@ -265,7 +260,7 @@ class Transformer(nnx.Module):
                        f"KV cache of length {cache_len}; allocate a longer cache with init_cache.")
     hidden, cache = self.hidden_states(tokens_BxL, positions_BxL, cache=cache, cache_index=cache_index,
                                        key_start_B=key_start_B)
-    return self.logits(hidden), cache
+    return self.logits(hidden[:, -1:] if last_only else hidden), cache
 
 
 def positions_in_documents(segment_ids_BxL: jax.Array) -> jax.Array:
@@ -311,9 +306,7 @@ def cache_mask(cache_len: int, start, length: int, key_start_B=None) -> jax.Arra
   return mask_BxLxS
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int | None = None, dtype=None) -> KVCache:
-  """Returns a zero KV cache {"k", "v"}: each [num_layers, batch, max_len, num_kv_heads, head_dim]."""
-  max_len = cfg.max_seq_len if max_len is None else max_len
-  shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-  dtype = dtype or cfg.compute_dtype
-  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+def init_cache(cfg: ModelConfig, batch: int, max_len: int | None = None) -> KVCache:
+  """Returns a zero KV cache {"k", "v"}: each [num_layers, batch, max_len, num_kv_heads, head_dim],
+  in the compute dtype, or int8 with scales for model.kv_cache_dtype = int8 (lm/kv_cache.py)."""
+  return kv_cache.empty(cfg, cfg.num_layers, batch, cfg.max_seq_len if max_len is None else max_len)

@@ -1,6 +1,7 @@
 """The benchmark tooling: MFU arithmetic, the written table, and the profile's op classification."""
 
 import csv
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +62,13 @@ def test_decode_row_measures_a_tiny_model_and_sizes_its_floor():
   assert row["decode_ms_tok"] > 0 and row["x_floor"] == pytest.approx(row["decode_ms_tok"] / row["floor_ms"])
   with pytest.raises(ValueError, match="weights mode"):
     decode_lib.make_variants(cfg, ["w4a16"])
+  # An int8 KV cache: 1 byte per value plus a float32 scale per (token, kv head).
+  cfg8 = dataclasses.replace(cfg, kv_cache_dtype="int8")
+  assert decode_lib.kv_cache_bytes(cfg8, 3, 10) == 2 * 2 * 3 * 10 * 2 * (8 + 4)
+  [kv8_v] = decode_lib.make_variants(cfg8, ["float"])
+  assert kv8_v.name == "float float32 + int8 KV"
+  row, _ = decode_lib.decode_row(kv8_v, 2, 4, 3, bandwidth=1e9, matmul_flops=1e9, repeats=1)
+  assert row["kv_cache_MB"] == decode_lib.kv_cache_bytes(cfg8, 2, 4 + 3 + 1) / 1e6
 
 
 def test_time_interleaved_runs_every_workload_once_per_round():

@@ -5,6 +5,7 @@ Every jitted function is compiled once per module (module-scoped fixtures); argu
 `jax.eval_shape`, which traces without compiling.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -14,7 +15,7 @@ import pytest
 from flax import nnx
 
 from lm import generate as gen_lib
-from lm import serving
+from lm import kv_cache, serving
 from launch.run.config import model_config
 from lm.transformer import Transformer, init_cache
 
@@ -128,7 +129,7 @@ def test_rows_emit_only_eos_after_eos(tiny, prompt_BxP, greedy_BxT):
 def _count_decode_calls(monkeypatch) -> list[int]:
   calls = []
   original = Transformer.decode
-  monkeypatch.setattr(Transformer, "decode", lambda self, *a: calls.append(1) or original(self, *a))
+  monkeypatch.setattr(Transformer, "decode", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
   return calls
 
 
@@ -314,6 +315,79 @@ def test_stream_text_batches_ragged_prompts_like_one_at_a_time(tiny):
   assert [text for _, text in streamed] == alone
   with pytest.raises(ValueError, match="needs 1 to 26"):
     list(gen_lib.stream_text(graphdef, params, tok, ["\x01" * 27], **kwargs))
+
+
+# ---- int8 KV cache (lm/kv_cache.py) ---------------------------------------------------------------
+
+def test_int8_cache_reads_back_within_the_rounding_bound():
+  cfg = model_config(**TINY, kv_cache_dtype="int8")
+  rng = np.random.default_rng(0)
+  shape = (2, 3, cfg.num_kv_heads, cfg.head_dim)  # [B, L, G, K]
+  # Magnitudes from 1e-3 to 1e2 per (token, head): a shared scale would flatten the small ones.
+  magnitude = lambda: 10.0 ** rng.uniform(-3, 2, shape[:-1] + (1,))
+  k, v = (rng.standard_normal(shape) * magnitude() for _ in range(2))
+  cache = jax.jit(kv_cache.write)(kv_cache.empty(cfg, 2, 2, 8), 1, 4, k, v)  # layer 1, columns 4..6
+  assert cache["k"].dtype == jnp.int8 and cache["k_scale"].dtype == jnp.float32
+  for x, read in zip((k, v), kv_cache.read(cache, 1, jnp.float32)):
+    read = np.asarray(read)
+    # Closed form: symmetric rounding to 127 steps of max|x| / 127 errs by at most half a step.
+    half_step = np.abs(x).max(-1, keepdims=True) / 127 / 2
+    error = np.abs(read[:, 4:7] - x)
+    assert np.all(error <= half_step * (1 + 1e-5) + 1e-6 * np.abs(x))
+    assert error.max() > 0.1 * half_step.min()  # it did quantize
+    assert not read[:, :4].any() and not read[:, 7:].any()  # unwritten columns read as zeros
+  assert not np.asarray(kv_cache.read(cache, 0, jnp.float32)[0]).any()
+  # The compute-dtype cache (float32 here) gives back exactly what it was given.
+  plain = kv_cache.write(kv_cache.empty(model_config(**TINY), 2, 2, 8), 1, 4, k, v)
+  np.testing.assert_array_equal(kv_cache.read(plain, 1, jnp.float32)[0][:, 4:7], k.astype(np.float32))
+
+
+@pytest.mark.parametrize("dtype, itemsize", [("float32", 4), ("bfloat16", 2)])
+def test_int8_cache_holds_a_quarter_or_half_the_bytes(dtype, itemsize):
+  shapes = dict(TINY, head_dim=64, dtype=dtype)
+  cfg, cfg8 = model_config(**shapes), model_config(**shapes, kv_cache_dtype="int8")
+  plain, int8 = init_cache(cfg, 3, 16), init_cache(cfg8, 3, 16)
+  nbytes = lambda cache, names: sum(x.nbytes for name in names for x in jax.tree.leaves(cache[name]))
+  assert nbytes(plain, ("k", "v")) == itemsize * nbytes(int8, ("k", "v"))  # the values: 1 byte, not 2 or 4
+  total = nbytes(int8, int8)  # with the float32 scale per (token, head): 4 bytes per 64 values
+  assert total / nbytes(plain, plain) == pytest.approx((64 + 4) / (64 * itemsize))
+  assert total == kv_cache.bytes_per_column(cfg8) * cfg.num_layers * 3 * 16
+  assert nbytes(plain, plain) == kv_cache.bytes_per_column(cfg) * cfg.num_layers * 3 * 16
+  served = serving.init_serving_cache(cfg8, 3, 16)  # the serving layout's per-layer lists
+  assert nbytes(served, served) == total and len(served["k_scale"]) == cfg.num_layers
+
+
+def test_int8_cache_generation_stays_close_to_the_float_cache(tiny, prompt_BxP, greedy_BxT):
+  cfg, graphdef, params = tiny
+  _, graphdef8, params8 = _build(tie_embeddings=False, kv_cache_dtype="int8")
+  tokens_BxL = jax.random.randint(jax.random.key(3), (BATCH, 24), 0, TINY["vocab_size"], jnp.int32)
+  full_BxLxV, cached_BxLxV = _full_and_cached_logits(graphdef8, params8, tokens_BxL, prefill_len=5)
+  # A prefill attends on the unquantized keys and values; every later step reads the int8 cache.
+  np.testing.assert_allclose(cached_BxLxV[:, :5], full_BxLxV[:, :5], atol=1e-5, rtol=0)
+  difference = np.abs(np.asarray(cached_BxLxV - full_BxLxV))[:, 5:]
+  spread = float(np.std(np.asarray(full_BxLxV)))
+  # Measured: at most 2.3% of the logits' spread (head_dim 8: few values share a scale); mean 0.3%.
+  assert 0 < difference.max() < 0.05 * spread and difference.mean() < 0.01 * spread
+  # Greedy generation through the serving layout: the tokens mostly agree with the float cache's.
+  int8_BxT = gen_lib.make_generate_fn(dataclasses.replace(cfg, kv_cache_dtype="int8"), max_new_tokens=NEW_TOKENS,
+                                      temperature=0.0)(serving.serving_params(params), prompt_BxP, jax.random.key(0))
+  assert np.mean(np.asarray(int8_BxT) == greedy_BxT) >= 0.9
+
+
+@pytest.mark.parametrize("serve", [False, True], ids=["transformer", "serving"])
+def test_cached_log_probs_equal_the_full_forward(tiny, serve):
+  cfg, graphdef, params = tiny
+  tokens_BxL = jax.random.randint(jax.random.key(4), (BATCH, 20), 0, TINY["vocab_size"], jnp.int32)
+  build = (lambda p: serving.ServingModel(cfg, serving.serving_params(p))) if serve else (
+      lambda p: nnx.merge(graphdef, p))
+  scored_BxN = jax.jit(lambda p, t: gen_lib.cached_log_probs(build(p), t, 6))(params, tokens_BxL)
+  log_probs_BxLxV = jax.nn.log_softmax(_forward(graphdef, params, tokens_BxL), axis=-1)
+  expected_BxN = np.take_along_axis(np.asarray(log_probs_BxLxV)[:, 5:-1], np.asarray(tokens_BxL)[:, 6:, None],
+                                    axis=-1)[..., 0]
+  assert scored_BxN.shape == (BATCH, 14)
+  np.testing.assert_allclose(scored_BxN, expected_BxN, atol=1e-5, rtol=0)
+  with pytest.raises(ValueError, match="prefix_len=20"):
+    gen_lib.cached_log_probs(build(params), tokens_BxL, 20)
 
 
 # ---- sampling -------------------------------------------------------------------------------------

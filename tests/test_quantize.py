@@ -267,7 +267,8 @@ def test_generate_command_streams_a_prompts_file(w8a8_checkpoint, tmp_path):
   prompts.write_text("ROMEO.\n\nO Juliet, Juliet\nAy\n")
   result = subprocess.run(
       [sys.executable, "-m", "launch.generate", f"--checkpoint_dir={w8a8_checkpoint[0]}",
-       f"--prompts_file={prompts}", "--temperature=0", "--max_new_tokens=4", "--batch_size=2"],
+       f"--prompts_file={prompts}", "--temperature=0", "--max_new_tokens=4", "--batch_size=2",
+       "--kv_cache_dtype=int8"],  # int8 weights and an int8 KV cache, through the command
       capture_output=True, text=True, timeout=600, cwd=os.path.join(os.path.dirname(__file__), ".."))
   assert result.returncode == 0, result.stderr[-2000:]
   lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]

@@ -157,6 +157,7 @@ def test_bf16_compute_keeps_fp32_params_and_logits():
     ("dtype", "float8", "dtype"),
     ("d_model", 0, "positive"),
     ("scan_unroll", 3, "scan_unroll"),
+    ("kv_cache_dtype", "int4", "model.kv_cache_dtype='int4'"),
 ])
 def test_bad_model_config_is_rejected(field, value, message):
   with pytest.raises(ValueError, match=message):

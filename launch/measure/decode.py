@@ -21,7 +21,7 @@ import numpy as np
 
 from compress.quantize import quantize_params, quantized_config
 from launch.run import state as ts
-from lm import flops
+from lm import flops, kv_cache
 from lm import generate as gen_lib
 from lm.serving import serving_params
 from lm.config import ModelConfig
@@ -83,9 +83,9 @@ def weight_read_bytes(cfg: ModelConfig, params: Params) -> int:
 
 
 def kv_cache_bytes(cfg: ModelConfig, batch: int, length: int) -> int:
-  """Bytes of a KV cache (keys and values, every layer) for `batch` rows of `length` positions."""
-  itemsize = jnp.dtype(cfg.compute_dtype).itemsize
-  return 2 * cfg.num_layers * batch * length * cfg.num_kv_heads * cfg.head_dim * itemsize
+  """Bytes of a KV cache (keys and values, every layer; int8 ones with their scales) for `batch`
+  rows of `length` positions."""
+  return int(cfg.num_layers * batch * length * kv_cache.bytes_per_column(cfg))
 
 
 @dataclasses.dataclass
@@ -105,6 +105,7 @@ def make_variants(cfg: ModelConfig, modes: list[str], seed: int = 0) -> list[Var
   float weights, per layer. A ":stacked" suffix runs the training layout instead (the `Transformer`
   scanning over stacked weights, cast once), and "float:stored" the training layout with weights
   left in model.param_dtype (each layer casts them on every call): the paths before issue 17.
+  With `cfg.kv_cache_dtype` int8 every name says "+ int8 KV".
   """
   float_mdef = ts.model_def(cfg)
   float_params = jax.jit(lambda rng: ts.init_params(float_mdef, rng))(jax.random.key(seed))
@@ -122,6 +123,7 @@ def make_variants(cfg: ModelConfig, modes: list[str], seed: int = 0) -> list[Var
       params = jax.jit(lambda p, q=mcfg: quantize_params(p, q))(float_params)
       graphdef = ts.model_def(mcfg).graphdef
     name = weights if weights != "float" else f"float {cfg.dtype}"
+    name += " + int8 KV" if cfg.kv_cache_dtype == "int8" else ""
     if layout == "stored":
       variants.append(Variant(f"{name} ({cfg.param_dtype} stored, stacked)", mcfg, graphdef, params))
     elif layout == "stacked":
@@ -191,12 +193,10 @@ def decode_row(variant: Variant, batch: int, prompt_len: int, new_tokens: int, b
   rng = np.random.default_rng(0)
   prompt_BxP = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, prompt_len)), jnp.int32)
   token_B = jnp.zeros((batch,), jnp.int32)
-  jax.block_until_ready(prefill_c(variant.params, prompt_BxP))
+  # The warm-up prefill's cache serves every timed decode run: the decode loop copies it once at its
+  # start (not donated), which costs far less than its steps and saves a prefill per run.
+  _, cache = jax.block_until_ready(prefill_c(variant.params, prompt_BxP))
   prefill_best, _ = _best_and_median(lambda: prefill_c(variant.params, prompt_BxP), repeats)
-
-  # One prefilled cache serves every timed decode run: the decode loop copies it once at its start
-  # (not donated), which costs far less than its steps and saves a prefill per run.
-  _, cache = prefill_c(variant.params, prompt_BxP)
   jax.block_until_ready(decode_c(variant.params, cache, token_B))  # warm-up
   decode_best, decode_median = _best_and_median(lambda: decode_c(variant.params, cache, token_B), repeats)
   decode_times = [decode_best, decode_median]

@@ -4,6 +4,8 @@
 #
 #   bash launch/reproduce/decode_gpu.sh a     # ~7 min: prompt 128, batch 1/64/256, every weights mode
 #   bash launch/reproduce/decode_gpu.sh b     # ~8 min: prompt 2048, batch 8 at 128, export, layouts
+#   bash launch/reproduce/decode_gpu.sh c     # ~4 min: the int8 KV cache beside the bf16 one, where
+#                                             #   the cache is most of the bytes (prompt 2048, batch 64)
 #
 # On the lent H200 (../shared/GPU.md) carry ml_collections as a wheel: carry [".whl"], and this
 # script installs it. Model: configs/llama_1b.py (1.24B, 128k vocabulary, bf16 compute), random weights.
@@ -27,6 +29,8 @@ if [ "$PART" = a ]; then
   bench w8a16 130 --weights w8a16 --batches 1,64,256 --prompt_lens 128
   bench w8a8 130 --weights w8a8 --batches 1,64,256 --prompt_lens 128
   bench stored 90 --weights float:stored --batches 1,64 --prompt_lens 128   # the path before issue 17
+elif [ "$PART" = c ]; then
+  bench kv8 220 --weights float,w8a16 --kv_cache_dtypes compute,int8 --batches 1,64 --prompt_lens 2048
 else
   bench long 300 --weights float,w8a16,w8a8 --batches 1,8,64 --prompt_lens 2048
   bench batch8 120 --weights float,w8a16,w8a8 --batches 8 --prompt_lens 128 --export

@@ -5,11 +5,17 @@
 
 For each variant: validation perplexity (the whole split) and its relative change, parameter bytes
 on disk, the forward latency of one batch, and greedy generation tokens/s with the KV cache (one
-device, batch 1 and batch 8). Writes <out>.md and <out>.csv and prints the table. The quantized
-checkpoints go to --work_dir (default: beside the float checkpoints, in quantized/).
+device, batch 1 and batch 8). A second table gives each variant's perplexity read through the KV
+cache, in the compute dtype and in int8 (model.kv_cache_dtype): the first --kv_batches validation
+batches, each sequence prefilled with --kv_prefix tokens and then fed its true tokens one cached
+decode step at a time (`lm.generate.cached_log_probs`). Writes <out>.md and <out>.csv (and
+<out>_kv_cache.csv) and prints the tables. The quantized checkpoints go to --work_dir (default:
+beside the float checkpoints, in quantized/).
 """
 
 import csv
+import dataclasses
+import math
 import os
 import shutil
 import statistics
@@ -23,7 +29,10 @@ from compress.quantize_run import checkpoint_bytes, quantize_checkpoint
 from launch.run import cli
 from launch.run.evaluation import eval_checkpoint
 from launch.run.restore import load_checkpoint
-from lm.generate import make_generate_fn
+from lm import kv_cache
+from lm.data import loader
+from lm.generate import build_model, cached_log_probs, make_generate_fn
+from lm.serving import serving_params
 
 flags.DEFINE_string("checkpoint_dir", None, "The trained float run's checkpoint directory.")
 flags.DEFINE_string("out", "docs/results/quantization", "Output path prefix for .md and .csv.")
@@ -34,6 +43,8 @@ flags.DEFINE_integer("calibration_batches", 8, "Training batches for SmoothQuant
 flags.DEFINE_integer("eval_batches", 0, "Validation batches (0: the whole split).")
 flags.DEFINE_integer("repeats", 10, "Timed repetitions (the median is reported).")
 flags.DEFINE_integer("new_tokens", 64, "Generated tokens per timed generation.")
+flags.DEFINE_integer("kv_batches", 4, "Validation batches scored through the KV cache (float vs int8).")
+flags.DEFINE_integer("kv_prefix", 16, "Tokens prefilled before scoring through the KV cache.")
 FLAGS = flags.FLAGS
 
 VARIANTS = (  # name, mode, smooth
@@ -73,10 +84,35 @@ def _speed(checkpoint_dir: str, repeats: int, new_tokens: int) -> dict:
   return result
 
 
-def run(checkpoint_dir: str, work_dir: str, *, quantize_embedding: bool, alpha: float,
-        calibration_batches: int, eval_batches: int, repeats: int, new_tokens: int) -> list[dict]:
-  """Quantizes, evaluates and times every variant; returns one row dict per variant."""
+def _kv_cache_rows(checkpoint_dir: str, name: str, batches: int, prefix_len: int) -> list[dict]:
+  """Perplexity of the first `batches` validation batches read through a compute-dtype and an int8
+  KV cache (served as launch.generate serves: lm/serving.py), one row per cache."""
+  loaded = load_checkpoint(checkpoint_dir, devices=jax.devices()[:1])
+  cfg, params = loaded.cfg, serving_params(loaded.params, loaded.cfg.model.compute_dtype)
+  tokens = [b["inputs"] for b in loader.eval_batches(
+      cfg.data.data_dir, loaded.tokenizer, seq_len=cfg.data.seq_len,
+      global_batch_size=cfg.train.global_batch_size, max_batches=batches)]
   rows = []
+  for cache_dtype in ("compute", "int8"):
+    model_cfg = dataclasses.replace(cfg.model, kv_cache_dtype=cache_dtype)
+    score = jax.jit(lambda p, t, c=model_cfg: cached_log_probs(build_model(c, p), t, prefix_len))
+    log_probs = np.concatenate([np.asarray(score(params, t)).ravel() for t in tokens])
+    rows.append({"variant": name, "kv_cache": cache_dtype if cache_dtype == "int8" else model_cfg.dtype,
+                 "cached_perplexity": math.exp(-log_probs.mean()), "scored_tokens": log_probs.size,
+                 "kv_bytes_per_token": kv_cache.bytes_per_column(model_cfg) * model_cfg.num_layers})
+  rows[1]["ppl_change_pct"] = 100 * (rows[1]["cached_perplexity"] / rows[0]["cached_perplexity"] - 1)
+  rows[0]["ppl_change_pct"] = 0.0
+  print(f"{name}: through the KV cache, perplexity {rows[0]['cached_perplexity']:.3f} ({rows[0]['kv_cache']}) "
+        f"vs {rows[1]['cached_perplexity']:.3f} (int8)", flush=True)
+  return rows
+
+
+def run(checkpoint_dir: str, work_dir: str, *, quantize_embedding: bool, alpha: float,
+        calibration_batches: int, eval_batches: int, repeats: int, new_tokens: int,
+        kv_batches: int = 4, kv_prefix: int = 16) -> tuple[list[dict], list[dict]]:
+  """Quantizes, evaluates and times every variant; returns (one row dict per variant, the KV-cache
+  rows: two per variant)."""
+  rows, kv_rows = [], []
   for name, mode, smooth in VARIANTS:
     directory, report = checkpoint_dir, None
     if mode is not None:
@@ -90,11 +126,12 @@ def run(checkpoint_dir: str, work_dir: str, *, quantize_embedding: bool, alpha: 
            "param_bytes": checkpoint_bytes(directory, metrics["step"]), **_speed(directory, repeats, new_tokens)}
     rows.append(row)
     print(f"{name}: perplexity {row['val_perplexity']:.3f}, {row['param_bytes']} bytes", flush=True)
+    kv_rows += _kv_cache_rows(directory, name, kv_batches, kv_prefix)
   base = rows[0]
   for row in rows:
     row["ppl_change_pct"] = 100 * (row["val_perplexity"] / base["val_perplexity"] - 1)
     row["size_ratio"] = base["param_bytes"] / row["param_bytes"]
-  return rows
+  return rows, kv_rows
 
 
 def markdown(rows: list[dict]) -> str:
@@ -110,23 +147,43 @@ def markdown(rows: list[dict]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def kv_markdown(kv_rows: list[dict], prefix_len: int) -> str:
+  """The KV-cache table as GitHub markdown, with a line saying what was scored."""
+  lines = [f"Perplexity read through the KV cache: {kv_rows[0]['scored_tokens']:,} validation tokens, each "
+           f"sequence prefilled with {prefix_len} tokens and then decoded token by token on its true tokens "
+           "(`lm.generate.cached_log_probs`); change: against the same weights with the compute-dtype cache.",
+           "",
+           "| variant | KV cache | perplexity through the cache | change | KV bytes per token |",
+           "|---|---|---:|---:|---:|"]
+  for r in kv_rows:
+    lines.append(f"| {r['variant']} | {r['kv_cache']} | {r['cached_perplexity']:.3f} | "
+                 f"{r['ppl_change_pct']:+.3f}% | {r['kv_bytes_per_token']:,} |")
+  return "\n".join(lines) + "\n"
+
+
+def _write_csv(path: str, rows: list[dict]) -> None:
+  with open(path, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+
+
 def main(argv):
   del argv
   cli.quiet_logs()
   if not FLAGS.checkpoint_dir:
     raise app.UsageError("--checkpoint_dir is required.")
   work_dir = FLAGS.work_dir or os.path.join(os.path.dirname(os.path.abspath(FLAGS.checkpoint_dir)), "quantized")
-  rows = run(FLAGS.checkpoint_dir, work_dir, quantize_embedding=FLAGS.quantize_embedding, alpha=FLAGS.alpha,
-             calibration_batches=FLAGS.calibration_batches, eval_batches=FLAGS.eval_batches,
-             repeats=FLAGS.repeats, new_tokens=FLAGS.new_tokens)
-  table = markdown(rows)
+  rows, kv_rows = run(FLAGS.checkpoint_dir, work_dir, quantize_embedding=FLAGS.quantize_embedding,
+                      alpha=FLAGS.alpha, calibration_batches=FLAGS.calibration_batches,
+                      eval_batches=FLAGS.eval_batches, repeats=FLAGS.repeats, new_tokens=FLAGS.new_tokens,
+                      kv_batches=FLAGS.kv_batches, kv_prefix=FLAGS.kv_prefix)
+  table = markdown(rows) + "\n" + kv_markdown(kv_rows, FLAGS.kv_prefix)
   os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
   with open(FLAGS.out + ".md", "w") as f:
     f.write(table)
-  with open(FLAGS.out + ".csv", "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
+  _write_csv(FLAGS.out + ".csv", rows)
+  _write_csv(FLAGS.out + "_kv_cache.csv", kv_rows)
   print(table)
 
 
