@@ -275,7 +275,14 @@ def _ring(axis_name, skip, block_size, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
 
 
 def _ring_fwd(axis_name, skip, block_size, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
-  out, lse = _forward(axis_name, skip, block_size, q, k, v, q_pos, kv_pos, q_seg, kv_seg)
+  # Under the model's remat (nnx.remat, dots_no_batch) this forward is split into a pass and a
+  # recomputation, and the skipping `lax.cond` inside the key-chunk scan then handed every chunk's
+  # mask and scores from one to the other as stacked scan outputs: the whole [L/2, L/2] sub-block
+  # again (llama_1b, 128k, sequence=8: 36.5 GB of temporaries instead of 7.8). Saving nothing here
+  # makes the recomputation start from q, k, v alone.
+  forward = jax.checkpoint(functools.partial(_forward, axis_name, skip, block_size),
+                           policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
+  out, lse = forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg)
   return out, (q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse)
 
 
