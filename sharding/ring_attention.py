@@ -2,19 +2,22 @@
 
 Each device of the `sequence` axis holds a chunk of the queries and of the keys/values. K/V blocks
 (with their positions and segment ids) travel round the ring with `ppermute`; each device folds the
-block it holds into an online (flash) softmax (running max and denominator in float32), so no device
-holds more than [L_local, L_local] scores, and the mask is computed from the positions that travel
-with the block, so any token layout works (natural or the balanced zigzag below).
+block it holds into an online (flash) softmax (running max and denominator in float32), and the mask
+is computed from the positions that travel with the block, so any token layout works (natural or the
+balanced zigzag below). Within a block the keys are folded in chunks of `block_size` by a `lax.scan`,
+so a device holds [L_local/2, block_size] scores at a time, not [L_local, L_local]: its temporaries
+grow linearly with L_local.
 
 The backward pass is a `custom_vjp` that keeps only q, k, v, the output and the log-sum-exp and
-recomputes the blocks in a second ring (turning the other way), in which the dK/dV accumulators
-travel with their K/V block and come home after one last hop: activation memory is O(L_local), not
-O(L_total).
+recomputes the blocks, key chunk by key chunk, in a second ring (turning the other way), in which
+the dK/dV accumulators travel with their K/V block and come home after one last hop: activation
+memory is O(L_local), not O(L_total).
 
 Causal balance: with the natural layout device i's queries see only blocks 0..i, so the last device
 works N times as long as the first. `zigzag_order` puts chunk i and chunk 2N-1-i of 2N chunks on
 device i; then, at every ring step, exactly half of each device's (front/back chunk x front/back
-chunk) sub-blocks are fully masked, and `skip_masked=True` skips them with `lax.cond`.
+chunk) sub-blocks are fully masked, and `skip_masked=True` skips their key chunks with `lax.cond`
+(one branch per key chunk whose mask is all False).
 
 Shape suffixes: B batch, L local query length, S local key length, N query heads, G kv heads,
 R = N / G query heads per kv head, K head dim. Pure JAX: no config, mesh plan or launch imports.
@@ -111,11 +114,58 @@ def _backward_block(q, k, v, dout, lse_BxGxRxL, delta_BxGxRxL, mask, grads):
   return dq, dk, dv
 
 
-def _maybe(skip: bool, mask, fn, carry):
-  """fn(carry), or carry unchanged when `skip` and the block's mask is all False (a real branch)."""
+def _maybe(skip: bool, mask, fn, skipped, carry):
+  """fn(carry), or skipped(carry) when `skip` and the chunk's mask is all False (a real branch)."""
   if not skip:
     return fn(carry)
-  return jax.lax.cond(jnp.any(mask), fn, lambda c: c, carry)
+  return jax.lax.cond(jnp.any(mask), fn, skipped, carry)
+
+
+def chunk_size(length: int, block_size: int) -> int:
+  """The key chunk that tiles a sub-block of `length` keys: the largest divisor <= `block_size`."""
+  return max(d for d in range(1, min(block_size, length) + 1) if length % d == 0)
+
+
+def _key_chunks(x, chunk: int):
+  """[B, S, ...] -> [S / chunk, B, chunk, ...]: the leading axis is what `lax.scan` walks."""
+  return jnp.moveaxis(x.reshape(x.shape[0], x.shape[1] // chunk, chunk, *x.shape[2:]), 1, 0)
+
+
+def _from_key_chunks(x):
+  """[S / chunk, B, chunk, ...] -> [B, S, ...] (the inverse of `_key_chunks`)."""
+  x = jnp.moveaxis(x, 0, 1)
+  return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
+
+
+def _forward_sub_block(skip, chunk, q, qpos, qseg, k, v, kpos, kseg, carry):
+  """Folds the keys of one sub-block into one query chunk's (max, denominator, accumulator), `chunk`
+  keys at a time: the scores held are [B, G, R, L, chunk], whatever the sub-block's length."""
+  def fold(carry, keys):
+    k, v, kpos, kseg = keys
+    mask = _block_mask(qpos, kpos, qseg, kseg)
+    return _maybe(skip, mask, functools.partial(_forward_block, q, k, v, mask), lambda c: c, carry), None
+  keys = (k, v, kpos, kseg)
+  if k.shape[1] == chunk:  # one chunk: no loop
+    return fold(carry, keys)[0]
+  return jax.lax.scan(fold, carry, tuple(_key_chunks(x, chunk) for x in keys))[0]
+
+
+def _backward_sub_block(skip, chunk, q, qpos, qseg, dout, lse, delta, k, v, kpos, kseg, dq):
+  """(dq + this sub-block's part, dk, dv of its keys), recomputing the scores `chunk` keys at a time
+  from the saved log-sum-exp; dq is carried through the chunks, dk and dv are produced per chunk."""
+  def fold(dq, keys):
+    k, v, kpos, kseg = keys
+    mask = _block_mask(qpos, kpos, qseg, kseg)
+    zeros = (_zeros_like_vma(k.shape, k), _zeros_like_vma(v.shape, v))
+    grads = functools.partial(_backward_block, q, k, v, dout, lse, delta, mask)
+    dq, dk, dv = _maybe(skip, mask, grads, lambda g: g, (dq, *zeros))
+    return dq, (dk, dv)
+  keys = (k, v, kpos, kseg)
+  if k.shape[1] == chunk:
+    dq, (dk, dv) = fold(dq, keys)
+    return dq, dk, dv
+  dq, (dk, dv) = jax.lax.scan(fold, dq, tuple(_key_chunks(x, chunk) for x in keys))
+  return dq, _from_key_chunks(dk), _from_key_chunks(dv)
 
 
 def _zeros_like_vma(shape, like, value=0.0):
@@ -145,12 +195,13 @@ def _ring_perm(axis_name, direction: int = 1):
   return n, [(i, (i + direction) % n) for i in range(n)]
 
 
-def _forward(axis_name, skip, q_BxLxNxK, k_BxSxGxK, v_BxSxGxK, q_pos, kv_pos, q_seg, kv_seg):
+def _forward(axis_name, skip, block_size, q_BxLxNxK, k_BxSxGxK, v_BxSxGxK, q_pos, kv_pos, q_seg, kv_seg):
   """(out [B, L, N, K] in q's dtype, logsumexp [B, G, R, L] float32)."""
   batch, length, heads, head_dim = q_BxLxNxK.shape
   groups = k_BxSxGxK.shape[2]
   n, perm = _ring_perm(axis_name)
   c = _pieces(length)
+  chunk = chunk_size(k_BxSxGxK.shape[1] // c, block_size)
   q_BxLxGxRxK = q_BxLxNxK.reshape(batch, length, groups, heads // groups, head_dim)
   q_parts = jnp.split(q_BxLxGxRxK, c, axis=1)
   qpos_parts, qseg_parts = jnp.split(q_pos, c, axis=1), jnp.split(q_seg, c, axis=1)
@@ -164,9 +215,8 @@ def _forward(axis_name, skip, q_BxLxNxK, k_BxSxGxK, v_BxSxGxK, q_pos, kv_pos, q_
     k, v, kpos, kseg = (jnp.split(t, c, axis=1) for t in travelling)
     for a in range(c):
       for b in range(c):
-        mask = _block_mask(qpos_parts[a], kpos[b], qseg_parts[a], kseg[b])
-        fold = functools.partial(_forward_block, q_parts[a], k[b], v[b], mask)
-        carries[a] = _maybe(skip, mask, fold, carries[a])
+        carries[a] = _forward_sub_block(skip, chunk, q_parts[a], qpos_parts[a], qseg_parts[a],
+                                        k[b], v[b], kpos[b], kseg[b], carries[a])
     travelling = following
   maxes, denoms, accs = (jnp.concatenate(parts, axis=3) for parts in zip(*carries))
   denoms = jnp.where(denoms == 0.0, 1.0, denoms)  # a query with no key at all (never causal self)
@@ -175,7 +225,7 @@ def _forward(axis_name, skip, q_BxLxNxK, k_BxSxGxK, v_BxSxGxK, q_pos, kv_pos, q_
   return out, maxes + jnp.log(denoms)
 
 
-def _backward(axis_name, skip, q_BxLxNxK, k_BxSxGxK, v_BxSxGxK, q_pos, kv_pos, q_seg, kv_seg,
+def _backward(axis_name, skip, block_size, q_BxLxNxK, k_BxSxGxK, v_BxSxGxK, q_pos, kv_pos, q_seg, kv_seg,
               out_BxLxNxK, lse_BxGxRxL, dout_BxLxNxK):
   """(dq, dk, dv) in the inputs' dtypes; dk/dv accumulate in float32 while they travel."""
   batch, length, heads, head_dim = q_BxLxNxK.shape
@@ -186,6 +236,7 @@ def _backward(axis_name, skip, q_BxLxNxK, k_BxSxGxK, v_BxSxGxK, q_pos, kv_pos, q
   # sequence=2 both ways are the one pair and the hop is shared: the block it keeps is held anyway.)
   n, perm = _ring_perm(axis_name, direction=-1)
   c = _pieces(length)
+  chunk = chunk_size(k_BxSxGxK.shape[1] // c, block_size)
   grouped = lambda x: x.reshape(batch, length, groups, heads // groups, head_dim)
   q, dout = grouped(q_BxLxNxK), grouped(dout_BxLxNxK)
   # delta = rowsum(dO * O): the softmax Jacobian's correction term, one per query and head.
@@ -206,11 +257,10 @@ def _backward(axis_name, skip, q_BxLxNxK, k_BxSxGxK, v_BxSxGxK, q_pos, kv_pos, q
     dv_parts = [_zeros_like_vma(p.shape, v_BxSxGxK) for p in v]
     for a in range(c):
       for b in range(c):
-        mask = _block_mask(qpos_parts[a], kpos[b], qseg_parts[a], kseg[b])
-        fold = functools.partial(_backward_block, q_parts[a], k[b], v[b], dout_parts[a],
-                                 lse_parts[a], delta_parts[a], mask)
-        dq_parts[a], dk_parts[b], dv_parts[b] = _maybe(
-            skip, mask, fold, (dq_parts[a], dk_parts[b], dv_parts[b]))
+        dq_parts[a], dk, dv = _backward_sub_block(
+            skip, chunk, q_parts[a], qpos_parts[a], qseg_parts[a], dout_parts[a], lse_parts[a],
+            delta_parts[a], k[b], v[b], kpos[b], kseg[b], dq_parts[a])
+        dk_parts[b], dv_parts[b] = dk_parts[b] + dk, dv_parts[b] + dv
     dkv = (dkv[0] + jnp.concatenate(dk_parts, axis=1), dkv[1] + jnp.concatenate(dv_parts, axis=1))
     # The accumulators follow their block; after the last step one more hop brings them home.
     dkv = jax.lax.ppermute(dkv, axis_name, perm)
@@ -219,19 +269,26 @@ def _backward(axis_name, skip, q_BxLxNxK, k_BxSxGxK, v_BxSxGxK, q_pos, kv_pos, q
   return dq.astype(q_BxLxNxK.dtype), dkv[0].astype(k_BxSxGxK.dtype), dkv[1].astype(v_BxSxGxK.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _ring(axis_name, skip, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
-  return _forward(axis_name, skip, q, k, v, q_pos, kv_pos, q_seg, kv_seg)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _ring(axis_name, skip, block_size, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
+  return _forward(axis_name, skip, block_size, q, k, v, q_pos, kv_pos, q_seg, kv_seg)[0]
 
 
-def _ring_fwd(axis_name, skip, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
-  out, lse = _forward(axis_name, skip, q, k, v, q_pos, kv_pos, q_seg, kv_seg)
+def _ring_fwd(axis_name, skip, block_size, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
+  # Under the model's remat (nnx.remat, dots_no_batch) this forward is split into a pass and a
+  # recomputation, and the skipping `lax.cond` inside the key-chunk scan then handed every chunk's
+  # mask and scores from one to the other as stacked scan outputs: the whole [L/2, L/2] sub-block
+  # again (llama_1b, 128k, sequence=8: 36.5 GB of temporaries instead of 7.8). Saving nothing here
+  # makes the recomputation start from q, k, v alone.
+  forward = jax.checkpoint(functools.partial(_forward, axis_name, skip, block_size),
+                           policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
+  out, lse = forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg)
   return out, (q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse)
 
 
-def _ring_bwd(axis_name, skip, residuals, dout):
+def _ring_bwd(axis_name, skip, block_size, residuals, dout):
   q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse = residuals
-  dq, dk, dv = _backward(axis_name, skip, q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout)
+  dq, dk, dv = _backward(axis_name, skip, block_size, q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout)
   no_grad = lambda x: np.zeros(x.shape, jax.dtypes.float0)  # integer inputs have no cotangent
   return dq, dk, dv, no_grad(q_pos), no_grad(kv_pos), no_grad(q_seg), no_grad(kv_seg)
 
@@ -241,31 +298,35 @@ _ring.defvjp(_ring_fwd, _ring_bwd)
 
 def ring_attention_shard(q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, q_positions_BxL, kv_positions_BxL,
                          q_segments_BxL, kv_segments_BxL, *, axis_name: str,
-                         skip_masked: bool = True):
+                         skip_masked: bool = True, block_size: int = 512):
   """The per-device body of ring attention; call it inside `jax.shard_map` over `axis_name`.
 
   q [B, L, N, K], k and v [B, L, G, K] (G divides N; K/V travel with G heads, never repeated), and
   int positions and segment ids [B, L] of this device's chunk (global positions: any layout). A
   query attends to keys with position <= its own in the same segment. `skip_masked` skips fully
-  masked sub-blocks with `lax.cond`. Returns [B, L, N, K] in q's dtype; differentiable in q, k, v.
+  masked key chunks with `lax.cond`. Each sub-block's keys are folded `block_size` at a time (the
+  largest divisor of L/2 not above it), so the float32 scores held are [B, N, L/2, block_size].
+  Returns [B, L, N, K] in q's dtype; differentiable in q, k, v.
   """
+  if block_size < 1:
+    raise ValueError(f"ring attention: block_size must be >= 1 (keys per chunk); got {block_size}.")
   if q_BxLxNxK.shape[2] % k_BxLxGxK.shape[2]:
     raise ValueError(f"query heads ({q_BxLxNxK.shape[2]}) must be a multiple of kv heads "
                      f"({k_BxLxGxK.shape[2]}).")
   ints = lambda x: jnp.asarray(x, jnp.int32)
-  return _ring(axis_name, skip_masked, q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, ints(q_positions_BxL),
+  return _ring(axis_name, skip_masked, block_size, q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, ints(q_positions_BxL),
                ints(kv_positions_BxL), ints(q_segments_BxL), ints(kv_segments_BxL))
 
 
 def ring_attention(q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, positions_BxL, segments_BxL=None, *,
                    mesh: Mesh, axis_name: str = "sequence", batch_axes=None, head_axis=None,
-                   skip_masked: bool = True):
+                   skip_masked: bool = True, block_size: int = 512):
   """Ring attention of global arrays: a `shard_map` of `ring_attention_shard` over `mesh`.
 
   Batch is split over `batch_axes` (a mesh axis name, a tuple of them, or None), length over
   `axis_name`, query and kv heads over `head_axis` (or None). `positions_BxL` are the tokens' global
   positions in the layout the arrays are in (natural, or `to_zigzag`'s); `segments_BxL` (None: one
-  document) keep documents apart. Raises ValueError when the length does not split over the axis.
+  document) keep documents apart; `block_size` is the key chunk (see `ring_attention_shard`). Raises ValueError when the length does not split over the axis.
   Returns [B, L, N, K] in q's dtype, sharded like q.
   """
   length, shards = q_BxLxNxK.shape[1], mesh.shape[axis_name]
@@ -283,7 +344,8 @@ def ring_attention(q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, positions_BxL, segments_BxL=
   if segments_BxL is None:
     segments_BxL = jnp.zeros(positions_BxL.shape, jnp.int32)
   heads, tokens = P(batch_axes, axis_name, head_axis, None), P(batch_axes, axis_name)
-  body = functools.partial(ring_attention_shard, axis_name=axis_name, skip_masked=skip_masked)
+  body = functools.partial(ring_attention_shard, axis_name=axis_name, skip_masked=skip_masked,
+                           block_size=block_size)
   run = jax.shard_map(lambda q, k, v, pos, seg: body(q, k, v, pos, pos, seg, seg), mesh=mesh,
                       in_specs=(heads, heads, heads, tokens, tokens), out_specs=heads)
   return run(q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, positions_BxL, segments_BxL)

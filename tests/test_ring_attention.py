@@ -45,13 +45,15 @@ def mesh_of(shape: dict) -> Mesh:
 
 
 @functools.cache
-def ring_and_vjp(mesh_shape: tuple, batch_axes, head_axis):
-  """One jitted (out, dq, dk, dv) per mesh: both layouts reuse it (only the data differ)."""
+def ring_and_vjp(mesh_shape: tuple, batch_axes, head_axis, block_size: int = 512):
+  """One jitted (out, dq, dk, dv) per mesh and key chunk: both layouts reuse it (only the data
+  differ). The default chunk is larger than these tiny blocks, so those runs are untiled."""
   mesh = mesh_of(dict(mesh_shape))
 
   def run(q, k, v, positions, segments, cotangent):
     attend = lambda q, k, v: ra.ring_attention(q, k, v, positions, segments, mesh=mesh,
-                                               batch_axes=batch_axes, head_axis=head_axis)
+                                               batch_axes=batch_axes, head_axis=head_axis,
+                                               block_size=block_size)
     out, vjp = jax.vjp(attend, q, k, v)
     return (out, *vjp(cotangent))
   return jax.jit(run)
@@ -73,6 +75,19 @@ def test_ring_equals_dense_forward_and_gradients(shards):
   run = ring_and_vjp((("sequence", shards),), None, None)
   for layout in ("natural", "zigzag"):
     check(run, shards, layout)
+
+
+def test_key_chunks_smaller_than_the_block_equal_dense():
+  # sequence=2: 16 local tokens, sub-blocks of 8 keys folded 2 at a time by the scan (4 chunks, some
+  # of them fully masked and skipped, some split by a document boundary), forward and backward.
+  # block_size=3 is not a divisor of 8: the chunk becomes 2 (the largest divisor <= 3).
+  assert ra.chunk_size(8, 3) == 2 and ra.chunk_size(8, 512) == 8 and ra.chunk_size(7, 4) == 1
+  run = ring_and_vjp((("sequence", 2),), None, None, block_size=3)
+  for layout in ("natural", "zigzag"):
+    check(run, 2, layout)
+  x = np.zeros((1, 32, 2, 8), np.float32)
+  with pytest.raises(ValueError, match="block_size must be >= 1.*got 0"):
+    ra.ring_attention(x, x, x, np.zeros((1, 32), np.int32), mesh=mesh_of({"sequence": 2}), block_size=0)
 
 
 def test_ring_with_batch_and_heads_split():

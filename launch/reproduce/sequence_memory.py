@@ -133,7 +133,8 @@ def main(argv):
            f"with layers), batch 1, remat dots_no_batch, logits in chunks of 256. activation_GiB: temp "
            f"bytes minus those at {BASE_LENGTH} tokens. The unsplit run (sequence=1) uses XLA attention "
            "(no flash kernel on CPU), whose [L, L] scores make its activations grow with L^2; the ring "
-           "holds [L/N, L/N] blocks and all_gather [L/N, L] scores, so vs_ideal can fall below 1.")
+           "holds [L/2N, 512] score chunks (its key chunk, block_size) and all_gather [L/N, L] scores, "
+           "so vs_ideal can fall below 1.")
   markdown = write_table(rows, FLAGS.out, "sequence_memory",
                          "Sequence parallelism: activation bytes per device vs the ideal 1/N", command, notes)
   if fits:
