@@ -9,7 +9,7 @@ communication. Attention needs every earlier key of each query; two strategies b
     segment ids. Simple; each device holds the whole sequence's K/V and an [L/N, L] score block.
   * `ring`: key/value blocks travel around the ring with `ppermute` under an online softmax
     (`sharding/ring_attention.py`), so no device holds more than two blocks; with the step's
-    zigzag layout (`zigzag_permutation`) every device does the same causal work.
+    zigzag layout (`ring_attention.zigzag_order`) every device does the same causal work.
 
 Both run inside one `shard_map` over the whole mesh, so batch and heads stay split as the rule
 table says. The mask comes from each token's position, not its index: after the zigzag reordering
@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from sharding import ring_attention
 from sharding import rules as rules_lib
 
 STRATEGIES = ("ring", "all_gather")
@@ -39,17 +40,6 @@ MaskedAttention = Callable[..., jax.Array]
 def length_multiple(strategy: str, shards: int) -> int:
   """What data.seq_len must be a multiple of: 2N for the ring's balanced layout, N for all-gather."""
   return 2 * shards if strategy == "ring" and shards > 1 else shards
-
-
-def zigzag_permutation(length: int, shards: int) -> np.ndarray:
-  """int [length]: new index -> old index of the balanced causal layout over `shards` devices.
-
-  The sequence is cut into 2N chunks; device i holds chunks i and 2N-1-i (one early, one late), so
-  each device's queries see the same number of unmasked keys. Raises ValueError unless
-  `length` % (2N) == 0.
-  """
-  from sharding.ring_attention import zigzag_order
-  return np.asarray(zigzag_order(length, shards))
 
 
 def all_gather_attention(q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, positions_BxL, segments_BxL, *,
@@ -72,8 +62,7 @@ def ring_attention_block(q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, positions_BxL, segment
   """One device's ring attention under `shard_map` (sharding/ring_attention.py); `recompute` is
   ignored (the ring's backward pass recomputes each block's scores anyway). Returns [B, L, N, K]."""
   del recompute
-  from sharding.ring_attention import ring_attention_shard
-  return ring_attention_shard(q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, positions_BxL, positions_BxL,
+  return ring_attention.ring_attention_shard(q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, positions_BxL, positions_BxL,
                               segments_BxL, segments_BxL, axis_name=axis_name)
 
 

@@ -6,8 +6,8 @@ Writes three tables (each .md and .csv):
 
   sequence_cost     MEASURED on 8 simulated CPU devices (compile only): bytes each device sends per
                     attention layer, forward and backward, for the ring (`sharding/ring_attention.py`)
-                    and for an all-gather of K/V (a stand-in written here: `lax.all_gather` inside
-                    shard_map, then XLA attention), from the compiled HLO's collectives
+                    and for the all-gather strategy (`sharding/sequence.py:all_gather_attention`,
+                    the one the model runs), from the compiled HLO's collectives
                     (`launch/measure/collectives.py`), beside the formula; and the compiled temp memory.
   sequence_overlap  ON PAPER: per ring step, one block's attention FLOPs against one K/V block's
                     transfer, and the length above which the transfer hides behind the compute, for an
@@ -65,20 +65,17 @@ def _compile_texts(strategy: str, shards: int, dtype: str):
   from jax.sharding import AxisType, Mesh, PartitionSpec as P
 
   from lm import attention
-  from sharding import ring_attention
+  from sharding import sequence
 
   s = MEASURED
   mesh = Mesh(np.array(jax.devices()[:shards]), ("sequence",), axis_types=(AxisType.Auto,))
   heads, tokens = P(None, "sequence", None, None), P(None, "sequence")
 
   def gathered(q, k, v, pos, seg):
-    k_all, v_all, pos_all, seg_all = (jax.lax.all_gather(x, "sequence", axis=1, tiled=True)
-                                      for x in (k, v, pos, seg))
-    mask = (pos[:, :, None] >= pos_all[:, None, :]) & (seg[:, :, None] == seg_all[:, None, :])
-    return attention.xla_attention(q, k_all, v_all, mask)
+    return sequence.all_gather_attention(q, k, v, pos, seg, attend=attention.xla_attention)
 
   def ring(q, k, v, pos, seg):
-    return ring_attention.ring_attention_shard(q, k, v, pos, pos, seg, seg, axis_name="sequence")
+    return sequence.ring_attention_block(q, k, v, pos, seg)
 
   body = jax.shard_map(ring if strategy == "ring" else gathered, mesh=mesh,
                        in_specs=(heads, heads, heads, tokens, tokens), out_specs=heads)

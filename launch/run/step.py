@@ -17,6 +17,7 @@ from lm.loss import chunked_cross_entropy
 from lm.transformer import positions_in_documents
 from launch.run.state import ModelDef, TrainState
 from sharding import rules as rules_lib
+from sharding import ring_attention
 from sharding import sequence as sequence_lib
 
 # {"inputs": int32 [B, L], "targets": int32 [B, L], "segment_ids": int32 [B, L], "loss_weights":
@@ -41,7 +42,7 @@ def _loss(params, batch: Batch, mdef: ModelDef, zigzag_shards: int = 0):
   model = mdef.bind(params)
   positions_BxL = None
   if zigzag_shards > 1:
-    order_L = sequence_lib.zigzag_permutation(batch["inputs"].shape[1], zigzag_shards)
+    order_L = ring_attention.zigzag_order(batch["inputs"].shape[1], zigzag_shards)
     batch, positions_BxL = reorder_sequence(batch, order_L)
   hidden_BxLxD, _ = model.hidden_states(batch["inputs"], positions_BxL,
                                         segment_ids_BxL=batch.get("segment_ids"))
