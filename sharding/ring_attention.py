@@ -30,6 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
+from sharding import ring_splash
+
+KERNELS = ("xla", "splash")  # what computes each block: XLA (any platform) or Pallas splash (TPU)
 _MASKED = -0.7 * float(np.finfo(np.float32).max)  # finite, so a row with nothing to see makes no NaN
 
 
@@ -195,7 +198,20 @@ def _ring_perm(axis_name, direction: int = 1):
   return n, [(i, (i + direction) % n) for i in range(n)]
 
 
-def _forward(axis_name, skip, block_size, q_BxLxNxK, k_BxSxGxK, v_BxSxGxK, q_pos, kv_pos, q_seg, kv_seg):
+def _fold_kernel_block(carry, out_BxGxRxLxK, lse_BxGxRxL):
+  """Merges one block's normalized output and log-sum-exp (a kernel's) into the running (max,
+  denominator, accumulator); rows that saw no key in the block (log-sum-exp < -1e38) add nothing."""
+  max_BxGxRxL, denom_BxGxRxL, acc_BxGxRxLxK = carry
+  seen = lse_BxGxRxL > -1e38
+  new_max = jnp.maximum(max_BxGxRxL, jnp.where(seen, lse_BxGxRxL, max_BxGxRxL))
+  correction = jnp.exp(max_BxGxRxL - new_max)
+  weight = jnp.where(seen, jnp.exp(lse_BxGxRxL - new_max), 0.0)
+  return (new_max, denom_BxGxRxL * correction + weight,
+          acc_BxGxRxLxK * correction[..., None] + out_BxGxRxLxK * weight[..., None])
+
+
+def _forward(axis_name, skip, block_size, kernel, interpret, q_BxLxNxK, k_BxSxGxK, v_BxSxGxK, q_pos,
+             kv_pos, q_seg, kv_seg):
   """(out [B, L, N, K] in q's dtype, logsumexp [B, G, R, L] float32)."""
   batch, length, heads, head_dim = q_BxLxNxK.shape
   groups = k_BxSxGxK.shape[2]
@@ -215,8 +231,14 @@ def _forward(axis_name, skip, block_size, q_BxLxNxK, k_BxSxGxK, v_BxSxGxK, q_pos
     k, v, kpos, kseg = (jnp.split(t, c, axis=1) for t in travelling)
     for a in range(c):
       for b in range(c):
-        carries[a] = _forward_sub_block(skip, chunk, q_parts[a], qpos_parts[a], qseg_parts[a],
-                                        k[b], v[b], kpos[b], kseg[b], carries[a])
+        if kernel == "splash":
+          kind = ring_splash.zigzag_kind(axis_name, step, 1, a, b)
+          block = ring_splash.block_forward(kind, q_parts[a], qseg_parts[a], k[b], v[b], kseg[b],
+                                            interpret=interpret)
+          carries[a] = _fold_kernel_block(carries[a], *block)
+        else:
+          carries[a] = _forward_sub_block(skip, chunk, q_parts[a], qpos_parts[a], qseg_parts[a],
+                                          k[b], v[b], kpos[b], kseg[b], carries[a])
     travelling = following
   maxes, denoms, accs = (jnp.concatenate(parts, axis=3) for parts in zip(*carries))
   denoms = jnp.where(denoms == 0.0, 1.0, denoms)  # a query with no key at all (never causal self)
@@ -225,8 +247,8 @@ def _forward(axis_name, skip, block_size, q_BxLxNxK, k_BxSxGxK, v_BxSxGxK, q_pos
   return out, maxes + jnp.log(denoms)
 
 
-def _backward(axis_name, skip, block_size, q_BxLxNxK, k_BxSxGxK, v_BxSxGxK, q_pos, kv_pos, q_seg, kv_seg,
-              out_BxLxNxK, lse_BxGxRxL, dout_BxLxNxK):
+def _backward(axis_name, skip, block_size, kernel, interpret, q_BxLxNxK, k_BxSxGxK, v_BxSxGxK, q_pos,
+              kv_pos, q_seg, kv_seg, out_BxLxNxK, lse_BxGxRxL, dout_BxLxNxK):
   """(dq, dk, dv) in the inputs' dtypes; dk/dv accumulate in float32 while they travel."""
   batch, length, heads, head_dim = q_BxLxNxK.shape
   groups = k_BxSxGxK.shape[2]
@@ -238,11 +260,11 @@ def _backward(axis_name, skip, block_size, q_BxLxNxK, k_BxSxGxK, v_BxSxGxK, q_po
   c = _pieces(length)
   chunk = chunk_size(k_BxSxGxK.shape[1] // c, block_size)
   grouped = lambda x: x.reshape(batch, length, groups, heads // groups, head_dim)
-  q, dout = grouped(q_BxLxNxK), grouped(dout_BxLxNxK)
+  q, dout, out = grouped(q_BxLxNxK), grouped(dout_BxLxNxK), grouped(out_BxLxNxK)
   # delta = rowsum(dO * O): the softmax Jacobian's correction term, one per query and head.
   delta_BxGxRxL = jnp.einsum("blgrk,blgrk->bgrl", dout.astype(jnp.float32),
-                             grouped(out_BxLxNxK).astype(jnp.float32))
-  q_parts, dout_parts = jnp.split(q, c, axis=1), jnp.split(dout, c, axis=1)
+                             out.astype(jnp.float32))
+  q_parts, dout_parts, out_parts = (jnp.split(x, c, axis=1) for x in (q, dout, out))
   lse_parts, delta_parts = jnp.split(lse_BxGxRxL, c, axis=3), jnp.split(delta_BxGxRxL, c, axis=3)
   qpos_parts, qseg_parts = jnp.split(q_pos, c, axis=1), jnp.split(q_seg, c, axis=1)
   dq_parts = [_zeros_like_vma(p.shape, q_BxLxNxK) for p in q_parts]
@@ -257,9 +279,16 @@ def _backward(axis_name, skip, block_size, q_BxLxNxK, k_BxSxGxK, v_BxSxGxK, q_po
     dv_parts = [_zeros_like_vma(p.shape, v_BxSxGxK) for p in v]
     for a in range(c):
       for b in range(c):
-        dq_parts[a], dk, dv = _backward_sub_block(
-            skip, chunk, q_parts[a], qpos_parts[a], qseg_parts[a], dout_parts[a], lse_parts[a],
-            delta_parts[a], k[b], v[b], kpos[b], kseg[b], dq_parts[a])
+        if kernel == "splash":
+          kind = ring_splash.zigzag_kind(axis_name, step, -1, a, b)
+          dq, dk, dv = ring_splash.block_grads(kind, q_parts[a], qseg_parts[a], k[b], v[b], kseg[b],
+                                               out_parts[a], lse_parts[a], dout_parts[a],
+                                               interpret=interpret)
+          dq_parts[a] = dq_parts[a] + dq
+        else:
+          dq_parts[a], dk, dv = _backward_sub_block(
+              skip, chunk, q_parts[a], qpos_parts[a], qseg_parts[a], dout_parts[a], lse_parts[a],
+              delta_parts[a], k[b], v[b], kpos[b], kseg[b], dq_parts[a])
         dk_parts[b], dv_parts[b] = dk_parts[b] + dk, dv_parts[b] + dv
     dkv = (dkv[0] + jnp.concatenate(dk_parts, axis=1), dkv[1] + jnp.concatenate(dv_parts, axis=1))
     # The accumulators follow their block; after the last step one more hop brings them home.
@@ -269,26 +298,27 @@ def _backward(axis_name, skip, block_size, q_BxLxNxK, k_BxSxGxK, v_BxSxGxK, q_po
   return dq.astype(q_BxLxNxK.dtype), dkv[0].astype(k_BxSxGxK.dtype), dkv[1].astype(v_BxSxGxK.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _ring(axis_name, skip, block_size, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
-  return _forward(axis_name, skip, block_size, q, k, v, q_pos, kv_pos, q_seg, kv_seg)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
+def _ring(axis_name, skip, block_size, kernel, interpret, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
+  return _forward(axis_name, skip, block_size, kernel, interpret, q, k, v, q_pos, kv_pos, q_seg, kv_seg)[0]
 
 
-def _ring_fwd(axis_name, skip, block_size, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
+def _ring_fwd(axis_name, skip, block_size, kernel, interpret, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
   # Under the model's remat (nnx.remat, dots_no_batch) this forward is split into a pass and a
   # recomputation, and the skipping `lax.cond` inside the key-chunk scan then handed every chunk's
   # mask and scores from one to the other as stacked scan outputs: the whole [L/2, L/2] sub-block
   # again (llama_1b, 128k, sequence=8: 36.5 GB of temporaries instead of 7.8). Saving nothing here
   # makes the recomputation start from q, k, v alone.
-  forward = jax.checkpoint(functools.partial(_forward, axis_name, skip, block_size),
+  forward = jax.checkpoint(functools.partial(_forward, axis_name, skip, block_size, kernel, interpret),
                            policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
   out, lse = forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg)
   return out, (q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse)
 
 
-def _ring_bwd(axis_name, skip, block_size, residuals, dout):
+def _ring_bwd(axis_name, skip, block_size, kernel, interpret, residuals, dout):
   q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse = residuals
-  dq, dk, dv = _backward(axis_name, skip, block_size, q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, dout)
+  dq, dk, dv = _backward(axis_name, skip, block_size, kernel, interpret, q, k, v, q_pos, kv_pos, q_seg,
+                         kv_seg, out, lse, dout)
   no_grad = lambda x: np.zeros(x.shape, jax.dtypes.float0)  # integer inputs have no cotangent
   return dq, dk, dv, no_grad(q_pos), no_grad(kv_pos), no_grad(q_seg), no_grad(kv_seg)
 
@@ -298,7 +328,8 @@ _ring.defvjp(_ring_fwd, _ring_bwd)
 
 def ring_attention_shard(q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, q_positions_BxL, kv_positions_BxL,
                          q_segments_BxL, kv_segments_BxL, *, axis_name: str,
-                         skip_masked: bool = True, block_size: int = 512):
+                         skip_masked: bool = True, block_size: int = 512, kernel: str = "xla",
+                         interpret: bool = False):
   """The per-device body of ring attention; call it inside `jax.shard_map` over `axis_name`.
 
   q [B, L, N, K], k and v [B, L, G, K] (G divides N; K/V travel with G heads, never repeated), and
@@ -306,27 +337,41 @@ def ring_attention_shard(q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, q_positions_BxL, kv_po
   query attends to keys with position <= its own in the same segment. `skip_masked` skips fully
   masked key chunks with `lax.cond`. Each sub-block's keys are folded `block_size` at a time (the
   largest divisor of L/2 not above it), so the float32 scores held are [B, N, L/2, block_size].
+
+  `kernel="splash"` computes each sub-block with the Pallas splash kernel instead (TPU;
+  sharding/ring_splash.py; `interpret` runs it in Pallas' interpreter for CPU tests). It needs the
+  zigzag layout, positions that increase with the index within each document (the model's), and
+  L/2 a multiple of 128; it skips masked sub-blocks by their place in the layout (`skip_masked` and
+  `block_size` are the XLA path's).
   Returns [B, L, N, K] in q's dtype; differentiable in q, k, v.
   """
+  if kernel not in KERNELS:
+    raise ValueError(f"ring attention: kernel={kernel!r}; choose one of {list(KERNELS)}.")
+  if kernel == "splash" and (problem := ring_splash.chunk_problem(q_BxLxNxK.shape[1] // 2)):
+    raise ValueError(f"ring attention: {problem}; it must be a multiple of {ring_splash.BLOCKS[-1]}.")
   if block_size < 1:
     raise ValueError(f"ring attention: block_size must be >= 1 (keys per chunk); got {block_size}.")
   if q_BxLxNxK.shape[2] % k_BxLxGxK.shape[2]:
     raise ValueError(f"query heads ({q_BxLxNxK.shape[2]}) must be a multiple of kv heads "
                      f"({k_BxLxGxK.shape[2]}).")
   ints = lambda x: jnp.asarray(x, jnp.int32)
-  return _ring(axis_name, skip_masked, block_size, q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, ints(q_positions_BxL),
+  return _ring(axis_name, skip_masked, block_size, kernel, interpret, q_BxLxNxK, k_BxLxGxK, v_BxLxGxK,
+               ints(q_positions_BxL),
                ints(kv_positions_BxL), ints(q_segments_BxL), ints(kv_segments_BxL))
 
 
 def ring_attention(q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, positions_BxL, segments_BxL=None, *,
                    mesh: Mesh, axis_name: str = "sequence", batch_axes=None, head_axis=None,
-                   skip_masked: bool = True, block_size: int = 512):
+                   skip_masked: bool = True, block_size: int = 512, kernel: str = "xla",
+                   interpret: bool = False):
   """Ring attention of global arrays: a `shard_map` of `ring_attention_shard` over `mesh`.
 
   Batch is split over `batch_axes` (a mesh axis name, a tuple of them, or None), length over
   `axis_name`, query and kv heads over `head_axis` (or None). `positions_BxL` are the tokens' global
   positions in the layout the arrays are in (natural, or `to_zigzag`'s); `segments_BxL` (None: one
-  document) keep documents apart; `block_size` is the key chunk (see `ring_attention_shard`). Raises ValueError when the length does not split over the axis.
+  document) keep documents apart; `block_size` is the key chunk and `kernel` what computes each
+  block (see `ring_attention_shard`; "splash" needs the zigzag layout). Raises ValueError when the
+  length does not split over the axis.
   Returns [B, L, N, K] in q's dtype, sharded like q.
   """
   length, shards = q_BxLxNxK.shape[1], mesh.shape[axis_name]
@@ -345,7 +390,9 @@ def ring_attention(q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, positions_BxL, segments_BxL=
     segments_BxL = jnp.zeros(positions_BxL.shape, jnp.int32)
   heads, tokens = P(batch_axes, axis_name, head_axis, None), P(batch_axes, axis_name)
   body = functools.partial(ring_attention_shard, axis_name=axis_name, skip_masked=skip_masked,
-                           block_size=block_size)
+                           block_size=block_size, kernel=kernel, interpret=interpret)
+  # Pallas kernels carry no varying-axes types, so the kernel path runs unchecked.
   run = jax.shard_map(lambda q, k, v, pos, seg: body(q, k, v, pos, pos, seg, seg), mesh=mesh,
-                      in_specs=(heads, heads, heads, tokens, tokens), out_specs=heads)
+                      in_specs=(heads, heads, heads, tokens, tokens), out_specs=heads,
+                      check_vma=kernel == "xla")
   return run(q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, positions_BxL, segments_BxL)

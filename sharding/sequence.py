@@ -9,7 +9,9 @@ communication. Attention needs every earlier key of each query; two strategies b
     segment ids. Simple; each device holds the whole sequence's K/V and an [L/N, L] score block.
   * `ring`: key/value blocks travel around the ring with `ppermute` under an online softmax
     (`sharding/ring_attention.py`), so no device holds more than two blocks; with the step's
-    zigzag layout (`ring_attention.zigzag_order`) every device does the same causal work.
+    zigzag layout (`ring_attention.zigzag_order`) every device does the same causal work. Each
+    block runs through the platform's kernel where one can (`ring_block_kernel`: Pallas splash on
+    TPU), XLA otherwise.
 
 Both run inside one `shard_map` over the whole mesh, so batch and heads stay split as the rule
 table says. The mask comes from each token's position, not its index: after the zigzag reordering
@@ -28,6 +30,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from sharding import ring_attention
+from sharding import ring_splash
 from sharding import rules as rules_lib
 
 STRATEGIES = ("ring", "all_gather")
@@ -58,12 +61,51 @@ def all_gather_attention(q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, positions_BxL, segment
 
 
 def ring_attention_block(q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, positions_BxL, segments_BxL, *,
-                         recompute: bool = False, axis_name: str = AXIS):
-  """One device's ring attention under `shard_map` (sharding/ring_attention.py); `recompute` is
-  ignored (the ring's backward pass recomputes each block's scores anyway). Returns [B, L, N, K]."""
+                         recompute: bool = False, axis_name: str = AXIS, kernel: str = "xla",
+                         interpret: bool = False):
+  """One device's ring attention under `shard_map` (sharding/ring_attention.py), each block through
+  `kernel` (xla | splash; `interpret` runs splash in Pallas' interpreter); `recompute` is ignored
+  (the ring's backward pass recomputes each block's scores anyway). Returns [B, L, N, K]."""
   del recompute
   return ring_attention.ring_attention_shard(q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, positions_BxL, positions_BxL,
-                              segments_BxL, segments_BxL, axis_name=axis_name)
+                              segments_BxL, segments_BxL, axis_name=axis_name, kernel=kernel,
+                              interpret=interpret)
+
+
+def ring_block_kernel(requested: str, platform: str, strategy: str, shards: int,
+                      seq_len: int) -> tuple[str, str]:
+  """(kernel, reason): what computes each device's attention block when mesh.sequence = `shards` > 1.
+
+  `requested` is model.attention (auto | xla | cudnn | splash), `platform` one of lm.attention's
+  PLATFORMS, `seq_len` the whole sequence. Under `ring` on a TPU, Pallas splash attention runs inside
+  every block when a sub-block (seq_len / 2 x shards tokens) is a multiple of 128; everywhere else,
+  and under `all_gather`, XLA does. Raises ValueError for an explicit kernel that cannot run there.
+  """
+  def refuse(why: str):
+    raise ValueError(f"model.attention={requested!r} with mesh.sequence={shards}: {why}. Set "
+                     "--config.model.attention=auto (or xla), or --config.mesh.sequence=1.")
+  if strategy != "ring":
+    if requested in ("cudnn", "splash"):
+      refuse("all_gather attention runs each device's queries against the gathered keys through XLA; "
+             "--config.mesh.sequence_attention=ring runs splash inside its blocks on TPUs")
+    return "xla", f"mesh.sequence={shards}: all_gather attention, each device's block through XLA"
+  if requested == "cudnn":
+    refuse("ring attention merges blocks by their softmax statistics, which jax's cuDNN attention "
+           "does not return, so each block runs through XLA on GPUs")
+  if requested == "xla":
+    return "xla", f"mesh.sequence={shards}: ring attention, each block through XLA as configured"
+  problem = (f"splash attention is a TPU kernel, and this is {platform}" if platform != "tpu" else
+             ring_splash.chunk_problem(seq_len // (2 * shards)))
+  if requested == "splash":
+    if problem:
+      refuse(f"it cannot run inside the ring's blocks: {problem}")
+    return "splash", f"mesh.sequence={shards}: ring attention, each block through splash as configured"
+  if not problem:
+    return "splash", f"mesh.sequence={shards}: ring attention, each block through Pallas splash on TPU"
+  if platform == "cuda":
+    problem = ("jax's cuDNN attention returns no softmax statistics, which the ring needs to merge "
+               "blocks")
+  return "xla", f"mesh.sequence={shards}: ring attention, each block through XLA ({problem})"
 
 
 def check_rules(rules: rules_lib.Rules) -> None:
@@ -76,11 +118,14 @@ def check_rules(rules: rules_lib.Rules) -> None:
                      f"it gives {placed!r}; write length={AXIS} in mesh.custom_rules (or leave length out).")
 
 
-def sequence_attention_fn(mesh: Mesh, rules: rules_lib.Rules, strategy: str, attend: MaskedAttention):
+def sequence_attention_fn(mesh: Mesh, rules: rules_lib.Rules, strategy: str, attend: MaskedAttention,
+                          *, requested: str = "auto", platform: str = "cpu", interpret: bool = False):
   """The function `lm.axes.use_sequence_attention` installs: attention of `length`-split arrays.
 
   `strategy` is one of STRATEGIES; `attend` is the masked attention the all-gather strategy runs on
-  each device's block (lm.attention.xla_attention). The returned fn(q_BxLxNxK, k_BxLxGxK,
+  each device's block (lm.attention.xla_attention). The ring's block kernel is chosen per traced
+  length by `ring_block_kernel(requested, platform, ...)` (`interpret`: run a chosen splash kernel
+  in Pallas' interpreter, for CPU tests with platform="tpu"). The returned fn(q_BxLxNxK, k_BxLxGxK,
   v_BxLxGxK, positions_BxL, segment_ids_BxL or None, recompute=False) takes and returns global
   arrays, and runs each device's part in a shard_map with batch, length and heads split by `rules`.
   """
@@ -97,7 +142,8 @@ def sequence_attention_fn(mesh: Mesh, rules: rules_lib.Rules, strategy: str, att
       segment_ids_BxL = jnp.zeros(q_BxLxNxK.shape[:2], jnp.int32)
     positions_BxL = jnp.broadcast_to(positions_BxL, q_BxLxNxK.shape[:2]).astype(jnp.int32)
     if strategy == "ring":
-      body = lambda *a: ring_attention_block(*a, recompute=recompute)
+      kernel, _ = ring_block_kernel(requested, platform, strategy, mesh.shape[AXIS], q_BxLxNxK.shape[1])
+      body = lambda *a: ring_attention_block(*a, recompute=recompute, kernel=kernel, interpret=interpret)
     else:
       body = lambda *a: all_gather_attention(*a, attend=attend, recompute=recompute)
     run = jax.shard_map(body, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, row_spec, row_spec),

@@ -185,3 +185,69 @@ def test_heads_that_do_not_split_are_an_error():
   mesh = mesh_of({"sequence": 2, "tensor": 4})
   with pytest.raises(ValueError, match=r"kv heads \(2\) must be divisible .*'tensor'.*size 4"):
     ra.ring_attention(q, kv, kv, np.zeros((2, 32), np.int32), mesh=mesh, head_axis="tensor")
+
+
+# ------------------------------------------------------------------------------------------------
+# The platform kernel inside each block (sharding/ring_splash.py): Pallas splash attention, run in
+# Pallas' interpreter on CPU, against the same dense reference. Splash tiles in blocks of 128, so
+# each device's two sub-blocks hold 128 tokens here: L = 2 x N x 128.
+
+@functools.cache
+def splash_problem(shards: int):
+  """Inputs in the zigzag layout (positions restart in each document, as the model's do), a
+  cotangent, and the reference (out, dq, dk, dv) in natural order."""
+  length, heads, groups, head_dim = 2 * shards * 128, 4, 2, 64
+  rng = np.random.default_rng(1)
+  q = rng.normal(size=(2, length, heads, head_dim)).astype(np.float32)
+  k, v = (rng.normal(size=(2, length, groups, head_dim)).astype(np.float32) for _ in range(2))
+  cotangent = rng.normal(size=q.shape).astype(np.float32)
+  # Documents that cross every chunk boundary, and a row that is one document.
+  cuts = [0, 70, 300, 301, length]
+  segments = np.stack([np.repeat(np.arange(4), np.diff(cuts)), np.zeros(length, int)]).astype(np.int32)
+  starts = np.maximum.accumulate(np.where(np.diff(segments, prepend=-1, axis=1) != 0,
+                                          np.arange(length), 0), axis=1)
+  positions = (np.arange(length) - starts).astype(np.int32)
+
+  def reference(q, k, v):
+    kr, vr = (jnp.repeat(x, heads // groups, axis=2) for x in (k, v))
+    scores = jnp.einsum("blnk,bsnk->bnls", q, kr) / np.sqrt(head_dim)
+    index = jnp.arange(length)
+    mask = (index[:, None] >= index[None, :]) & (segments[:, :, None] == segments[:, None, :])
+    probs = jax.nn.softmax(jnp.where(mask[:, None], scores, -jnp.inf), axis=-1)
+    return jnp.einsum("bnls,bsnk->blnk", probs, vr)
+  out, vjp = jax.vjp(reference, q, k, v)
+  zig = lambda x: ra.to_zigzag(x, shards)
+  inputs = tuple(map(zig, (q, k, v, positions, segments, cotangent)))
+  return inputs, (np.asarray(out), *map(np.asarray, vjp(cotangent)))
+
+
+@pytest.mark.parametrize("mesh_shape,batch_axes,head_axis", [
+    ((("sequence", 2),), None, None),
+    ((("sequence", 4),), None, None),
+    ((("data", 2), ("sequence", 2), ("tensor", 2)), "data", "tensor"),
+])
+def test_splash_blocks_equal_dense_forward_and_gradients(mesh_shape, batch_axes, head_axis):
+  shards = dict(mesh_shape)["sequence"]
+  inputs, expected = splash_problem(shards)
+  q, k, v, positions, segments, cotangent = inputs
+  mesh = mesh_of(dict(mesh_shape))
+
+  @jax.jit
+  def run(q, k, v):
+    attend = lambda q, k, v: ra.ring_attention(q, k, v, positions, segments, mesh=mesh,
+                                               batch_axes=batch_axes, head_axis=head_axis,
+                                               kernel="splash", interpret=True)
+    out, vjp = jax.vjp(attend, q, k, v)
+    return (out, *vjp(cotangent))
+  got = [ra.from_zigzag(np.asarray(x), shards) for x in run(q, k, v)]
+  for name, g, e in zip(("out", "dq", "dk", "dv"), got, expected):
+    np.testing.assert_allclose(g, e, rtol=2e-5, atol=2e-5, err_msg=name)
+
+
+def test_splash_blocks_need_whole_tiles():
+  x = np.zeros((1, 2 * 2 * 96, 2, 64), np.float32)
+  with pytest.raises(ValueError, match="blocks of 128.*holds 96 tokens.*multiple of 128"):
+    ra.ring_attention(x, x, x, np.zeros((1, 384), np.int32), mesh=mesh_of({"sequence": 2}),
+                      kernel="splash", interpret=True)
+  with pytest.raises(ValueError, match="kernel='cudnn'; choose one of"):
+    ra.ring_attention(x, x, x, np.zeros((1, 384), np.int32), mesh=mesh_of({"sequence": 2}), kernel="cudnn")

@@ -19,6 +19,7 @@ from launch.run.config import validate, with_overrides
 from launch.run.context import build_context, plan_mesh
 from lm.generate import make_generate_fn
 from sharding import rules as rules_lib
+from sharding import sequence as sequence_lib
 
 VOCAB, BATCH, SEQ = 64, 4, 32
 AXES = ("stage", "data", "fsdp", "sequence", "tensor")
@@ -129,7 +130,11 @@ def test_rules_map_length_to_sequence():
     ({"mesh.sequence": 4, "data.seq_len": 30, "mesh.sequence_attention": "all_gather"},
      "data.seq_len=30 is not divisible by mesh.sequence = 4"),
     ({"mesh.sequence": 2, "mesh.stage": 2, "train.microbatches": 2}, "mesh.stage=1 or"),
-    ({"mesh.sequence": 2, "model.attention": "splash"}, "model.attention='splash' runs on a whole sequence"),
+    ({"mesh.sequence": 2, "model.attention": "splash"},
+     "model.attention='splash' with mesh.sequence=2: it cannot run inside the ring's blocks: splash "
+     "attention tiles a ring sub-block in blocks of 128, and each device's sub-block holds 8 tokens"),
+    ({"mesh.sequence": 2, "model.attention": "splash", "mesh.sequence_attention": "all_gather"},
+     "model.attention='splash' with mesh.sequence=2: all_gather attention runs"),
 ])
 def test_bad_sequence_plans_fail_before_compiling(changes, message):
   cfg = make_config(**changes)
@@ -176,3 +181,56 @@ def test_checkpoint_from_sequence_mesh_evaluates_and_generates(tmp_path, params,
   generate = make_generate_fn(single.mdef.graphdef, max_new_tokens=2, temperature=0.0)
   tokens = np.asarray(generate(restored["single"], np.arange(1, 9, dtype=np.int32).reshape(2, 4), jax.random.key(0)))
   assert tokens.shape == (2, 6) and (tokens[:, :4] == np.arange(1, 9).reshape(2, 4)).all()
+
+
+def test_ring_block_kernel_selection():
+  pick = sequence_lib.ring_block_kernel
+  # TPU: splash inside each block when a sub-block (seq_len / 2N) is whole tiles of 128, else XLA.
+  assert pick("auto", "tpu", "ring", 4, 8192) == (
+      "splash", "mesh.sequence=4: ring attention, each block through Pallas splash on TPU")
+  kernel, reason = pick("auto", "tpu", "ring", 4, 8 * 96)
+  assert kernel == "xla" and "holds 96 tokens" in reason
+  assert pick("splash", "tpu", "ring", 2, 512)[0] == "splash"
+  assert pick("xla", "tpu", "ring", 2, 512)[0] == "xla"
+  # GPU and CPU: XLA, with the reason; all_gather: XLA everywhere.
+  kernel, reason = pick("auto", "cuda", "ring", 2, 8192)
+  assert kernel == "xla" and "returns no softmax statistics" in reason
+  assert pick("auto", "cpu", "ring", 2, 8192)[0] == "xla"
+  assert pick("auto", "tpu", "all_gather", 2, 8192)[0] == "xla"
+  with pytest.raises(ValueError, match="model.attention='cudnn' with mesh.sequence=2: ring attention merges"):
+    pick("cudnn", "cuda", "ring", 2, 8192)
+  with pytest.raises(ValueError, match="splash attention is a TPU kernel, and this is cpu"):
+    pick("splash", "cpu", "ring", 2, 8192)
+
+
+def test_model_with_splash_blocks_equals_single_device(params):
+  """The train step's loss and gradients with Pallas splash inside every ring block (in Pallas'
+  interpreter, as if on a TPU) equal one device's. Splash tiles 128 tokens, so the sequence here is
+  2 x 2 x 128 long and the heads are 64 wide."""
+  shape = {"data.seq_len": 512, "model.head_dim": 64, "model.max_seq_len": 512}
+  cfg = make_config(**shape, **{"mesh.num_devices": 1})
+  ctx = build_context(cfg)
+  params = jax.device_get(ts.init_train_state(ctx.mdef, ctx.tx, ctx.shardings, seed=0).params)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, VOCAB, (2, 513)).astype(np.int32)
+  segments = np.stack([np.repeat([0, 1, 2], [100, 300, 112]), np.zeros(512, int)]).astype(np.int32)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": segments}
+  results = {}
+  for name, changes in (("single", {"mesh.num_devices": 1}), ("ring", {"mesh.sequence": 2, "mesh.data": 2})):
+    c = build_context(make_config(**shape, **changes))
+    shards = step_lib.zigzag_shards(c.mesh, "ring")
+    fn = jax.jit(jax.value_and_grad(lambda p, b: step_lib._loss(p, b, c.mdef, shards)[0]))
+    sharding = step_lib.batch_sharding(c.mesh, c.rules)
+    traced = step_lib._traced_under(fn, c.mesh, c.rules, sequence_attention="ring", attention="auto",
+                                    platform="tpu", interpret=True)
+    lowered = traced.lower(jax.device_put(params, c.shardings.params),
+                           {k: jax.device_put(v, sharding) for k, v in batch.items()})
+    if name == "ring":
+      assert "splash" in lowered.as_text()  # the kernel really runs inside the blocks
+    results[name] = jax.device_get(lowered.compile()(jax.device_put(params, c.shardings.params),
+                                                     {k: jax.device_put(v, sharding) for k, v in batch.items()}))
+  (loss, grads), (ref_loss, ref_grads) = results["ring"], results["single"]
+  np.testing.assert_allclose(loss, ref_loss, rtol=2e-5)
+  for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads)):
+    scale = float(np.max(np.abs(want)))
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * scale, err_msg=jax.tree_util.keystr(path))

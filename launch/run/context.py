@@ -128,20 +128,17 @@ def attention_selection(cfg: Config, platform: str, compute_capability: str | No
                         sequence_shards: int = 1) -> attention_lib.Selection:
   """What model.attention runs as for this config's training length on `platform`, and why.
 
-  With `sequence_shards` > 1 (mesh.sequence) attention crosses devices (sharding/sequence.py) and
-  every block runs in XLA. Raises ValueError (before any compile) when an explicit `cudnn` or
-  `splash` cannot run there, or cannot run on a split sequence.
+  With `sequence_shards` > 1 (mesh.sequence) attention crosses devices (sharding/sequence.py), and
+  `sequence_lib.ring_block_kernel` says what computes each block (splash under the ring on TPUs,
+  else XLA). Raises ValueError (before any compile) when an explicit `cudnn` or `splash` cannot run
+  there, or cannot run on a split sequence.
   """
   m = cfg.model
   if sequence_shards > 1:
-    strategy = cfg.mesh.sequence_attention
-    if m.attention in ("cudnn", "splash"):
-      raise ValueError(
-          f"model.attention={m.attention!r} runs on a whole sequence, but mesh.sequence="
-          f"{sequence_shards} splits it: {strategy} attention runs each device's block through XLA. "
-          "Set --config.model.attention=auto (or xla), or --config.mesh.sequence=1.")
-    return attention_lib.Selection(m.attention, "xla", f"mesh.sequence={sequence_shards}: {strategy} "
-                                   "attention across sequence shards, each block through XLA")
+    platform = "cuda" if platform == "gpu" else platform
+    kernel, reason = sequence_lib.ring_block_kernel(m.attention, platform, cfg.mesh.sequence_attention,
+                                                    sequence_shards, cfg.data.seq_len)
+    return attention_lib.Selection(m.attention, kernel, reason)
   return attention_lib.select(m.attention, platform="cuda" if platform == "gpu" else platform,
                               dtype=m.dtype, head_dim=m.head_dim, seq_len=cfg.data.seq_len,
                               compute_capability=compute_capability)

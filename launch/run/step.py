@@ -186,7 +186,7 @@ def jit_train_step(mdef: ModelDef, tx, schedule, accum_steps: int, mesh: Mesh, r
   jitted = jax.jit(step, in_shardings=in_shardings, out_shardings=(state_shardings, None),
                    donate_argnums=(0,))
   return _traced_under(jitted, mesh, rules, () if loss_hook is None else (loss_hook.extra,),
-                       sequence_attention)
+                       sequence_attention, attention=mdef.cfg.attention)
 
 
 def jit_eval_step(mdef: ModelDef, mesh: Mesh, rules, param_shardings, sequence_attention: str = "ring"):
@@ -196,19 +196,26 @@ def jit_eval_step(mdef: ModelDef, mesh: Mesh, rules, param_shardings, sequence_a
   jitted = jax.jit(functools.partial(eval_step, mdef=mdef,
                                      zigzag_shards=zigzag_shards(mesh, sequence_attention)),
                    in_shardings=(param_shardings, data))
-  return _traced_under(jitted, mesh, rules, sequence_attention=sequence_attention)
+  return _traced_under(jitted, mesh, rules, sequence_attention=sequence_attention,
+                       attention=mdef.cfg.attention)
 
 
 class _traced_under:
   """Calls a jitted function with the activation-sharding rules installed (they matter at trace time),
-  and, on a mesh that splits sequences, attention across sequence shards (`sequence_attention`)."""
+  and, on a mesh that splits sequences, attention across sequence shards (`sequence_attention`, its
+  blocks through the kernel `sequence_lib.ring_block_kernel` picks for model.attention=`attention`
+  on the mesh's platform, or on `platform` when given; `interpret`: see sequence_attention_fn)."""
 
-  def __init__(self, jitted, mesh, rules, bound_args: tuple = (), sequence_attention: str = "ring"):
+  def __init__(self, jitted, mesh, rules, bound_args: tuple = (), sequence_attention: str = "ring",
+               attention: str = "auto", platform: str | None = None, interpret: bool = False):
     self.jitted, self.constraint = jitted, activation_constraint(mesh, rules)
     self.per_shard = per_shard_map(mesh, rules)
+    platform = platform or attention_lib.platform_of(mesh.devices.flat[0])
     self.across_shards = (None if mesh.shape.get(sequence_lib.AXIS, 1) == 1 else
                           sequence_lib.sequence_attention_fn(mesh, rules, sequence_attention,
-                                                             attention_lib.xla_attention))
+                                                             attention_lib.xla_attention,
+                                                             requested=attention, platform=platform,
+                                                             interpret=interpret))
     self.bound_args = bound_args  # trailing arguments passed on every call (a LossHook's extra)
 
   def _hooks(self):
