@@ -146,21 +146,33 @@ def segment_mask(segment_ids_BxL: jax.Array | None, length: int) -> jax.Array:
   return same_BxLxL & causal_LxL[None]
 
 
-def xla_attention(q_BxLxNxK, k_BxSxGxK, v_BxSxGxK, mask_BxLxS, *, recompute: bool = False):
+def xla_attention(q_BxLxNxK, k_BxSxGxK, v_BxSxGxK, mask_BxLxS, *, recompute: bool = False,
+                  k_scale_BxSxGx1=None, v_scale_BxSxGx1=None):
   """Softmax attention in XLA: scores and softmax in float32, the weighted sum in the compute dtype.
 
   `mask_BxLxS` is boolean (True: attend), broadcastable to [B, L, S]. With `recompute` the backward
   pass recomputes scores and probabilities from q, k, v (nothing of size L*S is kept between passes).
-  Returns [B, L, N, K] in q's dtype.
+  Scales (float32 [B, S, G, 1], an int8 KV cache's: lm/kv_cache.py) mean the keys are k x k_scale
+  and the values v x v_scale; they are applied to the [.., L, S] scores and probabilities, never to
+  a copy of k or v. Returns [B, L, N, K] in q's dtype.
   """
+  # Per-key scales [B, S, G, 1] -> [B, G, 1, 1, S], beside the scores' key axis.
+  per_key = lambda scale: None if scale is None else scale[..., 0].transpose(0, 2, 1)[:, :, None, None]
+  k_scale, v_scale = per_key(k_scale_BxSxGx1), per_key(v_scale_BxSxGx1)
+
   def core(q_BxLxNxK, k_BxSxGxK, v_BxSxGxK, mask_BxLxS):
     batch, length, heads, head_dim = q_BxLxNxK.shape
     groups = k_BxSxGxK.shape[2]
     q_BxLxGxRxK = q_BxLxNxK.reshape(batch, length, groups, heads // groups, head_dim)
     scores_BxGxRxLxS = jnp.einsum("blgrk,bsgk->bgrls", q_BxLxGxRxK, k_BxSxGxK,
                                   preferred_element_type=jnp.float32) * head_dim ** -0.5
+    if k_scale is not None:
+      scores_BxGxRxLxS = scores_BxGxRxLxS * k_scale
     scores_BxGxRxLxS = jnp.where(mask_BxLxS[:, None, None], scores_BxGxRxLxS, _MASKED)
-    probs_BxGxRxLxS = jax.nn.softmax(scores_BxGxRxLxS, axis=-1).astype(v_BxSxGxK.dtype)
+    probs_BxGxRxLxS = jax.nn.softmax(scores_BxGxRxLxS, axis=-1)
+    if v_scale is not None:
+      probs_BxGxRxLxS = probs_BxGxRxLxS * v_scale
+    probs_BxGxRxLxS = probs_BxGxRxLxS.astype(v_BxSxGxK.dtype)
     out_BxLxGxRxK = jnp.einsum("bgrls,bsgk->blgrk", probs_BxGxRxLxS, v_BxSxGxK,
                                preferred_element_type=jnp.float32)
     return out_BxLxGxRxK.reshape(q_BxLxNxK.shape).astype(q_BxLxNxK.dtype)

@@ -6,8 +6,10 @@
   int8:    "k", "v"  [layers, B, S, G, K] int8, and "k_scale", "v_scale" [layers, B, S, G, 1] float32
 An int8 entry is quantized when it is written, symmetrically over head_dim with
 scale = max |x| / 127 (`lm.quant.quantize_symmetric`), so each dequantized element is within
-scale / 2 of the value written; a decode step dequantizes its layer's slice when it reads it. The
-scales are float32: one per K values, they cost 4 / K bytes per value (6% at K = 64) and add no
+scale / 2 of the value written. A decode step reads its layer's int8 slice converted (exactly) to the
+compute dtype and applies the scales inside attention, to the scores and the probabilities
+(`read_unscaled`, `lm.attention.xla_attention`), so no scaled copy of the keys and values is
+made. The scales are float32: one per K values, they cost 4 / K bytes per value (6% at K = 64) and add no
 error of their own. A prefill attends within the prompt on the unquantized keys and values; only
 the later decode steps read them back from the cache.
 
@@ -59,6 +61,19 @@ def read(cache: KVCache, layer, dtype) -> tuple[jax.Array, jax.Array]:
   # float32 product, then one rounding to `dtype`: a bf16 scale alone would add 2^-9 relative error.
   dequantize = lambda name: (take(name).astype(jnp.float32) * take(name + "_scale")).astype(dtype)
   return dequantize("k"), dequantize("v")
+
+
+def read_unscaled(cache: KVCache, layer, dtype):
+  """Layer `layer`'s (keys, values, key scales, value scales) for attention that scales them itself.
+
+  Keys and values are [B, S, G, K] in `dtype` (an int8 entry converted as is: every int8 value is
+  exact in bf16 and float32); the scales are float32 [B, S, G, 1], or None for a compute-dtype
+  cache. key = keys x key scales (likewise values), as `read` returns them.
+  """
+  take = lambda name: jax.lax.dynamic_index_in_dim(cache[name], layer, keepdims=False)
+  if "k_scale" not in cache:
+    return take("k").astype(dtype), take("v").astype(dtype), None, None
+  return take("k").astype(dtype), take("v").astype(dtype), take("k_scale"), take("v_scale")
 
 
 def bytes_per_column(cfg: ModelConfig) -> int:

@@ -60,9 +60,9 @@ class Attention(nnx.Module):
     if cache_kv is not None:
       # ---- KV-cache write (issue 17) ----
       # The new entries go straight into the whole loop-carried cache buffers (in place), quantized
-      # there for an int8 cache; the read dequantizes this layer's columns.
+      # there for an int8 cache, whose scales attention applies to its scores and probabilities.
       new_kv = kv_cache.write(cache_kv, layer, cache_index, k_BxLxGxK, v_BxLxGxK)
-      k_BxSxGxK, v_BxSxGxK = kv_cache.read(new_kv, layer, q_BxLxNxK.dtype)
+      k_BxSxGxK, v_BxSxGxK, k_scale, v_scale = kv_cache.read_unscaled(new_kv, layer, q_BxLxNxK.dtype)
       # ---- end KV-cache write ----
     prefill = isinstance(cache_index, int) and cache_index == 0
     across_shards = sequence_attention() if cache_kv is None else None
@@ -76,7 +76,8 @@ class Attention(nnx.Module):
       out_BxLxNxK = attention_lib.attend(choice.implementation, q_BxLxNxK, k_BxLxGxK, v_BxLxGxK,
                                          segment_ids_BxL, recompute=cfg.remat == "none")
     else:
-      out_BxLxNxK = attention_lib.xla_attention(q_BxLxNxK, k_BxSxGxK, v_BxSxGxK, mask_BxLxS)
+      out_BxLxNxK = attention_lib.xla_attention(q_BxLxNxK, k_BxSxGxK, v_BxSxGxK, mask_BxLxS,
+                                                k_scale_BxSxGx1=k_scale, v_scale_BxSxGx1=v_scale)
     out_BxLxNxK = checkpoint_name(constrain(out_BxLxNxK, ("batch", "length", "heads", "kv")),
                                   "attention")
     return self.out(out_BxLxNxK), new_kv

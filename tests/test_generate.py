@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 from lm import generate as gen_lib
-from lm import kv_cache, serving
+from lm import attention, kv_cache, serving
 from launch.run.config import model_config
 from lm.transformer import Transformer, init_cache
 
@@ -340,6 +340,26 @@ def test_int8_cache_reads_back_within_the_rounding_bound():
   # The compute-dtype cache (float32 here) gives back exactly what it was given.
   plain = kv_cache.write(kv_cache.empty(model_config(**TINY), 2, 2, 8), 1, 4, k, v)
   np.testing.assert_array_equal(kv_cache.read(plain, 1, jnp.float32)[0][:, 4:7], k.astype(np.float32))
+
+
+def test_attention_applies_the_int8_scales_like_dequantized_keys_and_values():
+  # What a decode step reads (int8 values and their scales, applied to scores and probabilities)
+  # against attention over the dequantized cache (`read`: int8 x scale): the same in float32.
+  cfg = model_config(**TINY, kv_cache_dtype="int8")
+  rng = np.random.default_rng(1)
+  g, k_dim, n = cfg.num_kv_heads, cfg.head_dim, cfg.num_heads
+  magnitude = lambda: 10.0 ** rng.uniform(-2, 1, (2, 6, g, 1))
+  k, v = (rng.standard_normal((2, 6, g, k_dim)) * magnitude() for _ in range(2))
+  cache = kv_cache.write(kv_cache.empty(cfg, 1, 2, 6), 0, 0, k, v)
+  q = jnp.asarray(rng.standard_normal((2, 1, n, k_dim)), jnp.float32)
+  mask = jnp.asarray([[[True] * 4 + [False] * 2], [[True] * 6]])  # [B, 1, S]: row 0 sees 4 columns
+  k_int, v_int, k_scale, v_scale = kv_cache.read_unscaled(cache, 0, jnp.float32)
+  assert set(np.unique(np.asarray(k_int)).astype(int)) <= set(range(-127, 128))  # unscaled int8 values
+  scaled = attention.xla_attention(q, k_int, v_int, mask, k_scale_BxSxGx1=k_scale, v_scale_BxSxGx1=v_scale)
+  reference = attention.xla_attention(q, *kv_cache.read(cache, 0, jnp.float32), mask)
+  np.testing.assert_allclose(np.asarray(scaled), np.asarray(reference), rtol=1e-5, atol=1e-6)
+  # The compute-dtype cache has no scales.
+  assert kv_cache.read_unscaled(kv_cache.empty(model_config(**TINY), 1, 2, 6), 0, jnp.float32)[2:] == (None, None)
 
 
 @pytest.mark.parametrize("dtype, itemsize", [("float32", 4), ("bfloat16", 2)])
