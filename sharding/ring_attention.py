@@ -225,6 +225,8 @@ def _forward(axis_name, skip, block_size, kernel, interpret, q_BxLxNxK, k_BxSxGx
   carries = [(_zeros_like_vma(stat, q_BxLxNxK, _MASKED), _zeros_like_vma(stat, q_BxLxNxK),
               _zeros_like_vma(stat + (head_dim,), q_BxLxNxK)) for _ in range(c)]
   travelling = (k_BxSxGxK, v_BxSxGxK, kv_pos, kv_seg)
+  if kernel == "splash":
+    splash_kernels = ring_splash.kernels(length // c, heads // groups, interpret=interpret, residuals=True)
   for step in range(n):
     # Send this block on before using it, so the transfer can overlap the block's compute.
     following = jax.lax.ppermute(travelling, axis_name, perm) if step < n - 1 else None
@@ -233,8 +235,8 @@ def _forward(axis_name, skip, block_size, kernel, interpret, q_BxLxNxK, k_BxSxGx
       for b in range(c):
         if kernel == "splash":
           kind = ring_splash.zigzag_kind(axis_name, step, 1, a, b)
-          block = ring_splash.block_forward(kind, q_parts[a], qseg_parts[a], k[b], v[b], kseg[b],
-                                            interpret=interpret)
+          block = ring_splash.block_forward(splash_kernels, kind, q_parts[a], qseg_parts[a], k[b], v[b],
+                                            kseg[b])
           carries[a] = _fold_kernel_block(carries[a], *block)
         else:
           carries[a] = _forward_sub_block(skip, chunk, q_parts[a], qpos_parts[a], qseg_parts[a],
@@ -270,6 +272,8 @@ def _backward(axis_name, skip, block_size, kernel, interpret, q_BxLxNxK, k_BxSxG
   dq_parts = [_zeros_like_vma(p.shape, q_BxLxNxK) for p in q_parts]
   block = (k_BxSxGxK, v_BxSxGxK, kv_pos, kv_seg)
   dkv = (_zeros_like_vma(k_BxSxGxK.shape, k_BxSxGxK), _zeros_like_vma(v_BxSxGxK.shape, v_BxSxGxK))
+  if kernel == "splash":
+    splash_kernels = ring_splash.kernels(length // c, heads // groups, interpret=interpret, residuals=False)
   for step in range(n):
     following = jax.lax.ppermute(block, axis_name, perm) if step < n - 1 else None
     k, v, kpos, kseg = (jnp.split(t, c, axis=1) for t in block)
@@ -281,9 +285,8 @@ def _backward(axis_name, skip, block_size, kernel, interpret, q_BxLxNxK, k_BxSxG
       for b in range(c):
         if kernel == "splash":
           kind = ring_splash.zigzag_kind(axis_name, step, -1, a, b)
-          dq, dk, dv = ring_splash.block_grads(kind, q_parts[a], qseg_parts[a], k[b], v[b], kseg[b],
-                                               out_parts[a], lse_parts[a], dout_parts[a],
-                                               interpret=interpret)
+          dq, dk, dv = ring_splash.block_grads(splash_kernels, kind, q_parts[a], qseg_parts[a], k[b],
+                                               v[b], kseg[b], out_parts[a], lse_parts[a], dout_parts[a])
           dq_parts[a] = dq_parts[a] + dq
         else:
           dq_parts[a], dk, dv = _backward_sub_block(

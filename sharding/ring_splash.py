@@ -40,10 +40,13 @@ def chunk_problem(chunk_length: int) -> str:
   return ""
 
 
-def _kernels(length: int, heads_per_group: int, interpret: bool, residuals: bool):
-  """{FULL: kernel, CAUSAL: kernel}: MQA splash kernels over a [length, length] sub-block.
+def kernels(length: int, heads_per_group: int, *, interpret: bool, residuals: bool) -> dict:
+  """{FULL: kernel, CAUSAL: kernel}: MQA splash kernels over a [length, length] sub-block, with
+  `heads_per_group` query heads per kv head; `residuals` for the forward pass (it returns the
+  log-sum-exp), not for the backward; `interpret` runs them in Pallas' interpreter.
 
-  Built at every trace, never cached: the kernels hold arrays made inside the trace that uses them.
+  Build them once per pass (processing the masks takes ~0.1-0.3 s) and never cache them across
+  traces: the kernels hold arrays made inside the trace that uses them.
   """
   from jax.experimental.pallas.ops.tpu import splash_attention as splash
   block = next(b for b in BLOCKS if length % b == 0)
@@ -71,21 +74,20 @@ def _per_batch_and_group(fn, group_args: int):
   return jax.vmap(jax.vmap(fn, in_axes=in_groups))
 
 
-def block_forward(kind, q_BxLxGxRxK, q_seg_BxL, k_BxSxGxK, v_BxSxGxK, kv_seg_BxS, *, interpret: bool):
+def block_forward(splash_kernels: dict, kind, q_BxLxGxRxK, q_seg_BxL, k_BxSxGxK, v_BxSxGxK, kv_seg_BxS):
   """One sub-block through splash: (out [B, G, R, L, K] float32, logsumexp [B, G, R, L] float32).
 
-  `kind` is FULL, CAUSAL or SKIP, a Python int or a traced int32 (a `lax.switch`). SKIP (and a query
-  row with no visible key in the block) gives a log-sum-exp below -1e38, so the row's output carries
-  no weight when blocks are merged.
+  `splash_kernels` from `kernels(..., residuals=True)`; `kind` is FULL, CAUSAL or SKIP, a Python int
+  or a traced int32 (a `lax.switch`). SKIP (and a query row with no visible key in the block) gives
+  a log-sum-exp below -1e38, so the row's output carries no weight when blocks are merged.
   """
   from jax.experimental.pallas.ops.tpu import splash_attention as splash
   batch, length, groups, per_group, head_dim = q_BxLxGxRxK.shape
-  kernels = _kernels(length, per_group, interpret, residuals=True)
   q, k, v = _heads_first(q_BxLxGxRxK, k_BxSxGxK, v_BxSxGxK)
 
   def run(which):
     def one(q, k, v, q_seg, kv_seg):
-      out, (lse,) = kernels[which](q, k, v, segment_ids=splash.SegmentIds(q_seg, kv_seg))
+      out, (lse,) = splash_kernels[which](q, k, v, segment_ids=splash.SegmentIds(q_seg, kv_seg))
       return out.astype(jnp.float32), lse
     return lambda: _per_batch_and_group(one, 3)(q, k, v, q_seg_BxL, kv_seg_BxS)
 
@@ -99,17 +101,17 @@ def block_forward(kind, q_BxLxGxRxK, q_seg_BxL, k_BxSxGxK, v_BxSxGxK, kv_seg_BxS
   return jax.lax.switch(kind, [branches[SKIP], branches[FULL], branches[CAUSAL]])
 
 
-def block_grads(kind, q_BxLxGxRxK, q_seg_BxL, k_BxSxGxK, v_BxSxGxK, kv_seg_BxS, out_BxLxGxRxK,
-                lse_BxGxRxL, dout_BxLxGxRxK, *, interpret: bool):
+def block_grads(splash_kernels: dict, kind, q_BxLxGxRxK, q_seg_BxL, k_BxSxGxK, v_BxSxGxK, kv_seg_BxS,
+                out_BxLxGxRxK, lse_BxGxRxL, dout_BxLxGxRxK):
   """One sub-block's part of (dq [B, L, G, R, K], dk [B, S, G, K], dv [B, S, G, K]), float32.
 
-  `out` and `lse` are the whole ring's output and log-sum-exp for these queries (what the softmax
-  over every block gave), so the kernel's probabilities are the global ones and the parts add up.
+  `splash_kernels` from `kernels(..., residuals=False)`. `out` and `lse` are the whole ring's output
+  and log-sum-exp for these queries (what the softmax over every block gave), so the kernel's
+  probabilities are the global ones and the parts add up.
   """
   from jax.experimental.pallas.ops.tpu import splash_attention as splash
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash_kernel
-  batch, length, groups, per_group, head_dim = q_BxLxGxRxK.shape
-  kernels = _kernels(length, per_group, interpret, residuals=False)
+  head_dim = q_BxLxGxRxK.shape[-1]
   q, k, v = _heads_first(q_BxLxGxRxK, k_BxSxGxK, v_BxSxGxK)
   out, dout = (x.astype(q.dtype).transpose(0, 2, 3, 1, 4) for x in (out_BxLxGxRxK, dout_BxLxGxRxK))
 
@@ -120,7 +122,7 @@ def block_grads(kind, q_BxLxGxRxK, q_seg_BxL, k_BxSxGxK, v_BxSxGxK, kv_seg_BxS, 
         -1, *info.partial_mask_blocks.shape[-2:]))
 
   def run(which):
-    kernel = kernels[which]
+    kernel = splash_kernels[which]
     kw = kernel.kwargs
 
     def one(q, k, v, out, lse, dout, q_seg, kv_seg):
