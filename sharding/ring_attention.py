@@ -210,7 +210,7 @@ def _fold_kernel_block(carry, out_BxGxRxLxK, lse_BxGxRxL):
           acc_BxGxRxLxK * correction[..., None] + out_BxGxRxLxK * weight[..., None])
 
 
-def _forward(axis_name, skip, block_size, kernel, interpret, q_BxLxNxK, k_BxSxGxK, v_BxSxGxK, q_pos,
+def _forward(axis_name, skip, block_size, kernel, layout, interpret, q_BxLxNxK, k_BxSxGxK, v_BxSxGxK, q_pos,
              kv_pos, q_seg, kv_seg):
   """(out [B, L, N, K] in q's dtype, logsumexp [B, G, R, L] float32)."""
   batch, length, heads, head_dim = q_BxLxNxK.shape
@@ -234,7 +234,7 @@ def _forward(axis_name, skip, block_size, kernel, interpret, q_BxLxNxK, k_BxSxGx
     for a in range(c):
       for b in range(c):
         if kernel == "splash":
-          kind = ring_splash.zigzag_kind(axis_name, step, 1, a, b)
+          kind = ring_splash.block_kind(axis_name, step, 1, a, b, layout)
           block = ring_splash.block_forward(splash_kernels, kind, q_parts[a], qseg_parts[a], k[b], v[b],
                                             kseg[b])
           carries[a] = _fold_kernel_block(carries[a], *block)
@@ -249,7 +249,7 @@ def _forward(axis_name, skip, block_size, kernel, interpret, q_BxLxNxK, k_BxSxGx
   return out, maxes + jnp.log(denoms)
 
 
-def _backward(axis_name, skip, block_size, kernel, interpret, q_BxLxNxK, k_BxSxGxK, v_BxSxGxK, q_pos,
+def _backward(axis_name, skip, block_size, kernel, layout, interpret, q_BxLxNxK, k_BxSxGxK, v_BxSxGxK, q_pos,
               kv_pos, q_seg, kv_seg, out_BxLxNxK, lse_BxGxRxL, dout_BxLxNxK):
   """(dq, dk, dv) in the inputs' dtypes; dk/dv accumulate in float32 while they travel."""
   batch, length, heads, head_dim = q_BxLxNxK.shape
@@ -284,7 +284,7 @@ def _backward(axis_name, skip, block_size, kernel, interpret, q_BxLxNxK, k_BxSxG
     for a in range(c):
       for b in range(c):
         if kernel == "splash":
-          kind = ring_splash.zigzag_kind(axis_name, step, -1, a, b)
+          kind = ring_splash.block_kind(axis_name, step, -1, a, b, layout)
           dq, dk, dv = ring_splash.block_grads(splash_kernels, kind, q_parts[a], qseg_parts[a], k[b],
                                                v[b], kseg[b], out_parts[a], lse_parts[a], dout_parts[a])
           dq_parts[a] = dq_parts[a] + dq
@@ -301,27 +301,30 @@ def _backward(axis_name, skip, block_size, kernel, interpret, q_BxLxNxK, k_BxSxG
   return dq.astype(q_BxLxNxK.dtype), dkv[0].astype(k_BxSxGxK.dtype), dkv[1].astype(v_BxSxGxK.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
-def _ring(axis_name, skip, block_size, kernel, interpret, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
-  return _forward(axis_name, skip, block_size, kernel, interpret, q, k, v, q_pos, kv_pos, q_seg, kv_seg)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4, 5))
+def _ring(axis_name, skip, block_size, kernel, layout, interpret, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
+  return _forward(axis_name, skip, block_size, kernel, layout, interpret, q, k, v, q_pos, kv_pos, q_seg,
+                  kv_seg)[0]
 
 
-def _ring_fwd(axis_name, skip, block_size, kernel, interpret, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
+def _ring_fwd(axis_name, skip, block_size, kernel, layout, interpret, q, k, v, q_pos, kv_pos, q_seg,
+              kv_seg):
   # Under the model's remat (nnx.remat, dots_no_batch) this forward is split into a pass and a
   # recomputation, and the skipping `lax.cond` inside the key-chunk scan then handed every chunk's
   # mask and scores from one to the other as stacked scan outputs: the whole [L/2, L/2] sub-block
   # again (llama_1b, 128k, sequence=8: 36.5 GB of temporaries instead of 7.8). Saving nothing here
   # makes the recomputation start from q, k, v alone.
-  forward = jax.checkpoint(functools.partial(_forward, axis_name, skip, block_size, kernel, interpret),
+  forward = jax.checkpoint(functools.partial(_forward, axis_name, skip, block_size, kernel, layout,
+                                             interpret),
                            policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
   out, lse = forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg)
   return out, (q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse)
 
 
-def _ring_bwd(axis_name, skip, block_size, kernel, interpret, residuals, dout):
+def _ring_bwd(axis_name, skip, block_size, kernel, layout, interpret, residuals, dout):
   q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse = residuals
-  dq, dk, dv = _backward(axis_name, skip, block_size, kernel, interpret, q, k, v, q_pos, kv_pos, q_seg,
-                         kv_seg, out, lse, dout)
+  dq, dk, dv = _backward(axis_name, skip, block_size, kernel, layout, interpret, q, k, v, q_pos, kv_pos,
+                         q_seg, kv_seg, out, lse, dout)
   no_grad = lambda x: np.zeros(x.shape, jax.dtypes.float0)  # integer inputs have no cotangent
   return dq, dk, dv, no_grad(q_pos), no_grad(kv_pos), no_grad(q_seg), no_grad(kv_seg)
 
@@ -332,7 +335,7 @@ _ring.defvjp(_ring_fwd, _ring_bwd)
 def ring_attention_shard(q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, q_positions_BxL, kv_positions_BxL,
                          q_segments_BxL, kv_segments_BxL, *, axis_name: str,
                          skip_masked: bool = True, block_size: int = 512, kernel: str = "xla",
-                         interpret: bool = False):
+                         layout: str = "natural", interpret: bool = False):
   """The per-device body of ring attention; call it inside `jax.shard_map` over `axis_name`.
 
   q [B, L, N, K], k and v [B, L, G, K] (G divides N; K/V travel with G heads, never repeated), and
@@ -342,14 +345,17 @@ def ring_attention_shard(q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, q_positions_BxL, kv_po
   largest divisor of L/2 not above it), so the float32 scores held are [B, N, L/2, block_size].
 
   `kernel="splash"` computes each sub-block with the Pallas splash kernel instead (TPU;
-  sharding/ring_splash.py; `interpret` runs it in Pallas' interpreter for CPU tests). It needs the
-  zigzag layout, positions that increase with the index within each document (the model's), and
-  L/2 a multiple of 128; it skips masked sub-blocks by their place in the layout (`skip_masked` and
-  `block_size` are the XLA path's).
+  sharding/ring_splash.py; `interpret` runs it in Pallas' interpreter for CPU tests). It reads each
+  sub-block's mask from the chunks' places in `layout` (natural | zigzag: what the arrays are in),
+  so it needs positions that increase with the index within each document (the model's), and L/2
+  a multiple of 128; it skips masked sub-blocks by those places (`skip_masked` and `block_size` are
+  the XLA path's).
   Returns [B, L, N, K] in q's dtype; differentiable in q, k, v.
   """
   if kernel not in KERNELS:
     raise ValueError(f"ring attention: kernel={kernel!r}; choose one of {list(KERNELS)}.")
+  if layout not in ring_splash.LAYOUTS:
+    raise ValueError(f"ring attention: layout={layout!r}; choose one of {list(ring_splash.LAYOUTS)}.")
   if kernel == "splash" and (problem := ring_splash.chunk_problem(q_BxLxNxK.shape[1] // 2)):
     raise ValueError(f"ring attention: {problem}; it must be a multiple of {ring_splash.BLOCKS[-1]}.")
   if block_size < 1:
@@ -358,7 +364,7 @@ def ring_attention_shard(q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, q_positions_BxL, kv_po
     raise ValueError(f"query heads ({q_BxLxNxK.shape[2]}) must be a multiple of kv heads "
                      f"({k_BxLxGxK.shape[2]}).")
   ints = lambda x: jnp.asarray(x, jnp.int32)
-  return _ring(axis_name, skip_masked, block_size, kernel, interpret, q_BxLxNxK, k_BxLxGxK, v_BxLxGxK,
+  return _ring(axis_name, skip_masked, block_size, kernel, layout, interpret, q_BxLxNxK, k_BxLxGxK, v_BxLxGxK,
                ints(q_positions_BxL),
                ints(kv_positions_BxL), ints(q_segments_BxL), ints(kv_segments_BxL))
 
@@ -366,15 +372,15 @@ def ring_attention_shard(q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, q_positions_BxL, kv_po
 def ring_attention(q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, positions_BxL, segments_BxL=None, *,
                    mesh: Mesh, axis_name: str = "sequence", batch_axes=None, head_axis=None,
                    skip_masked: bool = True, block_size: int = 512, kernel: str = "xla",
-                   interpret: bool = False):
+                   layout: str = "natural", interpret: bool = False):
   """Ring attention of global arrays: a `shard_map` of `ring_attention_shard` over `mesh`.
 
   Batch is split over `batch_axes` (a mesh axis name, a tuple of them, or None), length over
   `axis_name`, query and kv heads over `head_axis` (or None). `positions_BxL` are the tokens' global
   positions in the layout the arrays are in (natural, or `to_zigzag`'s); `segments_BxL` (None: one
-  document) keep documents apart; `block_size` is the key chunk and `kernel` what computes each
-  block (see `ring_attention_shard`; "splash" needs the zigzag layout). Raises ValueError when the
-  length does not split over the axis.
+  document) keep documents apart; `block_size` is the key chunk, `kernel` what computes each block
+  and `layout` the arrays' layout, which the splash kernel needs (see `ring_attention_shard`).
+  Raises ValueError when the length does not split over the axis.
   Returns [B, L, N, K] in q's dtype, sharded like q.
   """
   length, shards = q_BxLxNxK.shape[1], mesh.shape[axis_name]
@@ -393,7 +399,7 @@ def ring_attention(q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, positions_BxL, segments_BxL=
     segments_BxL = jnp.zeros(positions_BxL.shape, jnp.int32)
   heads, tokens = P(batch_axes, axis_name, head_axis, None), P(batch_axes, axis_name)
   body = functools.partial(ring_attention_shard, axis_name=axis_name, skip_masked=skip_masked,
-                           block_size=block_size, kernel=kernel, interpret=interpret)
+                           block_size=block_size, kernel=kernel, layout=layout, interpret=interpret)
   # Pallas kernels carry no varying-axes types, so the kernel path runs unchecked.
   run = jax.shard_map(lambda q, k, v, pos, seg: body(q, k, v, pos, pos, seg, seg), mesh=mesh,
                       in_specs=(heads, heads, heads, tokens, tokens), out_specs=heads,

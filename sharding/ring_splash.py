@@ -10,9 +10,10 @@ _splash_attention_bwd` with the global residuals, as ring implementations built 
 its `_flash_attn_backward`. Checked against jax 0.10.2; tests/test_ring_attention.py compares it
 with a dense reference in Pallas' interpreter, so an API change shows there first.
 
-A block's mask must be one splash knows statically. In the zigzag layout every (query chunk, key
-chunk) sub-block is one of three kinds, decided by the chunks' places in the sequence, with the
-segment ids applied by the kernel on top:
+A block's mask must be one splash knows statically. Each device's block is cut into two pieces, and
+in either layout (natural: device i holds chunks 2i and 2i+1 of 2N; zigzag: chunks i and 2N-1-i)
+every (query piece, key piece) sub-block is one of three kinds, decided by the chunks' places in
+the sequence, with the segment ids applied by the kernel on top:
 
   * SKIP: the key chunk lies after the query chunk; nothing to compute.
   * FULL: the key chunk lies before the query chunk; every key is earlier than every query.
@@ -150,18 +151,26 @@ def block_grads(splash_kernels: dict, kind, q_BxLxGxRxK, q_seg_BxL, k_BxSxGxK, v
   return jax.lax.switch(kind, [branches[SKIP], branches[FULL], branches[CAUSAL]])
 
 
-def zigzag_kind(axis_name, step: int, direction: int, query_piece: int, key_piece: int):
+LAYOUTS = ("natural", "zigzag")
+
+
+def block_kind(axis_name, step: int, direction: int, query_piece: int, key_piece: int, layout: str):
   """The kind (SKIP, FULL, CAUSAL) of one sub-block at ring step `step` of a ring turning `direction`.
 
-  In the zigzag layout device i holds chunks i (piece 0) and 2N-1-i (piece 1) of 2N; at step s it
-  holds the K/V block that started on device i - s x direction. A Python int at step 0 (the device's
-  own block), a traced int32 after.
+  At step s a device i holds the K/V block that started on device i - s x direction; piece p of
+  device d is chunk 2d + p (natural layout) or d / 2N-1-d (p = 0 / 1, zigzag) of 2N. A Python int at
+  step 0 (the device's own block, the same in both layouts), a traced int32 after.
   """
+  if layout not in LAYOUTS:
+    raise ValueError(f"ring attention: layout={layout!r}; choose one of {list(LAYOUTS)}.")
   if step == 0:
     return CAUSAL if query_piece == key_piece else (FULL if query_piece > key_piece else SKIP)
   n = jax.lax.axis_size(axis_name)
   me = jax.lax.axis_index(axis_name)
   source = (me - step * direction) % n
-  chunk = lambda device, piece: device if piece == 0 else 2 * n - 1 - device
+  if layout == "zigzag":
+    chunk = lambda device, piece: device if piece == 0 else 2 * n - 1 - device
+  else:
+    chunk = lambda device, piece: 2 * device + piece
   # Different devices hold different chunks, so off the own block a sub-block is never CAUSAL.
   return jnp.where(chunk(me, query_piece) > chunk(source, key_piece), FULL, SKIP).astype(jnp.int32)

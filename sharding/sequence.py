@@ -22,6 +22,8 @@ Shape suffixes: B batch, L local (per-device) length, S all keys' length, N quer
 K head dim.
 """
 
+import contextlib
+import contextvars
 from typing import Callable
 
 import jax
@@ -38,6 +40,22 @@ AXIS = "sequence"
 
 # (q [B, L, N, K], k, v [B, S, G, K], mask bool [B, L, S], recompute=bool) -> [B, L, N, K]
 MaskedAttention = Callable[..., jax.Array]
+
+# The layout of the sequences being traced: "zigzag" inside the train and eval steps' loss (which
+# reorder each sequence), "natural" elsewhere (a loss hook's model calls). The ring's splash blocks
+# read their masks from it.
+_layout: contextvars.ContextVar[str] = contextvars.ContextVar("sequence_layout", default="natural")
+
+
+@contextlib.contextmanager
+def zigzag_layout():
+  """Within this context (while tracing), sequences split over `sequence` are in ring attention's
+  zigzag layout (`ring_attention.zigzag_order`)."""
+  token = _layout.set("zigzag")
+  try:
+    yield
+  finally:
+    _layout.reset(token)
 
 
 def length_multiple(strategy: str, shards: int) -> int:
@@ -62,14 +80,15 @@ def all_gather_attention(q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, positions_BxL, segment
 
 def ring_attention_block(q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, positions_BxL, segments_BxL, *,
                          recompute: bool = False, axis_name: str = AXIS, kernel: str = "xla",
-                         interpret: bool = False):
+                         layout: str = "natural", interpret: bool = False):
   """One device's ring attention under `shard_map` (sharding/ring_attention.py), each block through
-  `kernel` (xla | splash; `interpret` runs splash in Pallas' interpreter); `recompute` is ignored
-  (the ring's backward pass recomputes each block's scores anyway). Returns [B, L, N, K]."""
+  `kernel` (xla | splash, which reads `layout`; `interpret` runs splash in Pallas' interpreter);
+  `recompute` is ignored (the ring's backward pass recomputes each block's scores anyway).
+  Returns [B, L, N, K]."""
   del recompute
   return ring_attention.ring_attention_shard(q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, positions_BxL, positions_BxL,
                               segments_BxL, segments_BxL, axis_name=axis_name, kernel=kernel,
-                              interpret=interpret)
+                              layout=layout, interpret=interpret)
 
 
 def ring_block_kernel(requested: str, platform: str, strategy: str, shards: int,
@@ -143,7 +162,8 @@ def sequence_attention_fn(mesh: Mesh, rules: rules_lib.Rules, strategy: str, att
     positions_BxL = jnp.broadcast_to(positions_BxL, q_BxLxNxK.shape[:2]).astype(jnp.int32)
     if strategy == "ring":
       kernel, _ = ring_block_kernel(requested, platform, strategy, mesh.shape[AXIS], q_BxLxNxK.shape[1])
-      body = lambda *a: ring_attention_block(*a, recompute=recompute, kernel=kernel, interpret=interpret)
+      body = lambda *a: ring_attention_block(*a, recompute=recompute, kernel=kernel, layout=_layout.get(),
+                                             interpret=interpret)
     else:
       body = lambda *a: all_gather_attention(*a, attend=attend, recompute=recompute)
     run = jax.shard_map(body, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, row_spec, row_spec),

@@ -193,9 +193,9 @@ def test_heads_that_do_not_split_are_an_error():
 # each device's two sub-blocks hold 128 tokens here: L = 2 x N x 128.
 
 @functools.cache
-def splash_problem(shards: int):
-  """Inputs in the zigzag layout (positions restart in each document, as the model's do), a
-  cotangent, and the reference (out, dq, dk, dv) in natural order."""
+def splash_problem(shards: int, layout: str):
+  """Inputs in `layout` (positions restart in each document, as the model's do), a cotangent, and
+  the reference (out, dq, dk, dv) in natural order."""
   length, heads, groups, head_dim = 2 * shards * 128, 4, 2, 64
   rng = np.random.default_rng(1)
   q = rng.normal(size=(2, length, heads, head_dim)).astype(np.float32)
@@ -216,19 +216,20 @@ def splash_problem(shards: int):
     probs = jax.nn.softmax(jnp.where(mask[:, None], scores, -jnp.inf), axis=-1)
     return jnp.einsum("bnls,bsnk->blnk", probs, vr)
   out, vjp = jax.vjp(reference, q, k, v)
-  zig = lambda x: ra.to_zigzag(x, shards)
-  inputs = tuple(map(zig, (q, k, v, positions, segments, cotangent)))
+  arrange = (lambda x: ra.to_zigzag(x, shards)) if layout == "zigzag" else np.asarray
+  inputs = tuple(map(arrange, (q, k, v, positions, segments, cotangent)))
   return inputs, (np.asarray(out), *map(np.asarray, vjp(cotangent)))
 
 
-@pytest.mark.parametrize("mesh_shape,batch_axes,head_axis", [
-    ((("sequence", 2),), None, None),
-    ((("sequence", 4),), None, None),
-    ((("data", 2), ("sequence", 2), ("tensor", 2)), "data", "tensor"),
+@pytest.mark.parametrize("mesh_shape,batch_axes,head_axis,layout", [
+    ((("sequence", 2),), None, None, "zigzag"),
+    ((("sequence", 4),), None, None, "zigzag"),
+    ((("sequence", 4),), None, None, "natural"),
+    ((("data", 2), ("sequence", 2), ("tensor", 2)), "data", "tensor", "zigzag"),
 ])
-def test_splash_blocks_equal_dense_forward_and_gradients(mesh_shape, batch_axes, head_axis):
+def test_splash_blocks_equal_dense_forward_and_gradients(mesh_shape, batch_axes, head_axis, layout):
   shards = dict(mesh_shape)["sequence"]
-  inputs, expected = splash_problem(shards)
+  inputs, expected = splash_problem(shards, layout)
   q, k, v, positions, segments, cotangent = inputs
   mesh = mesh_of(dict(mesh_shape))
 
@@ -236,10 +237,11 @@ def test_splash_blocks_equal_dense_forward_and_gradients(mesh_shape, batch_axes,
   def run(q, k, v):
     attend = lambda q, k, v: ra.ring_attention(q, k, v, positions, segments, mesh=mesh,
                                                batch_axes=batch_axes, head_axis=head_axis,
-                                               kernel="splash", interpret=True)
+                                               kernel="splash", layout=layout, interpret=True)
     out, vjp = jax.vjp(attend, q, k, v)
     return (out, *vjp(cotangent))
-  got = [ra.from_zigzag(np.asarray(x), shards) for x in run(q, k, v)]
+  back = (lambda x: ra.from_zigzag(x, shards)) if layout == "zigzag" else (lambda x: x)
+  got = [back(np.asarray(x)) for x in run(q, k, v)]
   for name, g, e in zip(("out", "dq", "dk", "dv"), got, expected):
     np.testing.assert_allclose(g, e, rtol=2e-5, atol=2e-5, err_msg=name)
 

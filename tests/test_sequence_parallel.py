@@ -205,8 +205,9 @@ def test_ring_block_kernel_selection():
 
 def test_model_with_splash_blocks_equals_single_device(params):
   """The train step's loss and gradients with Pallas splash inside every ring block (in Pallas'
-  interpreter, as if on a TPU) equal one device's. Splash tiles 128 tokens, so the sequence here is
-  2 x 2 x 128 long and the heads are 64 wide."""
+  interpreter, as if on a TPU) equal one device's, in the steps' zigzag layout and in the natural
+  order a loss hook's model calls see. Splash tiles 128 tokens, so the sequence here is 2 x 2 x 128
+  long and the heads are 64 wide."""
   shape = {"data.seq_len": 512, "model.head_dim": 64, "model.max_seq_len": 512}
   cfg = make_config(**shape, **{"mesh.num_devices": 1})
   ctx = build_context(cfg)
@@ -216,21 +217,25 @@ def test_model_with_splash_blocks_equals_single_device(params):
   segments = np.stack([np.repeat([0, 1, 2], [100, 300, 112]), np.zeros(512, int)]).astype(np.int32)
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": segments}
   results = {}
-  for name, changes in (("single", {"mesh.num_devices": 1}), ("ring", {"mesh.sequence": 2, "mesh.data": 2})):
+  ring = {"mesh.sequence": 2, "mesh.data": 2}
+  for name, changes in (("single", {"mesh.num_devices": 1}), ("zigzag", ring), ("natural", ring)):
     c = build_context(make_config(**shape, **changes))
-    shards = step_lib.zigzag_shards(c.mesh, "ring")
+    shards = step_lib.zigzag_shards(c.mesh, "ring") if name == "zigzag" else 0
     fn = jax.jit(jax.value_and_grad(lambda p, b: step_lib._loss(p, b, c.mdef, shards)[0]))
     sharding = step_lib.batch_sharding(c.mesh, c.rules)
     traced = step_lib._traced_under(fn, c.mesh, c.rules, sequence_attention="ring", attention="auto",
                                     platform="tpu", interpret=True)
     lowered = traced.lower(jax.device_put(params, c.shardings.params),
                            {k: jax.device_put(v, sharding) for k, v in batch.items()})
-    if name == "ring":
+    if name != "single":
       assert "splash" in lowered.as_text()  # the kernel really runs inside the blocks
     results[name] = jax.device_get(lowered.compile()(jax.device_put(params, c.shardings.params),
                                                      {k: jax.device_put(v, sharding) for k, v in batch.items()}))
-  (loss, grads), (ref_loss, ref_grads) = results["ring"], results["single"]
-  np.testing.assert_allclose(loss, ref_loss, rtol=2e-5)
-  for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads)):
-    scale = float(np.max(np.abs(want)))
-    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * scale, err_msg=jax.tree_util.keystr(path))
+  ref_loss, ref_grads = results["single"]
+  for layout in ("zigzag", "natural"):
+    loss, grads = results[layout]
+    np.testing.assert_allclose(loss, ref_loss, rtol=2e-5, err_msg=layout)
+    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads)):
+      scale = float(np.max(np.abs(want)))
+      np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * scale,
+                                 err_msg=f"{layout} {jax.tree_util.keystr(path)}")

@@ -44,8 +44,10 @@ def _loss(params, batch: Batch, mdef: ModelDef, zigzag_shards: int = 0):
   if zigzag_shards > 1:
     order_L = ring_attention.zigzag_order(batch["inputs"].shape[1], zigzag_shards)
     batch, positions_BxL = reorder_sequence(batch, order_L)
-  hidden_BxLxD, _ = model.hidden_states(batch["inputs"], positions_BxL,
-                                        segment_ids_BxL=batch.get("segment_ids"))
+  layout = sequence_lib.zigzag_layout() if zigzag_shards > 1 else contextlib.nullcontext()
+  with layout:
+    hidden_BxLxD, _ = model.hidden_states(batch["inputs"], positions_BxL,
+                                          segment_ids_BxL=batch.get("segment_ids"))
   loss_sum, tokens = chunked_cross_entropy(hidden_BxLxD, batch["targets"], model.logits,
                                            mdef.cfg.logits_chunk_size, batch.get("loss_weights"))
   return loss_sum / tokens, (loss_sum, tokens)
