@@ -205,10 +205,11 @@ def test_ring_block_kernel_selection():
 
 def test_model_with_splash_blocks_equals_single_device(params):
   """The train step's loss and gradients with Pallas splash inside every ring block (in Pallas'
-  interpreter, as if on a TPU) equal one device's, in the steps' zigzag layout and in the natural
-  order a loss hook's model calls see. Splash tiles 128 tokens, so the sequence here is 2 x 2 x 128
-  long and the heads are 64 wide."""
-  shape = {"data.seq_len": 512, "model.head_dim": 64, "model.max_seq_len": 512}
+  interpreter, as if on a TPU) equal one device's. Splash tiles 128 tokens, so the sequence here is
+  2 x 2 x 128 long and the heads are 64 wide. (The natural layout, which a loss hook's model calls
+  see, is checked on the kernel alone in test_ring_attention.py and for its wiring below.)"""
+  # One layer: the hook runs per layer, and Pallas' interpreter is slow.
+  shape = {"data.seq_len": 512, "model.head_dim": 64, "model.max_seq_len": 512, "model.num_layers": 1}
   cfg = make_config(**shape, **{"mesh.num_devices": 1})
   ctx = build_context(cfg)
   params = jax.device_get(ts.init_train_state(ctx.mdef, ctx.tx, ctx.shardings, seed=0).params)
@@ -217,10 +218,9 @@ def test_model_with_splash_blocks_equals_single_device(params):
   segments = np.stack([np.repeat([0, 1, 2], [100, 300, 112]), np.zeros(512, int)]).astype(np.int32)
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": segments}
   results = {}
-  ring = {"mesh.sequence": 2, "mesh.data": 2}
-  for name, changes in (("single", {"mesh.num_devices": 1}), ("zigzag", ring), ("natural", ring)):
+  for name, changes in (("single", {"mesh.num_devices": 1}), ("zigzag", {"mesh.sequence": 2, "mesh.data": 2})):
     c = build_context(make_config(**shape, **changes))
-    shards = step_lib.zigzag_shards(c.mesh, "ring") if name == "zigzag" else 0
+    shards = step_lib.zigzag_shards(c.mesh, "ring")
     fn = jax.jit(jax.value_and_grad(lambda p, b: step_lib._loss(p, b, c.mdef, shards)[0]))
     sharding = step_lib.batch_sharding(c.mesh, c.rules)
     traced = step_lib._traced_under(fn, c.mesh, c.rules, sequence_attention="ring", attention="auto",
@@ -231,11 +231,25 @@ def test_model_with_splash_blocks_equals_single_device(params):
       assert "splash" in lowered.as_text()  # the kernel really runs inside the blocks
     results[name] = jax.device_get(lowered.compile()(jax.device_put(params, c.shardings.params),
                                                      {k: jax.device_put(v, sharding) for k, v in batch.items()}))
-  ref_loss, ref_grads = results["single"]
-  for layout in ("zigzag", "natural"):
-    loss, grads = results[layout]
-    np.testing.assert_allclose(loss, ref_loss, rtol=2e-5, err_msg=layout)
-    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads)):
-      scale = float(np.max(np.abs(want)))
-      np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * scale,
-                                 err_msg=f"{layout} {jax.tree_util.keystr(path)}")
+  (loss, grads), (ref_loss, ref_grads) = results["zigzag"], results["single"]
+  np.testing.assert_allclose(loss, ref_loss, rtol=2e-5)
+  for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads)):
+    scale = float(np.max(np.abs(want)))
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * scale, err_msg=jax.tree_util.keystr(path))
+
+
+def test_ring_blocks_are_told_the_layout_they_run_in(params, monkeypatch):
+  """The step's loss traces the model in the zigzag layout and says so; a model call outside it (a
+  loss hook's) runs in natural order and the ring hears "natural" (the splash blocks read it)."""
+  seen = []
+  real = sequence_lib.ring_attention_block
+  monkeypatch.setattr(sequence_lib, "ring_attention_block",
+                      lambda *a, layout, **kw: seen.append(layout) or real(*a, layout=layout, **kw))
+  ctx = build_context(make_config(**{"mesh.sequence": 2, "mesh.data": 2}))
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in host_batch().items()}
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  for shards, layout in ((2, "zigzag"), (0, "natural")):
+    seen.clear()
+    fn = jax.jit(lambda p, b: step_lib._loss(p, b, ctx.mdef, shards)[0])
+    step_lib._traced_under(fn, ctx.mesh, ctx.rules, sequence_attention="ring").lower(abstract, batch)
+    assert seen and set(seen) == {layout}
