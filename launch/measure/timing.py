@@ -74,7 +74,7 @@ def train_step_runner(ctx: RunContext) -> Callable[[], None]:
   """A zero-argument function that runs one jitted train step of ctx's model on random tokens and waits
   for it (the state carries over from call to call); the first call compiles."""
   step_fn = jit_train_step(ctx.mdef, ctx.tx, ctx.schedule, ctx.cfg.train.grad_accum_steps, ctx.mesh,
-                           ctx.rules, ctx.shardings)
+                           ctx.rules, ctx.shardings, sequence_attention=ctx.cfg.mesh.sequence_attention)
   batch = random_batch(ctx)
   holder = [ts.init_train_state(ctx.mdef, ctx.tx, ctx.shardings, seed=0)]
 
