@@ -40,14 +40,15 @@ class Attention(nnx.Module):
 
   def __call__(self, x_BxLxD, sin, cos, segment_ids_BxL=None, mask_BxLxS=None, cache_kv=None,
                cache_index=None, layer=None, positions_BxL=None):
-    """Returns (y [B, L, D], the updated (k, v) caches of all layers, or None without a cache).
+    """Returns (y [B, L, D], the updated cache of all layers, or None without a cache).
 
     With a cache, `cache_kv` is every layer's cache (a `KVCache`, lm/kv_cache.py) and `layer` this
-    block's index. Without a cache, or when prefilling an empty one (`cache_index` the int 0), attention runs
-    through the implementation `lm.attention.select` picks for this length (segment ids keep
-    documents, or a left-padded row's padding, apart); a decode step reads the cache through XLA
-    with `mask_BxLxS`. When the sequence is split over devices (`lm.axes.sequence_attention`
-    installed), full-sequence attention runs through that hook with each token's `positions_BxL`.
+    block's index. Without a cache, or when prefilling an empty one (`cache_index` the int 0),
+    attention runs through the implementation `lm.attention.select` picks for this length (segment
+    ids keep documents, or a left-padded row's padding, apart); a decode step reads the cache
+    through XLA with `mask_BxLxS`. When the sequence is split over devices
+    (`lm.axes.sequence_attention` installed), full-sequence attention runs through that hook with
+    each token's `positions_BxL`.
     """
     q_BxLxNxK = layers.apply_rotary(self.query(x_BxLxD), sin, cos)
     k_BxLxGxK = layers.apply_rotary(self.key(x_BxLxD), sin, cos)

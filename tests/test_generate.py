@@ -389,8 +389,9 @@ def test_int8_cache_generation_stays_close_to_the_float_cache(tiny, prompt_BxP, 
   # Measured: at most 2.3% of the logits' spread (head_dim 8: few values share a scale); mean 0.3%.
   assert 0 < difference.max() < 0.05 * spread and difference.mean() < 0.01 * spread
   # Greedy generation through the serving layout: the tokens mostly agree with the float cache's.
-  int8_BxT = gen_lib.make_generate_fn(dataclasses.replace(cfg, kv_cache_dtype="int8"), max_new_tokens=NEW_TOKENS,
-                                      temperature=0.0)(serving.serving_params(params), prompt_BxP, jax.random.key(0))
+  fn = gen_lib.make_generate_fn(dataclasses.replace(cfg, kv_cache_dtype="int8"), max_new_tokens=NEW_TOKENS,
+                                temperature=0.0)
+  int8_BxT = fn(serving.serving_params(params), prompt_BxP, jax.random.key(0))
   assert np.mean(np.asarray(int8_BxT) == greedy_BxT) >= 0.9
 
 

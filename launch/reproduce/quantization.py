@@ -102,8 +102,8 @@ def _kv_cache_rows(checkpoint_dir: str, name: str, batches: int, prefix_len: int
                  "kv_bytes_per_token": kv_cache.bytes_per_column(model_cfg) * model_cfg.num_layers})
   rows[1]["ppl_change_pct"] = 100 * (rows[1]["cached_perplexity"] / rows[0]["cached_perplexity"] - 1)
   rows[0]["ppl_change_pct"] = 0.0
-  print(f"{name}: through the KV cache, perplexity {rows[0]['cached_perplexity']:.3f} ({rows[0]['kv_cache']}) "
-        f"vs {rows[1]['cached_perplexity']:.3f} (int8)", flush=True)
+  print(f"{name}: through the KV cache, perplexity {rows[0]['cached_perplexity']:.3f} "
+        f"({rows[0]['kv_cache']}) vs {rows[1]['cached_perplexity']:.3f} (int8)", flush=True)
   return rows
 
 
