@@ -55,12 +55,11 @@ def write(cache: KVCache, layer, column, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Ar
 
 def read(cache: KVCache, layer, dtype) -> tuple[jax.Array, jax.Array]:
   """Layer `layer`'s keys and values, each [B, S, G, K] in `dtype` (int8 entries dequantized)."""
-  take = lambda name: jax.lax.dynamic_index_in_dim(cache[name], layer, keepdims=False)
   if "k_scale" not in cache:
-    return take("k").astype(dtype), take("v").astype(dtype)
+    return read_unscaled(cache, layer, dtype)[:2]
   # float32 product, then one rounding to `dtype`: a bf16 scale alone would add 2^-9 relative error.
-  dequantize = lambda name: (take(name).astype(jnp.float32) * take(name + "_scale")).astype(dtype)
-  return dequantize("k"), dequantize("v")
+  k, v, k_scale, v_scale = read_unscaled(cache, layer, jnp.float32)
+  return (k * k_scale).astype(dtype), (v * v_scale).astype(dtype)
 
 
 def read_unscaled(cache: KVCache, layer, dtype):

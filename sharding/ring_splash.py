@@ -75,6 +75,14 @@ def _per_batch_and_group(fn, group_args: int):
   return jax.vmap(jax.vmap(fn, in_axes=in_groups))
 
 
+def _by_kind(kind, skipped, run):
+  """skipped() for SKIP, else run(kind)(): directly for a Python int, by `lax.switch` when traced."""
+  branches = [skipped, run(FULL), run(CAUSAL)]  # indexed by SKIP, FULL, CAUSAL
+  if isinstance(kind, int):
+    return branches[kind]()
+  return jax.lax.switch(kind, branches)
+
+
 def block_forward(splash_kernels: dict, kind, q_BxLxGxRxK, q_seg_BxL, k_BxSxGxK, v_BxSxGxK, kv_seg_BxS):
   """One sub-block through splash: (out [B, G, R, L, K] float32, logsumexp [B, G, R, L] float32).
 
@@ -96,10 +104,7 @@ def block_forward(splash_kernels: dict, kind, q_BxLxGxRxK, q_seg_BxL, k_BxSxGxK,
     stat = (batch, groups, per_group, length)
     return jnp.zeros(stat + (head_dim,), jnp.float32), jnp.full(stat, -jnp.inf, jnp.float32)
 
-  branches = {SKIP: skipped, FULL: run(FULL), CAUSAL: run(CAUSAL)}
-  if isinstance(kind, int):
-    return branches[kind]()
-  return jax.lax.switch(kind, [branches[SKIP], branches[FULL], branches[CAUSAL]])
+  return _by_kind(kind, skipped, run)
 
 
 def block_grads(splash_kernels: dict, kind, q_BxLxGxRxK, q_seg_BxL, k_BxSxGxK, v_BxSxGxK, kv_seg_BxS,
@@ -145,10 +150,7 @@ def block_grads(splash_kernels: dict, kind, q_BxLxGxRxK, q_seg_BxL, k_BxSxGxK, v
     return (jnp.zeros(q_BxLxGxRxK.shape, jnp.float32), jnp.zeros(k_BxSxGxK.shape, jnp.float32),
             jnp.zeros(v_BxSxGxK.shape, jnp.float32))
 
-  branches = {SKIP: skipped, FULL: run(FULL), CAUSAL: run(CAUSAL)}
-  if isinstance(kind, int):
-    return branches[kind]()
-  return jax.lax.switch(kind, [branches[SKIP], branches[FULL], branches[CAUSAL]])
+  return _by_kind(kind, skipped, run)
 
 
 LAYOUTS = ("natural", "zigzag")
@@ -161,8 +163,6 @@ def block_kind(axis_name, step: int, direction: int, query_piece: int, key_piece
   device d is chunk 2d + p (natural layout) or d / 2N-1-d (p = 0 / 1, zigzag) of 2N. A Python int at
   step 0 (the device's own block, the same in both layouts), a traced int32 after.
   """
-  if layout not in LAYOUTS:
-    raise ValueError(f"ring attention: layout={layout!r}; choose one of {list(LAYOUTS)}.")
   if step == 0:
     return CAUSAL if query_piece == key_piece else (FULL if query_piece > key_piece else SKIP)
   n = jax.lax.axis_size(axis_name)

@@ -253,3 +253,5 @@ def test_splash_blocks_need_whole_tiles():
                       kernel="splash", interpret=True)
   with pytest.raises(ValueError, match="kernel='cudnn'; choose one of"):
     ra.ring_attention(x, x, x, np.zeros((1, 384), np.int32), mesh=mesh_of({"sequence": 2}), kernel="cudnn")
+  with pytest.raises(ValueError, match="layout='striped'; choose one of"):
+    ra.ring_attention(x, x, x, np.zeros((1, 384), np.int32), mesh=mesh_of({"sequence": 2}), layout="striped")

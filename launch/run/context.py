@@ -134,12 +134,12 @@ def attention_selection(cfg: Config, platform: str, compute_capability: str | No
   there, or cannot run on a split sequence.
   """
   m = cfg.model
+  platform = "cuda" if platform == "gpu" else platform
   if sequence_shards > 1:
-    platform = "cuda" if platform == "gpu" else platform
     kernel, reason = sequence_lib.ring_block_kernel(m.attention, platform, cfg.mesh.sequence_attention,
                                                     sequence_shards, cfg.data.seq_len)
     return attention_lib.Selection(m.attention, kernel, reason)
-  return attention_lib.select(m.attention, platform="cuda" if platform == "gpu" else platform,
+  return attention_lib.select(m.attention, platform=platform,
                               dtype=m.dtype, head_dim=m.head_dim, seq_len=cfg.data.seq_len,
                               compute_capability=compute_capability)
 
