@@ -14,7 +14,7 @@ import jax
 from compress import distill as kd
 from launch.run import state as ts
 from launch.run.config import Config
-from launch.run.context import RunContext, build_context
+from launch.run.plan import RunPlan, make_plan
 from launch.run.preemption import StopRequest
 from launch.run.step import LossHook
 from launch.run.loop import TrainResult, train
@@ -28,8 +28,8 @@ class Teacher:
   step: int
 
 
-def load_teacher(cfg: Config, ctx: RunContext, step: int | None = None) -> Teacher:
-  """Checks the teacher against the student, then restores its parameters onto ctx's mesh and rules.
+def load_teacher(cfg: Config, plan: RunPlan, step: int | None = None) -> Teacher:
+  """Checks the teacher against the student, then restores its parameters onto plan's mesh and rules.
 
   Raises ValueError (vocabulary or tokenizer mismatch, hidden matching across widths) before
   anything is read from the arrays or compiled.
@@ -42,26 +42,26 @@ def load_teacher(cfg: Config, ctx: RunContext, step: int | None = None) -> Teach
     raise ValueError(f"The teacher was trained with data.tokenizer={teacher_tokenizer!r} but the student "
                      f"uses {cfg.data.tokenizer!r}; set --config.data.tokenizer={teacher_tokenizer}.")
   mdef = ts.model_def(teacher_cfg)
-  params, _ = restore_params(cfg.distill.teacher_checkpoint, mdef, ts.param_shardings(mdef, ctx.mesh, ctx.rules),
+  params, _ = restore_params(cfg.distill.teacher_checkpoint, mdef, ts.param_shardings(mdef, plan.mesh, plan.rules),
                              step)
   return Teacher(mdef, params, step)
 
 
-def distill_hook(cfg: Config, ctx: RunContext, teacher: Teacher) -> LossHook:
+def distill_hook(cfg: Config, plan: RunPlan, teacher: Teacher) -> LossHook:
   """The training loss of a distillation run: the student's KD loss against `teacher`."""
   d = cfg.distill
-  fn = functools.partial(kd.distill_loss, student=ctx.mdef, teacher=teacher.mdef, alpha=d.alpha,
+  fn = functools.partial(kd.distill_loss, student=plan.mdef, teacher=teacher.mdef, alpha=d.alpha,
                          temperature=d.temperature, hidden_weight=d.hidden_weight)
   shardings = jax.tree.map(lambda x: x.sharding, teacher.params)
   return LossHook(fn=fn, extra=teacher.params, extra_shardings=shardings)
 
 
 def distill(cfg: Config, workdir: str, *, resume: bool = False, stop: StopRequest | None = None,
-            ctx: RunContext | None = None) -> TrainResult:
+            plan: RunPlan | None = None) -> TrainResult:
   """Trains the student of `cfg` against cfg.distill.teacher_checkpoint; returns the TrainResult."""
   if not cfg.distill.teacher_checkpoint:
     raise ValueError("distill.teacher_checkpoint is empty; pass the teacher run's checkpoints, e.g. "
                      "--config.distill.teacher_checkpoint=runs/demo/checkpoints.")
-  ctx = ctx or build_context(cfg)
-  teacher = load_teacher(cfg, ctx)
-  return train(cfg, workdir, resume=resume, stop=stop, ctx=ctx, loss_hook=distill_hook(cfg, ctx, teacher))
+  plan = plan or make_plan(cfg)
+  teacher = load_teacher(cfg, plan)
+  return train(cfg, workdir, resume=resume, stop=stop, plan=plan, loss_hook=distill_hook(cfg, plan, teacher))

@@ -134,7 +134,7 @@ def export_checkpoint(checkpoint_dir: str, out_dir: str, *, step: int | None = N
   if generate_tokens and seq_len + generate_tokens > loaded.cfg.model.max_seq_len:
     raise ValueError(f"seq_len={seq_len} + generate_tokens={generate_tokens} exceeds model.max_seq_len="
                      f"{loaded.cfg.model.max_seq_len}; lower --seq_len or --generate_tokens.")
-  return save_servable(out_dir, loaded.ctx.mdef.graphdef, loaded.params, loaded.cfg.model,
+  return save_servable(out_dir, loaded.plan.mdef.graphdef, loaded.params, loaded.cfg.model,
                        batch=batch or None, seq_len=seq_len, step=loaded.step,
                        generate_tokens=generate_tokens, temperature=temperature, top_k=top_k,
                        eos_id=loaded.tokenizer.eos_id if generate_tokens else None)

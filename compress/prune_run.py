@@ -15,22 +15,22 @@ from compress import prune as pruning
 from launch.run import checkpoint as ckpt_lib
 from launch.run import state as ts
 from launch.run.config import Config
-from launch.run.context import RunContext, build_context
+from launch.run.plan import RunPlan, make_plan
 from launch.run.loop import train
 from launch.run.preemption import StopRequest
 from launch.run.restore import check_same_weights, load_checkpoint, read_saved_config, restore_params
 
 
-def prune_context(cfg: Config, ctx: RunContext | None = None) -> tuple[RunContext, dict]:
+def prune_context(cfg: Config, plan: RunPlan | None = None) -> tuple[RunPlan, dict]:
   """Returns (the run context with the pruning transformation chained after the optimizer, layouts)."""
   if cfg.prune.method == "none":
     raise ValueError("prune.method='none'; choose 'magnitude' (with prune.sparsity) or 'n_m' "
                      "(with prune.n and prune.m), e.g. --config.prune.method=magnitude.")
-  ctx = ctx or build_context(cfg)
+  plan = plan or make_plan(cfg)
   layouts = pruning.kernel_layouts(cfg.model, cfg.prune.m if cfg.prune.method == "n_m" else None)
-  tx = optax.chain(ctx.tx, pruning.pruning(cfg.prune, layouts))
-  shardings = ts.state_shardings(ctx.mdef, tx, ctx.mesh, ctx.rules)
-  return dataclasses.replace(ctx, tx=tx, shardings=shardings), layouts
+  tx = optax.chain(plan.tx, pruning.pruning(cfg.prune, layouts))
+  shardings = ts.state_shardings(plan.mdef, tx, plan.mesh, plan.rules)
+  return dataclasses.replace(plan, tx=tx, shardings=shardings), layouts
 
 
 def measure(checkpoint_dir: str, layouts: dict, cfg: Config) -> dict:
@@ -45,20 +45,20 @@ def measure(checkpoint_dir: str, layouts: dict, cfg: Config) -> dict:
   return out
 
 
-def _pruning_start(ctx: RunContext, checkpoint_dir: str) -> tuple[ts.TrainState, int]:
+def _pruning_start(plan: RunPlan, checkpoint_dir: str) -> tuple[ts.TrainState, int]:
   """(A step-0 state around `checkpoint_dir`'s parameters, with fresh masks (all True), its step)."""
   saved, step = read_saved_config(checkpoint_dir)
-  check_same_weights(ctx.cfg, saved, f"prune.init_checkpoint={checkpoint_dir}")
-  params, _ = restore_params(checkpoint_dir, ctx.mdef, ctx.shardings.params, step)
-  return ts.train_state_from_params(params, ctx.tx, ctx.shardings), step
+  check_same_weights(plan.cfg, saved, f"prune.init_checkpoint={checkpoint_dir}")
+  params, _ = restore_params(checkpoint_dir, plan.mdef, plan.shardings.params, step)
+  return ts.train_state_from_params(params, plan.tx, plan.shardings), step
 
 
 def prune(cfg: Config, workdir: str, *, resume: bool = False, stop: StopRequest | None = None) -> dict:
   """Fine-tunes with gradual pruning through the ordinary loop; returns the TrainResult and sparsity."""
-  ctx, layouts = prune_context(cfg)
+  plan, layouts = prune_context(cfg)
   source = cfg.prune.init_checkpoint
   init_state = None if not source else (lambda c: _pruning_start(c, source)[0])
-  result = train(cfg, workdir, resume=resume, stop=stop, ctx=ctx, init_state=init_state)
+  result = train(cfg, workdir, resume=resume, stop=stop, plan=plan, init_state=init_state)
   return {**dataclasses.asdict(result), **measure(result.checkpoint_dir, layouts, cfg)}
 
 
@@ -66,13 +66,13 @@ def prune_one_shot(cfg: Config, workdir: str) -> dict:
   """Prunes prune.init_checkpoint to the final sparsity without training; saves an ordinary checkpoint."""
   if not cfg.prune.init_checkpoint:
     raise ValueError("--one_shot prunes a trained model: set --config.prune.init_checkpoint.")
-  ctx, layouts = prune_context(cfg)
+  plan, layouts = prune_context(cfg)
   saved, step = read_saved_config(cfg.prune.init_checkpoint)
   check_same_weights(cfg, saved, f"prune.init_checkpoint={cfg.prune.init_checkpoint}")
-  params, _ = restore_params(cfg.prune.init_checkpoint, ctx.mdef, ctx.shardings.params, step)
+  params, _ = restore_params(cfg.prune.init_checkpoint, plan.mdef, plan.shardings.params, step)
   pruned, masks = jax.jit(lambda p: pruning.one_shot(p, layouts, cfg.prune),
-                          out_shardings=(ctx.shardings.params, ctx.shardings.params))(params)
-  state = ts.train_state_from_params(pruned, ctx.tx, ctx.shardings)
+                          out_shardings=(plan.shardings.params, plan.shardings.params))(params)
+  state = ts.train_state_from_params(pruned, plan.tx, plan.shardings)
   *head, prune_state = state.opt_state
   state = state.replace(opt_state=(*head, prune_state._replace(masks=masks)))
   checkpointer = ckpt_lib.Checkpointer(f"{workdir}/checkpoints", async_save=False)

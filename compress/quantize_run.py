@@ -75,7 +75,7 @@ def quantize_checkpoint(checkpoint_dir: str, out_dir: str, *, mode: str, step: i
     batches = calibration_data(loaded, calibration_batches)
     ranges = calibrate_lib.calibrate(loaded.cfg.model, loaded.params, batches)
 
-  shardings = ts.param_shardings(ts.model_def(quant_cfg), loaded.ctx.mesh, loaded.ctx.rules)
+  shardings = ts.param_shardings(ts.model_def(quant_cfg), loaded.plan.mesh, loaded.plan.rules)
   convert = lambda params, ranges: quantize_lib.quantize_params(params, quant_cfg, ranges, alpha)
   params = jax.jit(convert, out_shardings=shardings)(loaded.params, ranges)
 

@@ -17,7 +17,7 @@ from compress import structured
 from launch.run import checkpoint as ckpt_lib
 from launch.run import state as ts
 from launch.run.config import Config
-from launch.run.context import build_context
+from launch.run.plan import make_plan
 from launch.run.restore import check_same_weights, read_saved_config, restore_params
 from lm.data import loader
 
@@ -49,7 +49,7 @@ def prune_structured(cfg: Config, workdir: str) -> dict:
   saved, step = read_saved_config(source)
   check_same_weights(cfg, saved, f"prune.init_checkpoint={source}")
   small_cfg = pruned_config(cfg)
-  small_ctx = build_context(small_cfg)  # raises if the new shapes do not divide over the mesh
+  small_plan = make_plan(small_cfg)  # raises if the new shapes do not divide over the mesh
   out_dir = os.path.join(workdir, "checkpoints")
   checkpointer = ckpt_lib.Checkpointer(out_dir, async_save=False)
   try:
@@ -57,11 +57,11 @@ def prune_structured(cfg: Config, workdir: str) -> dict:
       raise ValueError(f"{checkpointer.directory} already holds checkpoints {checkpointer.steps()}; "
                        "choose a new --workdir (nothing was overwritten).")
     mdef = ts.model_def(cfg.model)
-    params, _ = restore_params(source, mdef, ts.param_shardings(mdef, small_ctx.mesh, small_ctx.rules), step)
+    params, _ = restore_params(source, mdef, ts.param_shardings(mdef, small_plan.mesh, small_plan.rules), step)
     batches = calibration_batches(cfg, cfg.prune.calibration_batches)
     small, report = structured.prune_params(cfg.model, params, batches, small_cfg.model)
-    placed = jax.device_put(small, small_ctx.shardings.params)
-    state = ts.train_state_from_params(placed, small_ctx.tx, small_ctx.shardings)
+    placed = jax.device_put(small, small_plan.shardings.params)
+    state = ts.train_state_from_params(placed, small_plan.tx, small_plan.shardings)
     checkpointer.save(step, state, {"config": small_cfg.to_dict(), "pruned_from": source,
                                     "structured": report})
   finally:

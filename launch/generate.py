@@ -16,7 +16,6 @@ in int8 with a scale per token and kv head, lm/kv_cache.py). Prompts of differen
 a batch (left-padded), and each row stops at its own end-of-sequence token.
 """
 
-import dataclasses
 import json
 
 from absl import flags
@@ -71,25 +70,26 @@ def main(argv):
     raise ValueError(f"--kv_cache_dtype={FLAGS.kv_cache_dtype!r}: choose one of {list(KV_CACHE_DTYPES)} "
                      "(or '' for the checkpoint's).")
   prompts = read_prompts(FLAGS.prompts_file) if FLAGS.prompts_file else FLAGS.prompt
-  loaded = load_checkpoint(FLAGS.checkpoint_dir, FLAGS.step)
+  # --dtype and --kv_cache_dtype are overrides of the checkpoint's config, so the run plan (the
+  # attention kernels depend on the compute dtype) is made for what actually runs.
+  overrides = {key: value for key, value in (("model.dtype", FLAGS.dtype),
+                                             ("model.kv_cache_dtype", FLAGS.kv_cache_dtype)) if value}
+  loaded = load_checkpoint(FLAGS.checkpoint_dir, FLAGS.step, overrides=overrides)
   texts, extra = prompts, {}
   if FLAGS.chat:
     chat = chat_format(loaded.cfg.data.tokenizer, loaded.cfg.data.tokenizer_path, loaded.tokenizer)
     system = [{"role": "system", "content": FLAGS.system}] if FLAGS.system else []
     texts = [chat.render(system + [{"role": "user", "content": p}]) for p in prompts]
     extra = dict(stop_ids=chat.stop_ids, echo=False)
-  model_cfg, tokenizer, stacked = loaded.cfg.model, loaded.tokenizer, loaded.params
+  model_cfg, attention, tokenizer, stacked = (loaded.cfg.model, loaded.plan.attention, loaded.tokenizer,
+                                               loaded.params)
   del loaded  # the serving copy below replaces the stacked parameters
-  if FLAGS.dtype:
-    model_cfg = dataclasses.replace(model_cfg, dtype=FLAGS.dtype)
-  if FLAGS.kv_cache_dtype:
-    model_cfg = dataclasses.replace(model_cfg, kv_cache_dtype=FLAGS.kv_cache_dtype)
   params = serving_params(stacked, model_cfg.compute_dtype)
   del stacked
   results = stream_text(model_cfg, params, tokenizer, texts, max_seq_len=model_cfg.max_seq_len,
                         max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
                         top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed,
-                        batch_size=FLAGS.batch_size, **extra)
+                        batch_size=FLAGS.batch_size, attention=attention, **extra)
   for index, text in results:
     if FLAGS.prompts_file:
       print(json.dumps({"index": index, "text": text}), flush=True)

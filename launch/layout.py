@@ -14,7 +14,7 @@ from absl import flags
 
 from launch.measure.layout import draw, layout_rows
 from launch.run import cli
-from launch.run.context import build_context
+from launch.run.plan import make_plan
 from launch.run.devices import simulate_cpu_devices
 
 flags.DEFINE_string("png", None, "Also draw the weight and batch split into this PNG.")
@@ -27,16 +27,16 @@ def main(argv):
   cli.quiet_logs()
   simulate_cpu_devices(FLAGS.devices)
   cfg = cli.load_config()
-  ctx = build_context(cfg)
-  print(f"mesh {dict(ctx.mesh.shape)} | rules {cfg.mesh.custom_rules or cfg.mesh.rules}")
+  plan = make_plan(cfg)
+  print(f"mesh {dict(plan.mesh.shape)} | rules {cfg.mesh.custom_rules or cfg.mesh.rules}")
   print("| parameter | shape | logical names | PartitionSpec | per device |\n|---|---|---|---|---|")
   per_device = 0
-  for path, shape, logical, spec, local in layout_rows(ctx):
+  for path, shape, logical, spec, local in layout_rows(plan):
     print(f"| {path} | {shape} | {logical} | {spec} | {local} |")
     per_device += math.prod(local)
   print(f"\n{per_device / 1e6:.2f}M of {cfg.model.num_params() / 1e6:.2f}M parameters per device")
   if FLAGS.png:
-    draw(ctx, f"rules={cfg.mesh.rules}  mesh {dict(ctx.mesh.shape)}", FLAGS.png)
+    draw(plan, f"rules={cfg.mesh.rules}  mesh {dict(plan.mesh.shape)}", FLAGS.png)
     print(f"wrote {FLAGS.png}")
 
 

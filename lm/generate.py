@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lm.attention import AttentionPlan
 from lm.axes import constrain
 from lm.config import ModelConfig
 from lm.serving import ServingModel
@@ -306,22 +307,23 @@ def generate(model: Transformer, prompt_BxP: jax.Array, *, max_new_tokens: int, 
   return jnp.concatenate([prompt_BxP, first_B[:, None], rest_BxN], axis=1)
 
 
-def build_model(graphdef: nnx.GraphDef | ModelConfig, params: Params):
-  """The model `generate` runs: `nnx.merge(graphdef, params)` for a Transformer's graphdef and params,
-  or for a ModelConfig a `lm.serving.ServingModel` of serving params (`lm.serving.serving_params`)."""
+def build_model(graphdef: nnx.GraphDef | ModelConfig, params: Params, attention: AttentionPlan | None = None):
+  """The model `generate` runs: `nnx.merge(graphdef, params)` for a Transformer's graphdef (which
+  carries its attention plan) and params, or for a ModelConfig a `lm.serving.ServingModel` of serving
+  params (`lm.serving.serving_params`) running `attention` (a run plan's; None: unplanned, XLA)."""
   if isinstance(graphdef, ModelConfig):
-    return ServingModel(graphdef, params)
+    return ServingModel(graphdef, params, attention)
   return nnx.merge(graphdef, params)
 
 
 def make_generate_fn(graphdef: nnx.GraphDef | ModelConfig, *, max_new_tokens: int, temperature: float = 1.0,
-                     top_k: int = 0, top_p: float = 1.0,
-                     eos_id: int | Sequence[int] | None = None) -> Callable[..., jax.Array]:
+                     top_k: int = 0, top_p: float = 1.0, eos_id: int | Sequence[int] | None = None,
+                     attention: AttentionPlan | None = None) -> Callable[..., jax.Array]:
   """Returns a jitted `fn(params, prompt_BxP, rng, prompt_lengths_B=None) -> tokens [B, P + max_new_tokens]`.
 
   `graphdef` and `params` rebuild the model inside jit (`build_model`): a Transformer's graphdef with
   its nested-dict params (`nnx.split` + `nnx.to_pure_dict`, or a `ModelDef`'s), or the fast path, a
-  ModelConfig with `lm.serving.serving_params`. `prompt_lengths_B` marks left-padded rows
+  ModelConfig with `lm.serving.serving_params` (and the plan's `attention`). `prompt_lengths_B` marks left-padded rows
   (`generate`). Sampling arguments are checked here, before anything compiles; `fn` compiles once per
   prompt shape and never per token.
   """
@@ -331,7 +333,7 @@ def make_generate_fn(graphdef: nnx.GraphDef | ModelConfig, *, max_new_tokens: in
 
   def fn(params: Params, prompt_BxP: jax.Array, rng: jax.Array,
          prompt_lengths_B: jax.Array | None = None) -> jax.Array:
-    return generate(build_model(graphdef, params), prompt_BxP, max_new_tokens=max_new_tokens, rng=rng,
+    return generate(build_model(graphdef, params, attention), prompt_BxP, max_new_tokens=max_new_tokens, rng=rng,
                     temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id,
                     prompt_lengths_B=prompt_lengths_B)
 
@@ -349,14 +351,15 @@ def _bucket(length: int, limit: int) -> int:
 def stream_text(graphdef: nnx.GraphDef | ModelConfig, params: Params, tokenizer, prompts: list[str], *, max_seq_len: int,
                 max_new_tokens: int, temperature: float, top_k: int = 0, top_p: float = 1.0,
                 seed: int = 0, batch_size: int = 8, stop_ids: Sequence[int] = (),
-                echo: bool = True) -> Iterator[tuple[int, str]]:
+                echo: bool = True, attention: AttentionPlan | None = None) -> Iterator[tuple[int, str]]:
   """Yields (prompt index, continuation with the prompt text) as each batch of prompts finishes.
 
   `tokenizer` has encode / decode / eos_id (lm.data.tokenizer). Prompts of different lengths share a
   batch: they are left-padded to a power-of-two width (so few shapes compile), each row continues at
   its own positions and stops at its own EOS. Every prompt is checked before anything compiles:
   ValueError for one that is empty or leaves no room for `max_new_tokens` within `max_seq_len`.
-  `graphdef` and `params` as in `make_generate_fn` (serve with a ModelConfig and serving params).
+  `graphdef`, `params` and `attention` as in `make_generate_fn` (serve with a ModelConfig, serving
+  params and the run plan's attention plan).
   A row also stops at any of `stop_ids` (a chat model's end-of-turn tokens); `echo=False` yields
   the continuations without their prompts.
   """
@@ -371,7 +374,7 @@ def stream_text(graphdef: nnx.GraphDef | ModelConfig, params: Params, tokenizer,
                        f"(model.max_seq_len={max_seq_len} minus max_new_tokens).")
   stops = tuple(dict.fromkeys((tokenizer.eos_id, *stop_ids)))
   fn = make_generate_fn(graphdef, max_new_tokens=max_new_tokens, temperature=temperature,
-                        top_k=top_k, top_p=top_p, eos_id=stops)
+                        top_k=top_k, top_p=top_p, eos_id=stops, attention=attention)
   for first in range(0, len(prompts), batch_size):
     rows = encoded[first:first + batch_size]
     width = _bucket(max(len(ids) for ids in rows), limit)
@@ -387,13 +390,13 @@ def stream_text(graphdef: nnx.GraphDef | ModelConfig, params: Params, tokenizer,
 def generate_text(graphdef: nnx.GraphDef | ModelConfig, params: Params, tokenizer, prompts: list[str], *, max_seq_len: int,
                   max_new_tokens: int, temperature: float, top_k: int = 0, top_p: float = 1.0,
                   seed: int = 0, batch_size: int = 8, stop_ids: Sequence[int] = (),
-                  echo: bool = True) -> list[str]:
+                  echo: bool = True, attention: AttentionPlan | None = None) -> list[str]:
   """Returns one continuation per prompt string (prompt text included unless `echo=False`), in
   order; see `stream_text`."""
   texts = [""] * len(prompts)
   for index, text in stream_text(graphdef, params, tokenizer, prompts, max_seq_len=max_seq_len,
                                  max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                  top_p=top_p, seed=seed, batch_size=batch_size, stop_ids=stop_ids,
-                                 echo=echo):
+                                 echo=echo, attention=attention):
     texts[index] = text
   return texts

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lm import kv_cache
+from lm.attention import AttentionPlan
 from lm.config import ModelConfig
 from lm.transformer import KVCache, Transformer, cache_mask, padding_segments, rotary_inputs
 
@@ -50,9 +51,9 @@ def serving_params(params: Params, dtype=None, unstack: bool = True) -> Params:
 
 
 @functools.lru_cache(maxsize=16)
-def _graphdefs(cfg: ModelConfig) -> dict[str, Any]:
+def _graphdefs(cfg: ModelConfig, attention: AttentionPlan | None) -> dict[str, Any]:
   """The graphdefs of the Transformer's parts (one block, embedding, final norm, output projection)."""
-  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), attention=attention))
   parts = {"block": abstract.blocks, "embed": abstract.embed, "final_norm": abstract.final_norm}
   if abstract.unembed is not None:
     parts["unembed"] = abstract.unembed
@@ -73,13 +74,14 @@ class ServingModel:
   """`Transformer.decode` over per-layer weights from `serving_params`; build it inside jit.
 
   Holds no state of its own: each call rebuilds the parts from their graphdefs and `params`.
+  `attention` is a run plan's attention plan (the prefill kernel; None: `lm.attention.unplanned`).
   """
 
-  def __init__(self, cfg: ModelConfig, params: Params):
+  def __init__(self, cfg: ModelConfig, params: Params, attention: AttentionPlan | None = None):
     if "layers" not in params:
       raise ValueError("ServingModel takes serving params (lm.serving.serving_params), with a per-layer "
                        "'layers' list; got a Transformer's stacked 'blocks'.")
-    self.cfg, self.params = cfg, params
+    self.cfg, self.params, self.attention = cfg, params, attention
 
   def init_cache(self, batch: int, max_len: int) -> KVCache:
     return init_serving_cache(self.cfg, batch, max_len)
@@ -88,7 +90,7 @@ class ServingModel:
              last_only: bool = False):
     """As `Transformer.decode`: returns (float32 logits [B, L, V] (or [B, 1, V] with `last_only`),
     the updated per-layer cache)."""
-    cfg, graphdefs, params = self.cfg, _graphdefs(self.cfg), self.params
+    cfg, graphdefs, params = self.cfg, _graphdefs(self.cfg, self.attention), self.params
     batch, length = tokens_BxL.shape
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(cache_index + jnp.arange(length, dtype=jnp.int32), (batch, length))

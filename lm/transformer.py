@@ -27,8 +27,9 @@ LayerStack = Callable[..., jax.Array]
 class Attention(nnx.Module):
   """Causal grouped-query self-attention with rotary positions and an optional KV cache."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, kernels: attention_lib.AttentionPlan, *, rngs: nnx.Rngs):
     self.cfg = cfg
+    self.kernels = kernels
     kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype, rngs=rngs)
     d, n, g, k = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     qkv = dict(kw, use_bias=cfg.qkv_bias)  # Qwen2's q/k/v biases (issue 14)
@@ -44,11 +45,12 @@ class Attention(nnx.Module):
 
     With a cache, `cache_kv` is every layer's cache (a `KVCache`, lm/kv_cache.py) and `layer` this
     block's index. Without a cache, or when prefilling an empty one (`cache_index` the int 0),
-    attention runs through the implementation `lm.attention.select` picks for this length (segment
-    ids keep documents, or a left-padded row's padding, apart); a decode step reads the cache
-    through XLA with `mask_BxLxS`. When the sequence is split over devices
-    (`lm.axes.sequence_attention` installed), full-sequence attention runs through that hook with
-    each token's `positions_BxL`.
+    attention runs through the kernel the model's attention plan names for that place and length
+    (`self.kernels`, made by `lm.attention.plan_attention`; segment ids keep documents, or a
+    left-padded row's padding, apart); a decode step reads the cache through XLA with
+    `mask_BxLxS`. When the sequence is split over devices (`lm.axes.sequence_attention` installed,
+    its block kernel from the same plan), full-sequence attention runs through that hook with each
+    token's `positions_BxL`.
     """
     q_BxLxNxK = layers.apply_rotary(self.query(x_BxLxD), sin, cos)
     k_BxLxGxK = layers.apply_rotary(self.key(x_BxLxD), sin, cos)
@@ -71,11 +73,10 @@ class Attention(nnx.Module):
       out_BxLxNxK = across_shards(q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, positions_BxL, segment_ids_BxL,
                                   recompute=self.cfg.remat == "none")
     elif cache_kv is None or prefill:
-      cfg = self.cfg
-      choice = attention_lib.select_for(cfg.attention, cfg.dtype, cfg.head_dim, x_BxLxD.shape[1],
-                                        segments=segment_ids_BxL is not None)
-      out_BxLxNxK = attention_lib.attend(choice.implementation, q_BxLxNxK, k_BxLxGxK, v_BxLxGxK,
-                                         segment_ids_BxL, recompute=cfg.remat == "none")
+      place = self.kernels.full if cache_kv is None else self.kernels.prefill
+      out_BxLxNxK = attention_lib.attend(place.for_length(x_BxLxD.shape[1]), q_BxLxNxK, k_BxLxGxK,
+                                         v_BxLxGxK, segment_ids_BxL, recompute=self.cfg.remat == "none",
+                                         interpret=self.kernels.interpret)
     else:
       out_BxLxNxK = attention_lib.xla_attention(q_BxLxNxK, k_BxSxGxK, v_BxSxGxK, mask_BxLxS,
                                                 k_scale_BxSxGx1=k_scale, v_scale_BxSxGx1=v_scale)
@@ -114,7 +115,7 @@ class Mlp(nnx.Module):
 class Block(nnx.Module):
   """One pre-norm decoder block: x + attn(norm(x)), then + mlp(norm(x))."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, kernels: attention_lib.AttentionPlan, *, rngs: nnx.Rngs):
     # remat=none keeps every activation the backward pass needs; `lean` trims that to what is
     # expensive to recompute (matmul outputs), recomputing norms, SwiGLU and attention scores.
     self.lean = cfg.remat == "none"
@@ -123,7 +124,7 @@ class Block(nnx.Module):
     self.lean_mlp = self.lean and cfg.quant == "none"
     norm_kw = dict(eps=cfg.norm_eps, param_dtype=cfg.storage_dtype, rngs=rngs)
     self.attention_norm = layers.RMSNorm(cfg.d_model, **norm_kw)
-    self.attention = Attention(cfg, rngs=rngs)
+    self.attention = Attention(cfg, kernels, rngs=rngs)
     self.mlp_norm = layers.RMSNorm(cfg.d_model, **norm_kw)
     self.mlp = Mlp(cfg, rngs=rngs)
 
@@ -143,12 +144,16 @@ class Transformer(nnx.Module):
   `remat_wrapper` (from `sharding.remat`) wraps the per-layer function to choose what the backward
   pass recomputes; None keeps every activation. `layer_stack` (from `sharding.pipeline`) runs the
   layers of a full forward pass (training, evaluation) instead of one scan; the KV-cache path
-  always scans. Neither changes the parameters.
+  always scans. `attention` is the run plan's attention plan (`lm.attention.plan_attention`: the
+  kernel for each place); without one the model runs XLA attention (`lm.attention.unplanned`).
+  None of these changes the parameters.
   """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, remat_wrapper: RematWrapper | None = None,
-               layer_stack: LayerStack | None = None):
+               layer_stack: LayerStack | None = None,
+               attention: attention_lib.AttentionPlan | None = None):
     self.cfg = cfg
+    kernels = attention or attention_lib.unplanned(cfg.attention)
     self.remat_wrapper = remat_wrapper
     self.layer_stack = layer_stack
     kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype, rngs=rngs)
@@ -157,7 +162,7 @@ class Transformer(nnx.Module):
     @nnx.split_rngs(splits=cfg.num_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def make_blocks(rngs: nnx.Rngs) -> Block:
-      return Block(cfg, rngs=rngs)
+      return Block(cfg, kernels, rngs=rngs)
 
     self.blocks = make_blocks(rngs)
     self.final_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.storage_dtype,

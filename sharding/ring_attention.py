@@ -14,7 +14,7 @@ the dK/dV accumulators travel with their K/V block and come home after one last 
 memory is O(L_local), not O(L_total).
 
 Causal balance: with the natural layout device i's queries see only blocks 0..i, so the last device
-works N times as long as the first. `zigzag_order` puts chunk i and chunk 2N-1-i of 2N chunks on
+works N times as long as the first. `sharding.zigzag.zigzag_order` puts chunk i and chunk 2N-1-i of 2N chunks on
 device i; then, at every ring step, exactly half of each device's (front/back chunk x front/back
 chunk) sub-blocks are fully masked, and `skip_masked=True` skips their key chunks with `lax.cond`
 (one branch per key chunk whose mask is all False).
@@ -34,42 +34,6 @@ from sharding import ring_splash
 
 KERNELS = ("xla", "splash")  # what computes each block: XLA (any platform) or Pallas splash (TPU)
 _MASKED = -0.7 * float(np.finfo(np.float32).max)  # finite, so a row with nothing to see makes no NaN
-
-
-# ------------------------------------------------------------------------------------------------
-# Balanced (zigzag) layout.
-
-def zigzag_order(length: int, num_shards: int) -> np.ndarray:
-  """Permutation [length] of positions: x[:, order] puts chunks i and 2N-1-i of 2N on shard i.
-
-  Raises ValueError when `length` is not divisible by 2 x num_shards.
-  """
-  if num_shards < 1 or length % (2 * num_shards):
-    raise ValueError(
-        f"sequence length L must be divisible by 2 x mesh.sequence = 2 x {num_shards} = "
-        f"{2 * num_shards} for the balanced (zigzag) ring layout; got L={length}. Choose "
-        f"--config.data.seq_len as a multiple of {2 * num_shards}, or a smaller sequence axis.")
-  chunk = length // (2 * num_shards)
-  chunks = np.arange(length).reshape(2 * num_shards, chunk)
-  return np.concatenate([np.concatenate([chunks[i], chunks[2 * num_shards - 1 - i]])
-                         for i in range(num_shards)])
-
-
-def zigzag_inverse(length: int, num_shards: int) -> np.ndarray:
-  """The inverse permutation of `zigzag_order`: x_zig[:, inverse] is back in natural order."""
-  return np.argsort(zigzag_order(length, num_shards))
-
-
-def to_zigzag(x, num_shards: int, axis: int = 1):
-  """`x` reordered along `axis` (the length axis) into the zigzag layout; works on jax and numpy."""
-  order = zigzag_order(x.shape[axis], num_shards)
-  return x[(slice(None),) * (axis % x.ndim) + (order,)]
-
-
-def from_zigzag(x, num_shards: int, axis: int = 1):
-  """`x` in the zigzag layout along `axis` put back in natural order."""
-  inverse = zigzag_inverse(x.shape[axis], num_shards)
-  return x[(slice(None),) * (axis % x.ndim) + (inverse,)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -377,7 +341,7 @@ def ring_attention(q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, positions_BxL, segments_BxL=
 
   Batch is split over `batch_axes` (a mesh axis name, a tuple of them, or None), length over
   `axis_name`, query and kv heads over `head_axis` (or None). `positions_BxL` are the tokens' global
-  positions in the layout the arrays are in (natural, or `to_zigzag`'s); `segments_BxL` (None: one
+  positions in the layout the arrays are in (natural, or `sharding.zigzag.to_zigzag`'s); `segments_BxL` (None: one
   document) keep documents apart; `block_size` is the key chunk, `kernel` what computes each block
   and `layout` the arrays' layout, which the splash kernel needs (see `ring_attention_shard`).
   Raises ValueError when the length does not split over the axis.

@@ -9,9 +9,9 @@ communication. Attention needs every earlier key of each query; two strategies b
     segment ids. Simple; each device holds the whole sequence's K/V and an [L/N, L] score block.
   * `ring`: key/value blocks travel around the ring with `ppermute` under an online softmax
     (`sharding/ring_attention.py`), so no device holds more than two blocks; with the step's
-    zigzag layout (`ring_attention.zigzag_order`) every device does the same causal work. Each
-    block runs through the platform's kernel where one can (`ring_block_kernel`: Pallas splash on
-    TPU), XLA otherwise.
+    zigzag layout (`sharding/zigzag.py`) every device does the same causal work. Each block runs
+    through the kernel the run plan chose (`lm.attention.select_sequence_block`: Pallas splash on
+    TPU, XLA otherwise).
 
 Both run inside one `shard_map` over the whole mesh, so batch and heads stay split as the rule
 table says. The mask comes from each token's position, not its index: after the zigzag reordering
@@ -22,41 +22,20 @@ Shape suffixes: B batch, L local (per-device) length, S all keys' length, N quer
 K head dim.
 """
 
-import contextlib
-import contextvars
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh
 
 from sharding import ring_attention
-from sharding import ring_splash
 from sharding import rules as rules_lib
 
-STRATEGIES = ("ring", "all_gather")
+STRATEGIES = ("ring", "all_gather")  # mesh.sequence_attention
 AXIS = "sequence"
 
 # (q [B, L, N, K], k, v [B, S, G, K], mask bool [B, L, S], recompute=bool) -> [B, L, N, K]
 MaskedAttention = Callable[..., jax.Array]
-
-# The layout of the sequences being traced: "zigzag" inside the train and eval steps' loss (which
-# reorder each sequence), "natural" elsewhere (a loss hook's model calls). The ring's splash blocks
-# read their masks from it.
-_layout: contextvars.ContextVar[str] = contextvars.ContextVar("sequence_layout", default="natural")
-
-
-@contextlib.contextmanager
-def zigzag_layout():
-  """Within this context (while tracing), sequences split over `sequence` are in ring attention's
-  zigzag layout (`ring_attention.zigzag_order`)."""
-  token = _layout.set("zigzag")
-  try:
-    yield
-  finally:
-    _layout.reset(token)
-
 
 def length_multiple(strategy: str, shards: int) -> int:
   """What data.seq_len must be a multiple of: 2N for the ring's balanced layout, N for all-gather."""
@@ -91,42 +70,6 @@ def ring_attention_block(q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, positions_BxL, segment
                               layout=layout, interpret=interpret)
 
 
-def ring_block_kernel(requested: str, platform: str, strategy: str, shards: int,
-                      seq_len: int) -> tuple[str, str]:
-  """(kernel, reason): what computes each device's attention block when mesh.sequence = `shards` > 1.
-
-  `requested` is model.attention (auto | xla | cudnn | splash), `platform` one of lm.attention's
-  PLATFORMS, `seq_len` the whole sequence. Under `ring` on a TPU, Pallas splash attention runs inside
-  every block when a sub-block (seq_len / 2 x shards tokens) is a multiple of 128; everywhere else,
-  and under `all_gather`, XLA does. Raises ValueError for an explicit kernel that cannot run there.
-  """
-  def refuse(why: str):
-    raise ValueError(f"model.attention={requested!r} with mesh.sequence={shards}: {why}. Set "
-                     "--config.model.attention=auto (or xla), or --config.mesh.sequence=1.")
-  if strategy != "ring":
-    if requested in ("cudnn", "splash"):
-      refuse("all_gather attention runs each device's queries against the gathered keys through XLA; "
-             "--config.mesh.sequence_attention=ring runs splash inside its blocks on TPUs")
-    return "xla", f"mesh.sequence={shards}: all_gather attention, each device's block through XLA"
-  if requested == "cudnn":
-    refuse("ring attention merges blocks by their softmax statistics, which jax's cuDNN attention "
-           "does not return, so each block runs through XLA on GPUs")
-  if requested == "xla":
-    return "xla", f"mesh.sequence={shards}: ring attention, each block through XLA as configured"
-  problem = (f"splash attention is a TPU kernel, and this is {platform}" if platform != "tpu" else
-             ring_splash.chunk_problem(seq_len // (2 * shards)))
-  if requested == "splash":
-    if problem:
-      refuse(f"it cannot run inside the ring's blocks: {problem}")
-    return "splash", f"mesh.sequence={shards}: ring attention, each block through splash as configured"
-  if not problem:
-    return "splash", f"mesh.sequence={shards}: ring attention, each block through Pallas splash on TPU"
-  if platform == "cuda":
-    problem = ("jax's cuDNN attention returns no softmax statistics, which the ring needs to merge "
-               "blocks")
-  return "xla", f"mesh.sequence={shards}: ring attention, each block through XLA ({problem})"
-
-
 def check_rules(rules: rules_lib.Rules) -> None:
   """Raises ValueError unless the table splits activations' `length` over `sequence` alone (what a
   mesh with sequence > 1 needs; `get_rules(..., sequenced=True)` adds it unless a custom table
@@ -138,15 +81,16 @@ def check_rules(rules: rules_lib.Rules) -> None:
 
 
 def sequence_attention_fn(mesh: Mesh, rules: rules_lib.Rules, strategy: str, attend: MaskedAttention,
-                          *, requested: str = "auto", platform: str = "cpu", interpret: bool = False):
+                          *, block_kernel: str = "xla", layout: str = "natural", interpret: bool = False):
   """The function `lm.axes.use_sequence_attention` installs: attention of `length`-split arrays.
 
   `strategy` is one of STRATEGIES; `attend` is the masked attention the all-gather strategy runs on
-  each device's block (lm.attention.xla_attention). The ring's block kernel is chosen per traced
-  length by `ring_block_kernel(requested, platform, ...)` (`interpret`: run a chosen splash kernel
-  in Pallas' interpreter, for CPU tests with platform="tpu"). The returned fn(q_BxLxNxK, k_BxLxGxK,
-  v_BxLxGxK, positions_BxL, segment_ids_BxL or None, recompute=False) takes and returns global
-  arrays, and runs each device's part in a shard_map with batch, length and heads split by `rules`.
+  each device's block (lm.attention.xla_attention). Under the ring, each block runs through
+  `block_kernel` (xla | splash: the run plan's choice), reading the sequences' `layout` (natural |
+  zigzag: the plan's too); `interpret` runs splash in Pallas' interpreter. The returned
+  fn(q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, positions_BxL, segment_ids_BxL or None, recompute=False) takes
+  and returns global arrays, and runs each device's part in a shard_map with batch, length and heads
+  split by `rules`.
   """
   if strategy not in STRATEGIES:
     raise ValueError(f"mesh.sequence_attention={strategy!r}: choose one of {list(STRATEGIES)}.")
@@ -161,8 +105,7 @@ def sequence_attention_fn(mesh: Mesh, rules: rules_lib.Rules, strategy: str, att
       segment_ids_BxL = jnp.zeros(q_BxLxNxK.shape[:2], jnp.int32)
     positions_BxL = jnp.broadcast_to(positions_BxL, q_BxLxNxK.shape[:2]).astype(jnp.int32)
     if strategy == "ring":
-      kernel, _ = ring_block_kernel(requested, platform, strategy, mesh.shape[AXIS], q_BxLxNxK.shape[1])
-      body = lambda *a: ring_attention_block(*a, recompute=recompute, kernel=kernel, layout=_layout.get(),
+      body = lambda *a: ring_attention_block(*a, recompute=recompute, kernel=block_kernel, layout=layout,
                                              interpret=interpret)
     else:
       body = lambda *a: all_gather_attention(*a, attend=attend, recompute=recompute)

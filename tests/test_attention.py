@@ -12,7 +12,7 @@ from flax import nnx
 
 from configs.smoke import get_config
 from launch.run.config import model_config, validate
-from launch.run.context import plan_mesh
+from launch.run.plan import decide
 from launch.run.step import per_shard_map
 from lm import attention, axes
 from lm.transformer import Transformer
@@ -67,13 +67,29 @@ def test_explicit_kernel_that_cannot_run_is_a_config_error(requested, platform, 
   assert words in str(err.value)
 
 
-def test_plan_mesh_refuses_cudnn_on_cpu_before_compiling():
+def test_plan_refuses_cudnn_on_cpu_before_compiling():
   c = get_config()
   c.model.attention = "cudnn"
   c.model.dtype = "bfloat16"
   with pytest.raises(ValueError, match="model.attention='cudnn' cannot run.*--config.model.attention=auto"):
-    plan_mesh(validate(c), 1, "cpu")
-  plan_mesh(validate(c), 1, "gpu")  # the cluster dry run for NVIDIA GPUs accepts it
+    decide(validate(c), 1, "cpu")
+  decided = decide(validate(c), 1, "gpu")  # the cluster dry run for NVIDIA GPUs accepts it
+  assert decided.attention.full.implementation == "cudnn"
+
+
+def test_a_planned_kernel_keeps_its_length_rule():
+  """The plan's rule, not a new choice: lengths a kernel cannot tile run XLA under auto, and are an
+  error under an explicit kernel."""
+  auto = attention.plan_attention("auto", platform="tpu", dtype="bfloat16", head_dim=64, seq_len=512)
+  assert auto.full.implementation == auto.prefill.implementation == "splash"
+  assert auto.prefill.for_length(256) == "splash" and auto.prefill.for_length(48) == "xla"
+  assert auto.decode.implementation == "xla" and auto.ring_block is None
+  explicit = attention.plan_attention("splash", platform="tpu", dtype="bfloat16", head_dim=64, seq_len=512)
+  with pytest.raises(ValueError, match="cannot run a length of 48"):
+    explicit.prefill.for_length(48)
+  gpu = attention.plan_attention("auto", platform="cuda", dtype="bfloat16", head_dim=64, seq_len=4096,
+                                 compute_capability="9.0")
+  assert gpu.prefill.for_length(37) == "xla" and gpu.prefill.for_length(38) == "cudnn"
 
 
 def reference_attention(q, k, v, segment_ids):

@@ -6,8 +6,8 @@ import jax
 import pytest
 
 from launch.run import state as ts
-from launch.run.config import check_against_mesh, validate
-from launch.run.context import build_context
+from launch.run.config import validate
+from launch.run.plan import decide, make_plan
 from sharding import mesh as mesh_lib
 from sharding import rules as rules_lib
 
@@ -34,8 +34,7 @@ def test_real_size_presets_fit_their_meshes(name, devices, expected_millions):
   cfg = validate(load(name))
   low, high = expected_millions
   assert low <= cfg.model.num_params() / 1e6 <= high
-  shape = mesh_lib.resolve_mesh_shape(cfg.mesh.requested_shape(), devices)
-  check_against_mesh(cfg, shape)
+  shape = decide(cfg, devices, "tpu").mesh_shape.shape  # the plan's checks, for devices not here
   mdef = ts.model_def(cfg.model)
   specs = rules_lib.tree_specs(mdef.logical_names, mdef.abstract_params, shape, rules_lib.get_rules(cfg.mesh.rules))
   assert len(jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))) == 12 - cfg.model.tie_embeddings
@@ -84,7 +83,7 @@ def test_batch_not_divisible_by_data_axes():
   c.train.global_batch_size = 12
   c.mesh.data = 8
   with pytest.raises(ValueError, match="not divisible by mesh.data x mesh.fsdp = 8 x 1"):
-    build_context(validate(c))
+    make_plan(validate(c))
 
 
 def test_heads_not_divisible_by_tensor_axis():
@@ -95,11 +94,11 @@ def test_heads_not_divisible_by_tensor_axis():
   c.mesh.tensor = 4
   c.mesh.rules = "tp"
   with pytest.raises(ValueError, match=r"'heads', size 6\) cannot be split over mesh.tensor=4"):
-    build_context(validate(c))
+    make_plan(validate(c))
 
 
 def test_offload_remat_rejected_on_cpu():
   c = load("smoke")
   c.model.remat = "offload_qkv_mlp"
   with pytest.raises(ValueError, match="pinned host memory"):
-    build_context(validate(c))
+    make_plan(validate(c))

@@ -12,7 +12,7 @@ from configs.smoke import get_config
 from launch.run import checkpoint as ckpt_lib
 from launch.run import state as ts
 from launch.run.config import validate, with_overrides
-from launch.run.context import build_context
+from launch.run.plan import make_plan
 from compress.distill_run import distill, distill_hook, load_teacher
 from launch.run.step import jit_train_step
 
@@ -55,8 +55,8 @@ STUDENT = dict(model__num_layers=1, model__d_model=32, model__num_heads=2, model
 def teacher_dir(tmp_path_factory):
   """A saved checkpoint of the smoke model with random weights (only the shapes matter here)."""
   cfg = config()
-  ctx = build_context(cfg)
-  state = ts.init_train_state(ctx.mdef, ctx.tx, ctx.shardings, seed=1)
+  plan = make_plan(cfg)
+  state = ts.init_train_state(plan.mdef, plan.tx, plan.shardings, seed=1)
   directory = str(tmp_path_factory.mktemp("teacher") / "checkpoints")
   checkpointer = ckpt_lib.Checkpointer(directory, async_save=False)
   checkpointer.save(5, state, {"config": cfg.to_dict()})
@@ -68,9 +68,9 @@ def test_zero_gradient_when_student_is_the_teacher(teacher_dir):
   """At T=1, alpha=1 the KL (and the hidden MSE) is at its minimum: loss 0, every gradient 0."""
   cfg = config(distill__teacher_checkpoint=teacher_dir, distill__alpha=1.0, distill__temperature=1.0,
                distill__hidden_weight=1.0, mesh__num_devices=1)
-  ctx = build_context(cfg)
-  teacher = load_teacher(cfg, ctx)
-  hook = distill_hook(cfg, ctx, teacher)
+  plan = make_plan(cfg)
+  teacher = load_teacher(cfg, plan)
+  hook = distill_hook(cfg, plan, teacher)
   batch = {"inputs": jax.random.randint(jax.random.key(0), (2, 16), 0, 512),
            "targets": jax.random.randint(jax.random.key(1), (2, 16), 0, 512)}
   with_ce = functools.partial(hook.fn.func, **{**hook.fn.keywords, "alpha": 0.5})
@@ -90,20 +90,20 @@ def test_zero_gradient_when_student_is_the_teacher(teacher_dir):
 def test_distillation_step_on_eight_devices_with_both_models_sharded(teacher_dir):
   cfg = config(distill__teacher_checkpoint=teacher_dir, distill__alpha=0.7, mesh__data=2, mesh__fsdp=4,
                mesh__rules="fsdp", **STUDENT)
-  ctx = build_context(cfg)
-  assert ctx.num_devices == 8
-  teacher = load_teacher(cfg, ctx)
+  plan = make_plan(cfg)
+  assert plan.num_devices == 8
+  teacher = load_teacher(cfg, plan)
   assert teacher.step == 5 and teacher.mdef.cfg.num_layers == 2
   # Both models are split along `embed` over fsdp by the same rule table.
   t_kernel = teacher.params["blocks"]["mlp"]["up"]["kernel"]      # [layers, embed, mlp]
   assert t_kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None)
-  assert t_kernel.sharding.mesh == ctx.mesh
+  assert t_kernel.sharding.mesh == plan.mesh
   assert len({s.data.shape for s in t_kernel.addressable_shards}) == 1
   assert t_kernel.addressable_shards[0].data.shape == (2, 64 // 4, 128)
 
-  hook = distill_hook(cfg, ctx, teacher)
-  step_fn = jit_train_step(ctx.mdef, ctx.tx, ctx.schedule, 1, ctx.mesh, ctx.rules, ctx.shardings, hook)
-  state = ts.init_train_state(ctx.mdef, ctx.tx, ctx.shardings, cfg.seed)
+  hook = distill_hook(cfg, plan, teacher)
+  step_fn = jit_train_step(plan, hook)
+  state = ts.init_train_state(plan.mdef, plan.tx, plan.shardings, cfg.seed)
   s_kernel = state.params["blocks"]["mlp"]["up"]["kernel"]
   assert s_kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None)
   tokens = jax.random.randint(jax.random.key(0), (8, 65), 0, 512)
@@ -131,11 +131,11 @@ def test_bad_distill_inputs_are_named(teacher_dir, tmp_path):
   mismatch = config(distill__teacher_checkpoint=teacher_dir, model__vocab_size=256, mesh__num_devices=1)
   with pytest.raises(ValueError, match=r"teacher has model.vocab_size=512 but the student has "
                                        r"model.vocab_size=256"):
-    load_teacher(mismatch, build_context(mismatch))
+    load_teacher(mismatch, make_plan(mismatch))
   narrow = config(distill__teacher_checkpoint=teacher_dir, distill__hidden_weight=1.0, mesh__num_devices=1,
                   **STUDENT)
   with pytest.raises(ValueError, match=r"teacher d_model=64 and student d_model=32"):
-    load_teacher(narrow, build_context(narrow))
+    load_teacher(narrow, make_plan(narrow))
   with pytest.raises(ValueError, match=r"distill.teacher_checkpoint is empty"):
     distill(config(), str(tmp_path))
   with pytest.raises(ckpt_lib.CheckpointError, match="No checkpoint directory"):

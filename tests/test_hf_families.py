@@ -96,7 +96,7 @@ def test_generate_uses_the_converted_tokenizer_and_stops_at_end_of_turn(converte
   prompt = chat.render([{"role": "user", "content": "What is the weather like today?"}])
   ids = loaded.tokenizer.encode(prompt)
   # Greedy tokens with no stop but EOS, then the same with the third new token declared end-of-turn.
-  fn = make_generate_fn(loaded.ctx.mdef.graphdef, max_new_tokens=6, temperature=0.0)
+  fn = make_generate_fn(loaded.plan.mdef.graphdef, max_new_tokens=6, temperature=0.0)
   free_ids = [int(t) for t in np.asarray(fn(loaded.params, np.asarray([ids], np.int32), jax.random.key(0)))[0, len(ids):]]
   stop = free_ids[2]
   assert stop not in free_ids[:2] + list(chat.stop_ids), "pick another fixture position: no clean stop"

@@ -12,7 +12,7 @@ from configs.smoke import get_config as smoke_config
 from launch.run import step as step_lib
 from launch.run import state as ts
 from launch.run.config import validate
-from launch.run.context import build_context
+from launch.run.plan import make_plan
 from lm.data import baseline, loader, sources, tfds_builder
 from lm.loss import chunked_cross_entropy, cross_entropy
 
@@ -118,8 +118,8 @@ def test_train_step_loss_is_the_mean_over_response_targets():
   prompt targets can be anything without changing loss or gradient."""
   c = smoke_config()
   c.mesh.update(dict(num_devices=1, data=1))
-  ctx = build_context(validate(c))
-  params = ts.init_train_state(ctx.mdef, ctx.tx, ctx.shardings, seed=0).params
+  plan = make_plan(validate(c))
+  params = ts.init_train_state(plan.mdef, plan.tx, plan.shardings, seed=0).params
   rng = np.random.default_rng(0)
   b, length, vocab = 2, c.data.seq_len, c.model.vocab_size
   inputs = rng.integers(0, vocab, (b, length)).astype(np.int32)
@@ -127,10 +127,10 @@ def test_train_step_loss_is_the_mean_over_response_targets():
   batch = {"inputs": inputs, "targets": rng.integers(0, vocab, (b, length)).astype(np.int32),
            "segment_ids": np.zeros((b, length), np.int32), "loss_weights": weights}
   loss_and_grad = jax.jit(jax.value_and_grad(
-      lambda p, bt: step_lib._loss(p, bt, ctx.mdef), has_aux=True))  # pylint: disable=protected-access
+      lambda p, bt: step_lib._loss(p, bt, plan.mdef), has_aux=True))  # pylint: disable=protected-access
   (loss, (_, tokens)), grads = loss_and_grad(params, batch)
 
-  logits = ctx.mdef.bind(params)(jnp.asarray(inputs), segment_ids_BxL=jnp.asarray(batch["segment_ids"]))
+  logits = plan.mdef.bind(params)(jnp.asarray(inputs), segment_ids_BxL=jnp.asarray(batch["segment_ids"]))
   nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["targets"])
   assert float(tokens) == weights.sum()
   assert float(loss) == pytest.approx(float((nll * weights).sum() / weights.sum()), rel=1e-5)

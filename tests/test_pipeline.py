@@ -15,7 +15,7 @@ from launch.run import checkpoint as ckpt_lib
 from launch.run import state as ts
 from launch.run import step as step_lib
 from launch.run.config import validate, with_overrides
-from launch.run.context import build_context, plan_mesh
+from launch.run.plan import decide, make_plan
 from lm.generate import make_generate_fn
 from sharding.pipeline import Pipeline
 
@@ -32,18 +32,18 @@ def make_config(**changes):
   return validate(with_overrides(get_config(), full))
 
 
-def batch_for(ctx):
+def batch_for(plan):
   tokens = np.random.default_rng(0).integers(0, VOCAB, (BATCH, SEQ + 1)).astype(np.int32)
-  sharding = step_lib.batch_sharding(ctx.mesh, ctx.rules)
+  sharding = step_lib.batch_sharding(plan.mesh, plan.rules)
   return {"inputs": jax.device_put(tokens[:, :-1], sharding), "targets": jax.device_put(tokens[:, 1:], sharding)}
 
 
 def loss_and_grads(cfg):
   """(loss, grads on the host) of the seed-0 parameters on one fixed batch, through the run's own loss."""
-  ctx = build_context(cfg)
-  params = ts.init_train_state(ctx.mdef, ctx.tx, ctx.shardings, seed=0).params
-  fn = jax.jit(jax.value_and_grad(lambda p, b: step_lib._loss(p, b, ctx.mdef)[0]))
-  loss, grads = step_lib._traced_under(fn, ctx.mesh, ctx.rules)(params, batch_for(ctx))
+  plan = make_plan(cfg)
+  params = ts.init_train_state(plan.mdef, plan.tx, plan.shardings, seed=0).params
+  fn = jax.jit(jax.value_and_grad(lambda p, b: step_lib._loss(p, b, plan.mdef)[0]))
+  loss, grads = step_lib.under_plan(fn, plan)(params, batch_for(plan))
   return float(loss), jax.device_get(grads)
 
 
@@ -73,18 +73,18 @@ def test_pipeline_equals_single_device(changes, reference):
 
 def test_pipeline_composes_with_gradient_accumulation(reference):
   cfg = make_config(**{"mesh.stage": 2, "mesh.data": 2, "train.microbatches": 2, "train.grad_accum_steps": 2})
-  ctx = build_context(cfg)
-  state = ts.init_train_state(ctx.mdef, ctx.tx, ctx.shardings, seed=0)
-  step = step_lib.jit_train_step(ctx.mdef, ctx.tx, ctx.schedule, 2, ctx.mesh, ctx.rules, ctx.shardings)
-  _, metrics = step(state, batch_for(ctx))
+  plan = make_plan(cfg)
+  state = ts.init_train_state(plan.mdef, plan.tx, plan.shardings, seed=0)
+  step = step_lib.jit_train_step(plan)
+  _, metrics = step(state, batch_for(plan))
   ref_norm = float(np.sqrt(sum(np.sum(np.square(g)) for g in jax.tree.leaves(reference[1]))))
   np.testing.assert_allclose(float(metrics["loss"]), reference[0], rtol=2e-5)
   np.testing.assert_allclose(float(metrics["grad_norm"]), ref_norm, rtol=2e-5)
 
 
 def test_checkpoint_moves_between_stage_counts(tmp_path):
-  staged = build_context(make_config(**{"mesh.stage": 4, "train.microbatches": 2}))
-  single = build_context(make_config(**{"mesh.num_devices": 1}))
+  staged = make_plan(make_config(**{"mesh.stage": 4, "train.microbatches": 2}))
+  single = make_plan(make_config(**{"mesh.num_devices": 1}))
   for source, target, name in ((staged, single, "from4"), (single, staged, "from1")):
     saved = ts.init_train_state(source.mdef, source.tx, source.shardings, seed=3)
     writer = ckpt_lib.Checkpointer(str(tmp_path / name), async_save=False)
@@ -103,18 +103,18 @@ def test_checkpoint_moves_between_stage_counts(tmp_path):
 
 
 def test_eval_and_generation_run_on_stage_sharded_parameters():
-  staged = build_context(make_config(**{"mesh.stage": 2, "train.microbatches": 2}))
-  single = build_context(make_config(**{"mesh.num_devices": 1}))
+  staged = make_plan(make_config(**{"mesh.stage": 2, "train.microbatches": 2}))
+  single = make_plan(make_config(**{"mesh.num_devices": 1}))
   params = {name: ts.init_train_state(c.mdef, c.tx, c.shardings, seed=0).params
             for name, c in (("staged", staged), ("single", single))}
-  losses = {name: float(step_lib.jit_eval_step(c.mdef, c.mesh, c.rules, c.shardings.params)(
+  losses = {name: float(step_lib.jit_eval_step(c)(
       params[name], batch_for(c))["loss_sum"]) for name, c in (("staged", staged), ("single", single))}
   np.testing.assert_allclose(losses["staged"], losses["single"], rtol=2e-5)
   prompt = jnp.asarray(np.arange(1, 9, dtype=np.int32).reshape(2, 4))
   tokens = {}
   for name, c in (("staged", staged), ("single", single)):
     fn = make_generate_fn(c.mdef.graphdef, max_new_tokens=4, temperature=0.0)
-    tokens[name] = np.asarray(step_lib._traced_under(fn, c.mesh, c.rules)(params[name], prompt, jax.random.key(0)))
+    tokens[name] = np.asarray(step_lib.under_plan(fn, c)(params[name], prompt, jax.random.key(0)))
   np.testing.assert_array_equal(tokens["staged"], tokens["single"])
 
 
@@ -131,7 +131,7 @@ def test_eval_and_generation_run_on_stage_sharded_parameters():
 def test_bad_pipelines_fail_before_compiling(changes, message):
   with pytest.raises(ValueError, match=message):
     cfg = make_config(**changes)
-    plan_mesh(cfg, cfg.mesh.num_devices, "cpu")
+    decide(cfg, cfg.mesh.num_devices, "cpu")
 
 
 @pytest.mark.parametrize("pipe, bubble", [

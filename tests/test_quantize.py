@@ -27,7 +27,7 @@ from configs.base import base_config
 from launch.run import checkpoint as ckpt_lib
 from launch.run import state as ts
 from launch.run.config import model_config, validate
-from launch.run.context import build_context
+from launch.run.plan import make_plan
 from launch.run.restore import load_checkpoint
 from compress.quantize_run import quantize_checkpoint
 from lm import quant
@@ -196,8 +196,8 @@ def float_checkpoint(tmp_path_factory):
   c.data.data_dir = str(tmp_path_factory.mktemp("data"))
   c.train.global_batch_size = 8
   cfg = validate(c)
-  ctx = build_context(cfg)
-  state = ts.init_train_state(ctx.mdef, ctx.tx, ctx.shardings, seed=0)
+  plan = make_plan(cfg)
+  state = ts.init_train_state(plan.mdef, plan.tx, plan.shardings, seed=0)
   directory = str(tmp_path_factory.mktemp("float") / "checkpoints")
   checkpointer = ckpt_lib.Checkpointer(directory, async_save=False)
   checkpointer.save(3, state, {"config": cfg.to_dict()})
@@ -247,7 +247,7 @@ def test_quantized_checkpoint_round_trips(float_checkpoint, w8a8_checkpoint):
 
 def test_quantized_generation_with_kv_cache_equals_greedy_full_forward(w8a8_checkpoint):
   loaded = load_checkpoint(w8a8_checkpoint[0], devices=jax.devices()[:1])
-  graphdef, params = loaded.ctx.mdef.graphdef, loaded.params
+  graphdef, params = loaded.plan.mdef.graphdef, loaded.params
   prompt, new = _tokens(2, 5, seed=3), 10
   generated = np.asarray(make_generate_fn(graphdef, max_new_tokens=new, temperature=0.0)(
       params, prompt, jax.random.key(0)))

@@ -16,7 +16,8 @@ from launch.run import checkpoint as ckpt_lib
 from launch.run import state as ts
 from launch.run import step as step_lib
 from launch.run.config import validate, with_overrides
-from launch.run.context import build_context, plan_mesh
+from launch.run.plan import decide, make_plan
+from lm import attention as attention_lib
 from lm.generate import make_generate_fn
 from sharding import rules as rules_lib
 from sharding import sequence as sequence_lib
@@ -47,8 +48,8 @@ def host_batch():
 
 def host_params():
   """The seed-0 parameters on the host: every run starts from these (no init compile per mesh)."""
-  ctx = build_context(make_config(**{"mesh.num_devices": 1}))
-  return jax.device_get(ts.init_train_state(ctx.mdef, ctx.tx, ctx.shardings, seed=0).params)
+  plan = make_plan(make_config(**{"mesh.num_devices": 1}))
+  return jax.device_get(ts.init_train_state(plan.mdef, plan.tx, plan.shardings, seed=0).params)
 
 
 # The collective each strategy's shard_map must show in the lowered step (GSPMD alone adds none
@@ -59,15 +60,15 @@ COLLECTIVE = {"all_gather": "all_gather", "ring": "collective_permute"}
 def loss_and_grads(cfg, params):
   """(loss, grads on the host) of `params` on one fixed batch, through the run's own loss (in the
   zigzag order under the ring strategy, as the train step runs it)."""
-  ctx = build_context(cfg)
-  params = jax.device_put(params, ctx.shardings.params)
+  plan = make_plan(cfg)
+  params = jax.device_put(params, plan.shardings.params)
   strategy = cfg.mesh.sequence_attention
-  shards = step_lib.zigzag_shards(ctx.mesh, strategy)
-  fn = jax.jit(jax.value_and_grad(lambda p, b: step_lib._loss(p, b, ctx.mdef, shards)[0]))
-  sharding = step_lib.batch_sharding(ctx.mesh, ctx.rules)
+  shards = plan.sequence.zigzag_shards
+  fn = jax.jit(jax.value_and_grad(lambda p, b: step_lib._loss(p, b, plan.mdef, shards)[0]))
+  sharding = step_lib.batch_sharding(plan.mesh, plan.rules)
   batch = {k: jax.device_put(v, sharding) for k, v in host_batch().items()}
-  lowered = step_lib._traced_under(fn, ctx.mesh, ctx.rules, sequence_attention=strategy).lower(params, batch)
-  if ctx.mesh.shape["sequence"] > 1:
+  lowered = step_lib.under_plan(fn, plan).lower(params, batch)
+  if plan.mesh.shape["sequence"] > 1:
     assert COLLECTIVE[strategy] in lowered.as_text()
   loss, grads = lowered.compile()(params, batch)
   return float(loss), jax.device_get(grads)
@@ -102,11 +103,10 @@ def test_sequence_parallel_equals_single_device(changes, strategy, params, refer
 def test_train_step_with_gradient_accumulation(params, reference):
   """The jitted train step itself (zigzag reorder, micro-batches) on sequence=4 x data=2."""
   cfg = make_config(**{"mesh.sequence": 4, "mesh.data": 2, "train.grad_accum_steps": 2})
-  ctx = build_context(cfg)
-  state = ts.train_state_from_params(jax.device_put(params, ctx.shardings.params), ctx.tx, ctx.shardings)
-  step = step_lib.jit_train_step(ctx.mdef, ctx.tx, ctx.schedule, 2, ctx.mesh, ctx.rules, ctx.shardings,
-                                 sequence_attention="ring")
-  sharding = step_lib.batch_sharding(ctx.mesh, ctx.rules)
+  plan = make_plan(cfg)
+  state = ts.train_state_from_params(jax.device_put(params, plan.shardings.params), plan.tx, plan.shardings)
+  step = step_lib.jit_train_step(plan)
+  sharding = step_lib.batch_sharding(plan.mesh, plan.rules)
   _, metrics = step(state, {k: jax.device_put(v, sharding) for k, v in host_batch().items()})
   ref_norm = float(np.sqrt(sum(np.sum(np.square(g)) for g in jax.tree.leaves(reference[1]))))
   np.testing.assert_allclose(float(metrics["loss"]), reference[0], rtol=2e-5)
@@ -139,12 +139,12 @@ def test_rules_map_length_to_sequence():
 def test_bad_sequence_plans_fail_before_compiling(changes, message):
   cfg = make_config(**changes)
   with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-    plan_mesh(cfg, int(np.prod([getattr(cfg.mesh, a) for a in AXES])), "tpu" if "splash" in message else "cpu")
+    decide(cfg, int(np.prod([getattr(cfg.mesh, a) for a in AXES])), "tpu" if "splash" in message else "cpu")
 
 
 def test_custom_rules_must_leave_length_to_the_sequence_axis():
   with pytest.raises(ValueError, match="write length=sequence in mesh.custom_rules"):
-    build_context(make_config(**{"mesh.sequence": 2, "mesh.custom_rules": "batch=data,length="}))
+    make_plan(make_config(**{"mesh.sequence": 2, "mesh.custom_rules": "batch=data,length="}))
 
 
 def test_unknown_strategy_is_a_config_error():
@@ -155,8 +155,8 @@ def test_unknown_strategy_is_a_config_error():
 def test_checkpoint_from_sequence_mesh_evaluates_and_generates(tmp_path, params, reference):
   """Params are not split by `sequence`: a sequence-split run's checkpoint evaluates on its own mesh
   and restores bit-equal onto one device, where it generates."""
-  split = build_context(make_config(**{"mesh.sequence": 4, "mesh.sequence_attention": "all_gather"}))
-  single = build_context(make_config(**{"mesh.num_devices": 1}))
+  split = make_plan(make_config(**{"mesh.sequence": 4, "mesh.sequence_attention": "all_gather"}))
+  single = make_plan(make_config(**{"mesh.num_devices": 1}))
   writer = ckpt_lib.Checkpointer(str(tmp_path), async_save=False)
   state = ts.train_state_from_params(jax.device_put(params, split.shardings.params), split.tx, split.shardings)
   writer.save(1, state, {"config": split.cfg.to_dict()})
@@ -170,7 +170,7 @@ def test_checkpoint_from_sequence_mesh_evaluates_and_generates(tmp_path, params,
   rows = {k: v for k, v in host_batch().items() if k != "segment_ids"}
   losses = {}
   for name, c in (("split", split), ("single", single)):
-    eval_fn = step_lib.jit_eval_step(c.mdef, c.mesh, c.rules, c.shardings.params, "all_gather")
+    eval_fn = step_lib.jit_eval_step(c)
     sharding = step_lib.batch_sharding(c.mesh, c.rules)
     out = eval_fn(restored[name], {k: jax.device_put(v, sharding) for k, v in rows.items()})
     losses[name] = float(out["loss_sum"] / out["tokens"])
@@ -184,7 +184,10 @@ def test_checkpoint_from_sequence_mesh_evaluates_and_generates(tmp_path, params,
 
 
 def test_ring_block_kernel_selection():
-  pick = sequence_lib.ring_block_kernel
+  def pick(requested, platform, strategy, shards, seq_len):
+    chosen = attention_lib.select_sequence_block(requested, platform=platform, strategy=strategy,
+                                                 shards=shards, seq_len=seq_len)
+    return chosen.implementation, chosen.reason
   # TPU: splash inside each block when a sub-block (seq_len / 2N) is whole tiles of 128, else XLA.
   assert pick("auto", "tpu", "ring", 4, 8192) == (
       "splash", "mesh.sequence=4: ring attention, each block through Pallas splash on TPU")
@@ -211,23 +214,25 @@ def test_model_with_splash_blocks_equals_single_device(params):
   # One layer: the hook runs per layer, and Pallas' interpreter is slow.
   shape = {"data.seq_len": 512, "model.head_dim": 64, "model.max_seq_len": 512, "model.num_layers": 1}
   cfg = make_config(**shape, **{"mesh.num_devices": 1})
-  ctx = build_context(cfg)
-  params = jax.device_get(ts.init_train_state(ctx.mdef, ctx.tx, ctx.shardings, seed=0).params)
+  plan = make_plan(cfg)
+  params = jax.device_get(ts.init_train_state(plan.mdef, plan.tx, plan.shardings, seed=0).params)
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, VOCAB, (2, 513)).astype(np.int32)
   segments = np.stack([np.repeat([0, 1, 2], [100, 300, 112]), np.zeros(512, int)]).astype(np.int32)
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": segments}
   results = {}
-  for name, changes in (("single", {"mesh.num_devices": 1}), ("zigzag", {"mesh.sequence": 2, "mesh.data": 2})):
-    c = build_context(make_config(**shape, **changes))
-    shards = step_lib.zigzag_shards(c.mesh, "ring")
+  # The reference is the host's plan (XLA); the split run is planned for TPU devices (splash blocks).
+  for name, changes, platform in (("single", {"mesh.num_devices": 1}, None),
+                                  ("zigzag", {"mesh.sequence": 2, "mesh.data": 2}, "tpu")):
+    c = make_plan(make_config(**shape, **changes), platform=platform)
+    shards = c.sequence.zigzag_shards
     fn = jax.jit(jax.value_and_grad(lambda p, b: step_lib._loss(p, b, c.mdef, shards)[0]))
     sharding = step_lib.batch_sharding(c.mesh, c.rules)
-    traced = step_lib._traced_under(fn, c.mesh, c.rules, sequence_attention="ring", attention="auto",
-                                    platform="tpu", interpret=True)
+    traced = step_lib.under_plan(fn, c)
     lowered = traced.lower(jax.device_put(params, c.shardings.params),
                            {k: jax.device_put(v, sharding) for k, v in batch.items()})
     if name != "single":
+      assert c.attention.ring_block.implementation == "splash"
       assert "splash" in lowered.as_text()  # the kernel really runs inside the blocks
     results[name] = jax.device_get(lowered.compile()(jax.device_put(params, c.shardings.params),
                                                      {k: jax.device_put(v, sharding) for k, v in batch.items()}))
@@ -239,17 +244,19 @@ def test_model_with_splash_blocks_equals_single_device(params):
 
 
 def test_ring_blocks_are_told_the_layout_they_run_in(params, monkeypatch):
-  """The step's loss traces the model in the zigzag layout and says so; a model call outside it (a
-  loss hook's) runs in natural order and the ring hears "natural" (the splash blocks read it)."""
+  """The train step's loss runs in the plan's zigzag layout and the ring hears it; a loss hook's
+  model calls run in natural order, and the same plan's step tells the ring "natural" (the splash
+  blocks read it)."""
   seen = []
   real = sequence_lib.ring_attention_block
   monkeypatch.setattr(sequence_lib, "ring_attention_block",
                       lambda *a, layout, **kw: seen.append(layout) or real(*a, layout=layout, **kw))
-  ctx = build_context(make_config(**{"mesh.sequence": 2, "mesh.data": 2}))
+  plan = make_plan(make_config(**{"mesh.sequence": 2, "mesh.data": 2}))
+  assert plan.sequence.layout == "zigzag"
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in host_batch().items()}
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-  for shards, layout in ((2, "zigzag"), (0, "natural")):
+  state = ts.abstract_state(plan.mdef, plan.tx, plan.shardings)
+  hook = step_lib.LossHook(lambda p, b, extra: step_lib._loss(p, b, plan.mdef), None, None)
+  for loss_hook, layout in ((None, "zigzag"), (hook, "natural")):
     seen.clear()
-    fn = jax.jit(lambda p, b: step_lib._loss(p, b, ctx.mdef, shards)[0])
-    step_lib._traced_under(fn, ctx.mesh, ctx.rules, sequence_attention="ring").lower(abstract, batch)
+    step_lib.jit_train_step(plan, loss_hook).lower(state, batch)
     assert seen and set(seen) == {layout}

@@ -16,7 +16,7 @@ from configs.smoke import get_config
 from launch.run import checkpoint as ckpt_lib
 from launch.run import state as ts
 from launch.run.config import validate
-from launch.run.context import build_context
+from launch.run.plan import make_plan
 from launch.run.step import batch_sharding, jit_train_step
 from sharding import mesh as mesh_lib
 from sharding import rules as rules_lib
@@ -45,14 +45,14 @@ def batches():
 
 def run(cfg):
   """Trains STEPS steps from seed 0; returns (losses, final state, context)."""
-  ctx = build_context(cfg)
-  state = ts.init_train_state(ctx.mdef, ctx.tx, ctx.shardings, seed=0)
-  step = jit_train_step(ctx.mdef, ctx.tx, ctx.schedule, 1, ctx.mesh, ctx.rules, ctx.shardings)
+  plan = make_plan(cfg)
+  state = ts.init_train_state(plan.mdef, plan.tx, plan.shardings, seed=0)
+  step = jit_train_step(plan)
   losses = []
   for batch in batches():
-    state, metrics = step(state, jax.device_put(batch, batch_sharding(ctx.mesh, ctx.rules)))
+    state, metrics = step(state, jax.device_put(batch, batch_sharding(plan.mesh, plan.rules)))
     losses.append(float(metrics["loss"]))
-  return losses, state, ctx
+  return losses, state, plan
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def _normalize(spec):
 @pytest.mark.parametrize("rules,axes", MESHES, ids=[f"{r}-{'-'.join(f'{k}{v}' for k, v in a.items())}" for r, a in MESHES])
 def test_preset_matches_single_device_and_rule_table(rules, axes, single_device):
   reference, _, _ = single_device
-  losses, state, ctx = run(make_config(rules=rules, **axes))
+  losses, state, plan = run(make_config(rules=rules, **axes))
   np.testing.assert_allclose(losses, reference, rtol=2e-5)
 
   # Placement, read back from the arrays themselves.
@@ -101,8 +101,8 @@ def test_preset_matches_single_device_and_rule_table(rules, axes, single_device)
   assert shard_of(params["blocks"]["mlp"]["down"]["kernel"]) == _normalize(golden["down"])[:3]
   assert shard_of(params["embed"]["table"]) == _normalize(golden["table"])[:2]
   # Every parameter: the slice each device holds is the full shape divided by its mesh axes.
-  mesh_shape = dict(ctx.mesh.shape)
-  names = jax.tree.leaves(ctx.mdef.logical_names, is_leaf=lambda x: isinstance(x, tuple))
+  mesh_shape = dict(plan.mesh.shape)
+  names = jax.tree.leaves(plan.mdef.logical_names, is_leaf=lambda x: isinstance(x, tuple))
   table = dict(rules_lib.get_rules(rules))
   for names_, array in zip(names, jax.tree.leaves(params)):
     local = array.addressable_shards[0].data.shape
@@ -123,8 +123,8 @@ def _total_bytes(tree):
 
 
 def test_fsdp8_holds_one_eighth_of_params_and_optimizer_state():
-  ctx = build_context(make_config(rules="fsdp", fsdp=8))
-  state = ts.init_train_state(ctx.mdef, ctx.tx, ctx.shardings, seed=0)
+  plan = make_plan(make_config(rules="fsdp", fsdp=8))
+  state = ts.init_train_state(plan.mdef, plan.tx, plan.shardings, seed=0)
   for tree in (state.params, state.opt_state):
     total, local = _total_bytes(tree), _device_bytes(tree)
     # Only optax's scalar step counters are replicated ("within padding").
@@ -132,10 +132,10 @@ def test_fsdp8_holds_one_eighth_of_params_and_optimizer_state():
 
 
 def test_tensor4_splits_the_sharded_weights_four_ways():
-  ctx = build_context(make_config(rules="tp", data=2, tensor=4))
-  state = ts.init_train_state(ctx.mdef, ctx.tx, ctx.shardings, seed=0)
+  plan = make_plan(make_config(rules="tp", data=2, tensor=4))
+  state = ts.init_train_state(plan.mdef, plan.tx, plan.shardings, seed=0)
   split_names = {"heads", "kv_heads", "mlp", "vocab"}
-  names = jax.tree.leaves(ctx.mdef.logical_names, is_leaf=lambda x: isinstance(x, tuple))
+  names = jax.tree.leaves(plan.mdef.logical_names, is_leaf=lambda x: isinstance(x, tuple))
   for names_, array in zip(names, jax.tree.leaves(state.params)):
     local = array.addressable_shards[0].data.nbytes
     assert local == (array.nbytes // 4 if split_names & set(names_) else array.nbytes), names_
@@ -159,10 +159,10 @@ def test_full_remat_lowers_temporary_memory_and_keeps_gradients():
   assert temp_full < 0.8 * temp_none, (temp_full, temp_none)
 
   kw = dict(num_devices=1, num_layers=4, max_seq_len=64)
-  ctx_none = build_context(make_config(remat="none", **kw))
-  ctx_full = build_context(make_config(remat="full", **kw))
+  plan_none = make_plan(make_config(remat="none", **kw))
+  plan_full = make_plan(make_config(remat="full", **kw))
 
-  params = ts.init_train_state(ctx_none.mdef, ctx_none.tx, ctx_none.shardings, seed=0).params
+  params = ts.init_train_state(plan_none.mdef, plan_none.tx, plan_none.shardings, seed=0).params
   batch = next(batches())
 
   def grads(mdef):
@@ -171,16 +171,16 @@ def test_full_remat_lowers_temporary_memory_and_keeps_gradients():
       return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), batch["targets"][..., None], -1))
     return jax.jit(jax.grad(loss))(params)
 
-  for a, b in zip(jax.tree.leaves(grads(ctx_none.mdef)), jax.tree.leaves(grads(ctx_full.mdef))):
+  for a, b in zip(jax.tree.leaves(grads(plan_none.mdef)), jax.tree.leaves(grads(plan_full.mdef))):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_checkpoint_saved_under_fsdp8_restores_under_dp2_tensor4(tmp_path):
-  _, state, ctx = run(make_config(rules="fsdp", fsdp=8))
+  _, state, plan = run(make_config(rules="fsdp", fsdp=8))
   checkpointer = ckpt_lib.Checkpointer(str(tmp_path), async_save=False)
   checkpointer.save(STEPS, state, {"data_state": None, "config": {}})
   checkpointer.close()
-  other = build_context(make_config(rules="tp", data=2, tensor=4))
+  other = make_plan(make_config(rules="tp", data=2, tensor=4))
   restored, meta = ckpt_lib.Checkpointer(str(tmp_path), read_only=True).restore_state(
       ts.abstract_state(other.mdef, other.tx, other.shardings))
   assert meta["step"] == STEPS and int(restored.step) == STEPS
@@ -192,9 +192,9 @@ def test_checkpoint_saved_under_fsdp8_restores_under_dp2_tensor4(tmp_path):
 def test_custom_rule_table_and_its_errors():
   c = make_config(data=2, tensor=4).to_dict()
   c["mesh"]["custom_rules"] = "batch=data+fsdp,mlp=tensor"
-  ctx = build_context(validate(c))
-  assert ctx.shardings.params["blocks"]["mlp"]["up"]["kernel"].spec == P(None, None, "tensor")
-  assert ctx.shardings.params["blocks"]["attention"]["query"]["kernel"].spec == P(None, None, None, None)
+  plan = make_plan(validate(c))
+  assert plan.shardings.params["blocks"]["mlp"]["up"]["kernel"].spec == P(None, None, "tensor")
+  assert plan.shardings.params["blocks"]["attention"]["query"]["kernel"].spec == P(None, None, None, None)
   c["mesh"]["custom_rules"] = "hidden=tensor"
   with pytest.raises(ValueError, match="names 'hidden', which the model does not use"):
     validate(c)

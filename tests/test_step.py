@@ -13,7 +13,7 @@ from launch.run import state as ts
 from launch.run import loop
 from launch.measure.timing import random_batch
 from launch.run.config import validate
-from launch.run.context import build_context
+from launch.run.plan import make_plan
 from launch.measure.memory import compile_train_step
 from lm import flops
 from lm.loss import chunked_cross_entropy, cross_entropy
@@ -57,11 +57,11 @@ def _big_vocab_config(chunk):
 def test_chunked_logits_lower_step_memory_and_keep_the_loss():
   temps, losses = [], []
   for chunk in (0, 32):
-    ctx = build_context(_big_vocab_config(chunk))
-    compiled, _ = compile_train_step(ctx)
+    plan = make_plan(_big_vocab_config(chunk))
+    compiled, _ = compile_train_step(plan)
     temps.append(compiled.memory_analysis().temp_size_in_bytes)
-    state = ts.init_train_state(ctx.mdef, ctx.tx, ctx.shardings, seed=0)
-    _, metrics = compiled(state, random_batch(ctx))
+    state = ts.init_train_state(plan.mdef, plan.tx, plan.shardings, seed=0)
+    _, metrics = compiled(state, random_batch(plan))
     losses.append(float(metrics["loss"]))
   assert temps[1] < 0.75 * temps[0], temps
   assert losses[1] == pytest.approx(losses[0], rel=1e-5)
@@ -103,7 +103,7 @@ def test_flop_formula_matches_xla_cost_analysis_for_bench_preset():
   c = bench_config()
   c.model.scan_unroll = c.model.num_layers
   cfg = validate(c)
-  compiled, _ = compile_train_step(build_context(cfg))
+  compiled, _ = compile_train_step(make_plan(cfg))
   analysis = compiled.cost_analysis()
   analysis = analysis[0] if isinstance(analysis, list) else analysis
   formula = flops.train_flops_per_token(cfg.model, cfg.data.seq_len) * cfg.train.global_batch_size * cfg.data.seq_len
@@ -117,10 +117,10 @@ def test_gradient_accumulation_matches_one_big_batch():
     c = smoke_config()
     c.train.grad_accum_steps = accum
     c.mesh.update(dict(num_devices=1, data=1))
-    ctx = build_context(validate(c))
-    state = ts.init_train_state(ctx.mdef, ctx.tx, ctx.shardings, seed=0)
-    step = step_lib.jit_train_step(ctx.mdef, ctx.tx, ctx.schedule, accum, ctx.mesh, ctx.rules, ctx.shardings)
-    batch = random_batch(ctx)
+    plan = make_plan(validate(c))
+    state = ts.init_train_state(plan.mdef, plan.tx, plan.shardings, seed=0)
+    step = step_lib.jit_train_step(plan)
+    batch = random_batch(plan)
     for _ in range(2):
       state, metrics = step(state, batch)
     results.append((float(metrics["loss"]), jax.device_get(state.params)))

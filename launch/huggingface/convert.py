@@ -18,7 +18,7 @@ from launch.huggingface import checkpoint as hf_lib
 from launch.run import checkpoint as ckpt_lib
 from launch.run import state as ts
 from launch.run.config import validate
-from launch.run.context import build_context
+from launch.run.plan import make_plan
 from launch.run.restore import WEIGHT_FIELDS, restore_params, saved_config
 from lm.data import tokenizer as tokenizer_lib
 
@@ -57,10 +57,10 @@ def import_hf(hf_dir: str, out: str, raw_config=None, param_dtype: str | None = 
     raw.data.tokenizer = "huggingface"
     raw.data.tokenizer_path = os.path.join(os.path.abspath(out), TOKENIZER_DIR, "tokenizer.json")
   cfg = validate(raw)
-  ctx = build_context(cfg)  # the mesh and rule table the run will use; checks they fit the model
+  plan = make_plan(cfg)  # the mesh and rule table the run will use; checks they fit the model
   with hf_lib.HfTensors(hf_dir) as tensors:
     hf_lib.check_tensors(tensors, cfg.model)
-    params = hf_lib.import_params(tensors, cfg.model, ctx.mdef.abstract_params, ctx.shardings.params)
+    params = hf_lib.import_params(tensors, cfg.model, plan.mdef.abstract_params, plan.shardings.params)
     jax.block_until_ready(params)
   checkpointer = ckpt_lib.Checkpointer(out, keep=1, async_save=False)
   checkpointer.save_params(0, params, {"data_state": None, "config": cfg.to_dict(), "hf_config": hf_config,

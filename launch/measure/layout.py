@@ -4,16 +4,16 @@ import os
 
 import jax
 
-from launch.run.context import RunContext
+from launch.run.plan import RunPlan
 from launch.run.step import batch_sharding
 
 
-def layout_rows(ctx: RunContext) -> list[tuple[str, tuple, tuple, str, tuple]]:
+def layout_rows(plan: RunPlan) -> list[tuple[str, tuple, tuple, str, tuple]]:
   """Returns (path, shape, logical names, PartitionSpec, per-device shape) for every parameter."""
   rows = []
-  names = jax.tree_util.tree_leaves_with_path(ctx.mdef.logical_names, is_leaf=lambda x: isinstance(x, tuple))
-  for (path, logical), abstract, sharding in zip(names, jax.tree.leaves(ctx.mdef.abstract_params),
-                                                 jax.tree.leaves(ctx.shardings.params)):
+  names = jax.tree_util.tree_leaves_with_path(plan.mdef.logical_names, is_leaf=lambda x: isinstance(x, tuple))
+  for (path, logical), abstract, sharding in zip(names, jax.tree.leaves(plan.mdef.abstract_params),
+                                                 jax.tree.leaves(plan.shardings.params)):
     rows.append((jax.tree_util.keystr(path), abstract.shape, logical, str(sharding.spec),
                  sharding.shard_shape(abstract.shape)))
   return rows
@@ -28,19 +28,19 @@ def block_owners(sharding, shape) -> dict[tuple, list[int]]:
   return owners
 
 
-def draw(ctx: RunContext, title: str, path: str) -> None:
+def draw(plan: RunPlan, title: str, path: str) -> None:
   """Draws the MLP up-projection weight of layer 0 and the token batch, blocks labelled by device."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   from matplotlib.patches import Rectangle
 
-  cfg = ctx.cfg
-  weight = ctx.shardings.params["blocks"]["mlp"]["up"]["kernel"]
+  cfg = plan.cfg
+  weight = plan.shardings.params["blocks"]["mlp"]["up"]["kernel"]
   w_shape = (cfg.model.num_layers, cfg.model.d_model, cfg.model.mlp_dim)
   batch_shape = (cfg.train.global_batch_size, cfg.data.seq_len)
   panels = [("MLP weight [embed, mlp] (layer 0)", block_owners(weight, w_shape), w_shape[1:], 1),
-            ("token batch [batch, length]", block_owners(batch_sharding(ctx.mesh, ctx.rules), batch_shape),
+            ("token batch [batch, length]", block_owners(batch_sharding(plan.mesh, plan.rules), batch_shape),
              batch_shape, 0)]
   fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
   cmap = plt.get_cmap("tab10")

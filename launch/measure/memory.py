@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from launch.run import state as ts
 from launch.run.config import Config
-from launch.run.context import RunContext, build_context
+from launch.run.plan import RunPlan, make_plan
 from launch.run.step import batch_sharding, jit_train_step
 
 
@@ -39,27 +39,26 @@ def per_device_bytes(abstract_tree) -> int:
   return total
 
 
-def compile_train_step(ctx: RunContext):
+def compile_train_step(plan: RunPlan):
   """Lowers and compiles the train step for abstract inputs; returns (compiled, abstract state)."""
-  cfg = ctx.cfg
-  step = jit_train_step(ctx.mdef, ctx.tx, ctx.schedule, cfg.train.grad_accum_steps, ctx.mesh, ctx.rules,
-                        ctx.shardings, sequence_attention=cfg.mesh.sequence_attention)
-  abstract = ts.abstract_state(ctx.mdef, ctx.tx, ctx.shardings)
+  cfg = plan.cfg
+  step = jit_train_step(plan)
+  abstract = ts.abstract_state(plan.mdef, plan.tx, plan.shardings)
   tokens = jax.ShapeDtypeStruct((cfg.train.global_batch_size, cfg.data.seq_len), jnp.int32,
-                                sharding=batch_sharding(ctx.mesh, ctx.rules))
+                                sharding=batch_sharding(plan.mesh, plan.rules))
   batch = {"inputs": tokens, "targets": tokens, "segment_ids": tokens}
   return step.lower(abstract, batch).compile(), abstract
 
 
-def memory_report(cfg: Config, devices: list | None = None, ctx: RunContext | None = None) -> MemoryReport:
-  """Compiles the train step of `cfg` (or of a prebuilt `ctx`) and reads its memory per device."""
-  ctx = ctx or build_context(cfg, devices)
+def memory_report(cfg: Config, devices: list | None = None, plan: RunPlan | None = None) -> MemoryReport:
+  """Compiles the train step of `cfg` (or of a prebuilt `plan`) and reads its memory per device."""
+  plan = plan or make_plan(cfg, devices)
   start = time.perf_counter()
-  compiled, abstract = compile_train_step(ctx)
+  compiled, abstract = compile_train_step(plan)
   compile_s = time.perf_counter() - start
   analysis = compiled.memory_analysis()
   return MemoryReport(
-      devices=ctx.num_devices, mesh=dict(ctx.mesh.shape),
+      devices=plan.num_devices, mesh=dict(plan.mesh.shape),
       params_bytes=per_device_bytes(abstract.params),
       optimizer_bytes=per_device_bytes(abstract.opt_state),
       argument_bytes=int(analysis.argument_size_in_bytes), output_bytes=int(analysis.output_size_in_bytes),

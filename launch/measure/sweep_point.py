@@ -21,7 +21,7 @@ import traceback
 from launch.measure.memory import compile_train_step, memory_report
 from launch.measure.timing import mesh_label, time_train_step
 from launch.run.config import validate
-from launch.run.context import RunContext, build_context
+from launch.run.plan import RunPlan, make_plan
 from launch.run.throughput import throughput
 
 _OOM_MARKERS = ("RESOURCE_EXHAUSTED", "out of memory", "Out of memory", "OOM")
@@ -33,22 +33,22 @@ def _first_lines(text: str, limit: int = 600) -> str:
   return flat if len(flat) <= limit else flat[:limit - 3] + "..."
 
 
-def measure_memory(ctx: RunContext) -> dict:
+def measure_memory(plan: RunPlan) -> dict:
   """Compiles the run's train step and returns its per-device memory columns (bytes) and compile_s."""
-  cfg = ctx.cfg
-  report = memory_report(cfg, ctx=ctx)
-  return {"devices": ctx.num_devices, "mesh_shape": mesh_label(ctx), "rules": cfg.mesh.custom_rules or cfg.mesh.rules,
-          "platform": ctx.mesh.devices.flat[0].platform, "dtype": cfg.model.dtype, "compile_s": report.compile_s,
+  cfg = plan.cfg
+  report = memory_report(cfg, plan=plan)
+  return {"devices": plan.num_devices, "mesh_shape": mesh_label(plan), "rules": cfg.mesh.custom_rules or cfg.mesh.rules,
+          "platform": plan.mesh.devices.flat[0].platform, "dtype": cfg.model.dtype, "compile_s": report.compile_s,
           "params_bytes": report.params_bytes, "optimizer_bytes": report.optimizer_bytes,
           "argument_bytes": report.argument_bytes, "temp_bytes": report.temp_bytes,
           "peak_bytes": report.total_bytes}
 
 
-def measure_speed(ctx: RunContext, steps: int, warmup: int) -> dict:
+def measure_speed(plan: RunPlan, steps: int, warmup: int) -> dict:
   """Times the train step as launch.bench does; returns step_s (median), tokens/s over the mesh, MFU."""
-  compiled, _ = compile_train_step(ctx)
-  timing = time_train_step(ctx, steps=steps, warmup=warmup, step_fn=compiled)
-  speed = throughput(ctx.cfg, timing.median_s, list(ctx.mesh.devices.flat))
+  compiled, _ = compile_train_step(plan)
+  timing = time_train_step(plan, steps=steps, warmup=warmup, step_fn=compiled)
+  speed = throughput(plan.cfg, timing.median_s, list(plan.mesh.devices.flat))
   return dict(step_s=timing.median_s, spread=timing.spread, **speed)
 
 
@@ -83,15 +83,15 @@ def run_point(raw_config, compile_only: bool, steps: int, warmup: int, timing_on
   rule divisibility, remat support) makes the point `invalid`; a failure after that is `oom` or `error`.
   """
   try:
-    ctx = build_context(validate(raw_config))
+    plan = make_plan(validate(raw_config))
   except ValueError as e:
     return {"status": "invalid", "reason": _first_lines(str(e))}
   try:
     if timing_only:
-      return {"status": "ok", "reason": "", **measure_speed(ctx, steps, warmup)}
-    row = {"status": "ok", "reason": "", **measure_memory(ctx)}
-    if not compile_only and ctx.mesh.devices.flat[0].platform != "cpu":
-      row.update(measure_speed(ctx, steps, warmup))
+      return {"status": "ok", "reason": "", **measure_speed(plan, steps, warmup)}
+    row = {"status": "ok", "reason": "", **measure_memory(plan)}
+    if not compile_only and plan.mesh.devices.flat[0].platform != "cpu":
+      row.update(measure_speed(plan, steps, warmup))
     elif not compile_only:
       speed = speed_in_subprocess(list(argv), out)
       row.update({k: v for k, v in speed.items() if k not in ("mode", "steps", "wall_s", "jax_version")})

@@ -11,7 +11,7 @@ import numpy as np
 from launch.run.throughput import throughput
 from launch.run import state as ts
 from launch.run.config import Config
-from launch.run.context import RunContext, build_context
+from launch.run.plan import RunPlan, make_plan
 from launch.measure.memory import compile_train_step
 from launch.run.step import batch_sharding, jit_train_step
 
@@ -30,30 +30,28 @@ class StepTiming:
     return (self.max_s - self.min_s) / self.median_s
 
 
-def random_batch(ctx: RunContext, seed: int = 0) -> dict:
+def random_batch(plan: RunPlan, seed: int = 0) -> dict:
   """A global batch of random tokens placed on the mesh (benchmarks need no corpus): {"inputs",
   "targets", "segment_ids"}, each int32 [global_batch, seq_len]."""
-  cfg = ctx.cfg
+  cfg = plan.cfg
   rng = np.random.default_rng(seed)
   tokens = rng.integers(0, cfg.model.vocab_size, (cfg.train.global_batch_size, cfg.data.seq_len + 1))
   tokens = tokens.astype(np.int32)
-  sharding = batch_sharding(ctx.mesh, ctx.rules)
+  sharding = batch_sharding(plan.mesh, plan.rules)
   # One document per row (all-zero segment ids): the step still builds and applies the segment mask.
   segment_ids = np.zeros((cfg.train.global_batch_size, cfg.data.seq_len), np.int32)
   return {"inputs": jax.device_put(tokens[:, :-1], sharding), "targets": jax.device_put(tokens[:, 1:], sharding),
           "segment_ids": jax.device_put(segment_ids, sharding)}
 
 
-def time_train_step(ctx: RunContext, steps: int = 5, warmup: int = 2, step_fn=None) -> StepTiming:
+def time_train_step(plan: RunPlan, steps: int = 5, warmup: int = 2, step_fn=None) -> StepTiming:
   """Times the jitted train step: compile and `warmup` steps excluded, then `steps` timed steps.
 
   Each timed step is waited for (block_until_ready) so a step's time is its own.
   """
-  state = ts.init_train_state(ctx.mdef, ctx.tx, ctx.shardings, seed=0)
-  step_fn = step_fn or jit_train_step(ctx.mdef, ctx.tx, ctx.schedule, ctx.cfg.train.grad_accum_steps,
-                                      ctx.mesh, ctx.rules, ctx.shardings,
-                                      sequence_attention=ctx.cfg.mesh.sequence_attention)
-  batch = random_batch(ctx)
+  state = ts.init_train_state(plan.mdef, plan.tx, plan.shardings, seed=0)
+  step_fn = step_fn or jit_train_step(plan)
+  batch = random_batch(plan)
   start = time.perf_counter()
   state, metrics = step_fn(state, batch)
   jax.block_until_ready(metrics)
@@ -70,13 +68,12 @@ def time_train_step(ctx: RunContext, steps: int = 5, warmup: int = 2, step_fn=No
   return StepTiming(compile_s, statistics.median(times), min(times), max(times), steps)
 
 
-def train_step_runner(ctx: RunContext) -> Callable[[], None]:
-  """A zero-argument function that runs one jitted train step of ctx's model on random tokens and waits
+def train_step_runner(plan: RunPlan) -> Callable[[], None]:
+  """A zero-argument function that runs one jitted train step of plan's model on random tokens and waits
   for it (the state carries over from call to call); the first call compiles."""
-  step_fn = jit_train_step(ctx.mdef, ctx.tx, ctx.schedule, ctx.cfg.train.grad_accum_steps, ctx.mesh,
-                           ctx.rules, ctx.shardings, sequence_attention=ctx.cfg.mesh.sequence_attention)
-  batch = random_batch(ctx)
-  holder = [ts.init_train_state(ctx.mdef, ctx.tx, ctx.shardings, seed=0)]
+  step_fn = jit_train_step(plan)
+  batch = random_batch(plan)
+  holder = [ts.init_train_state(plan.mdef, plan.tx, plan.shardings, seed=0)]
 
   def run() -> None:
     holder[0], metrics = step_fn(holder[0], batch)
@@ -110,9 +107,9 @@ def median_ratio(times: list[float], reference: list[float]) -> float:
   return statistics.median(t / r for t, r in zip(times, reference, strict=True))
 
 
-def mesh_label(ctx: RunContext) -> str:
+def mesh_label(plan: RunPlan) -> str:
   """'fsdp2xtensor4' for a mesh's axes larger than 1 ('1' for a single device)."""
-  return "x".join(f"{k}{v}" for k, v in ctx.mesh.shape.items() if v > 1) or "1"
+  return "x".join(f"{k}{v}" for k, v in plan.mesh.shape.items() if v > 1) or "1"
 
 
 def variant(cfg: Config, dtype: str, rules: str | None = None, mesh: dict | None = None,
@@ -131,14 +128,14 @@ def bench_row(label: str, cfg: Config, steps: int, warmup: int, profile_dir: str
   (median), spread, tokens_per_s, model_tflops, peak_tflops, mfu, peak_source (launch.run.throughput),
   peak_GiB (the first device's allocator peak so far in this process; "" where the backend has none).
   """
-  ctx = build_context(cfg)
-  compiled, _ = compile_train_step(ctx)
-  timing = time_train_step(ctx, steps=steps, warmup=warmup, step_fn=compiled)
-  speed = throughput(cfg, timing.median_s, list(ctx.mesh.devices.flat))
-  stats = ctx.mesh.devices.flat[0].memory_stats() or {}
+  plan = make_plan(cfg)
+  compiled, _ = compile_train_step(plan)
+  timing = time_train_step(plan, steps=steps, warmup=warmup, step_fn=compiled)
+  speed = throughput(cfg, timing.median_s, list(plan.mesh.devices.flat))
+  stats = plan.mesh.devices.flat[0].memory_stats() or {}
   peak_bytes = stats.get("peak_bytes_in_use")
-  row = {"config": label, "devices": ctx.num_devices, "mesh": mesh_label(ctx),
-         "dtype": cfg.model.dtype, "attention": ctx.attention.implementation, "remat": cfg.model.remat,
+  row = {"config": label, "devices": plan.num_devices, "mesh": mesh_label(plan),
+         "dtype": cfg.model.dtype, "attention": plan.attention.training.implementation, "remat": cfg.model.remat,
          "step_s": timing.median_s, "spread": timing.spread,
          "tokens_per_s": speed["tokens_per_s"], "model_tflops": speed["model_tflops"],
          "peak_tflops": speed["peak_tflops"], "mfu": speed["mfu"], "peak_source": speed["peak_source"],
@@ -147,8 +144,8 @@ def bench_row(label: str, cfg: Config, steps: int, warmup: int, profile_dir: str
         f"(spread {timing.spread:.0%})  {row['tokens_per_s']:9.0f} tok/s  {row['model_tflops']:.3f} TFLOP/s  "
         f"MFU {row['mfu']:.1%} of {row['peak_source']}")
   if profile_dir:
-    state = ts.init_train_state(ctx.mdef, ctx.tx, ctx.shardings, seed=0)
-    batch = random_batch(ctx)
+    state = ts.init_train_state(plan.mdef, plan.tx, plan.shardings, seed=0)
+    batch = random_batch(plan)
     state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
     with jax.profiler.trace(profile_dir, create_perfetto_trace=True):

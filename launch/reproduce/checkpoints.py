@@ -24,7 +24,7 @@ from launch.run import checkpoint as ckpt_lib
 from launch.run import checksum, cli
 from launch.run import state as ts
 from launch.run.config import validate, with_overrides
-from launch.run.context import build_context
+from launch.run.plan import make_plan
 
 flags.DEFINE_list("configs", ["demo", "llama_125m"], "Config names under configs/.")
 flags.DEFINE_integer("repeats", 3, "Timed save+restore pairs per mode (the median is reported).")
@@ -43,9 +43,9 @@ def measure(name: str, repeats: int, work_dir: str) -> dict:
   """Times save, restore and the checksum pass for configs/<name>.py's TrainState; returns one table row."""
   raw = cli.config_from_file(os.path.join("configs", f"{name}.py"))
   cfg = validate(with_overrides(raw, {"mesh.num_devices": 1, "mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1}))
-  ctx = build_context(cfg)
-  state = ts.init_train_state(ctx.mdef, ctx.tx, ctx.shardings, cfg.seed)
-  abstract = ts.abstract_state(ctx.mdef, ctx.tx, ctx.shardings)
+  plan = make_plan(cfg)
+  state = ts.init_train_state(plan.mdef, plan.tx, plan.shardings, cfg.seed)
+  abstract = ts.abstract_state(plan.mdef, plan.tx, plan.shardings)
   state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
   arrays = {"params": state.params, "opt_state": state.opt_state}
   for tree in (arrays, state.params, state.opt_state):  # compile the checksum of each tree save and restore use

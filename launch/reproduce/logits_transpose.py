@@ -21,7 +21,7 @@ from configs.bench import get_config
 from launch.measure import timing
 from launch.measure.tables import write_table
 from launch.run.config import validate, with_overrides
-from launch.run.context import build_context
+from launch.run.plan import make_plan
 from lm import layers
 
 flags.DEFINE_integer("rounds", 6, "Alternating rounds (one step of each variant per round).")
@@ -64,8 +64,8 @@ def main(argv):
   try:
     for name, attend in (("autodiff", autodiff_attend), ("no transpose", _attend_without_transpose)):
       layers.Embedding.attend = attend  # read when the step is traced: at its first call below
-      ctx = build_context(validate(with_overrides(get_config(), {"model.dtype": FLAGS.dtype})))
-      runners[name] = timing.train_step_runner(ctx)
+      plan = make_plan(validate(with_overrides(get_config(), {"model.dtype": FLAGS.dtype})))
+      runners[name] = timing.train_step_runner(plan)
       runners[name]()
   finally:
     layers.Embedding.attend = autodiff_attend

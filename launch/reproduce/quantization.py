@@ -68,11 +68,11 @@ def _median_seconds(fn, repeats: int) -> float:
 def _speed(checkpoint_dir: str, repeats: int, new_tokens: int) -> dict:
   """Forward latency of one [global_batch, seq_len] batch and generation tokens/s, on one device."""
   loaded = load_checkpoint(checkpoint_dir, devices=jax.devices()[:1])
-  cfg, graphdef, params = loaded.cfg, loaded.ctx.mdef.graphdef, loaded.params
+  cfg, graphdef, params = loaded.cfg, loaded.plan.mdef.graphdef, loaded.params
   rng = np.random.RandomState(0)
   batch, seq_len = cfg.train.global_batch_size, cfg.data.seq_len
   tokens = rng.randint(0, cfg.model.vocab_size, (batch, seq_len)).astype(np.int32)
-  forward = jax.jit(lambda p, t: loaded.ctx.mdef.bind(p)(t))
+  forward = jax.jit(lambda p, t: loaded.plan.mdef.bind(p)(t))
   result = {"forward_ms": 1e3 * _median_seconds(lambda: forward(params, tokens), repeats),
             "forward_shape": f"{batch}x{seq_len}"}
   prompt_len = min(16, cfg.model.max_seq_len - new_tokens)

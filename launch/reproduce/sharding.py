@@ -26,7 +26,7 @@ from launch.measure.timing import time_train_step
 from launch.run import cli
 from launch.run.devices import simulate_cpu_devices
 from launch.run.config import validate, with_overrides
-from launch.run.context import build_context
+from launch.run.plan import make_plan
 from lm.loss import cross_entropy
 
 flags.DEFINE_string("out", "docs/results/sharding", "Output directory.")
@@ -89,14 +89,14 @@ def preset_rows(steps: int) -> list[dict]:
     mesh_text = "x".join(f"{k}{v}" for k, v in axes.items())
     row = {"preset": label, "mesh": mesh_text, "remat": remat}
     try:
-      ctx = build_context(cfg)
+      plan = make_plan(cfg)
       memory = memory_of(overrides)
     except ValueError as e:  # e.g. host offload on CPU: recorded, not fatal
       rows.append({**row, "params_MiB": "", "optimizer_MiB": "", "temp_MiB": "", "step_s": "",
                    "tokens_per_s": "", "note": str(e).split(";")[0]})
       print(f"{label:12s} {mesh_text:18s} {remat:14s} skipped: {str(e)[:80]}")
       continue
-    timing = time_train_step(ctx, steps=steps, warmup=1)
+    timing = time_train_step(plan, steps=steps, warmup=1)
     tokens = cfg.train.global_batch_size * cfg.data.seq_len
     row.update(params_MiB=memory["params_bytes"] / MIB, optimizer_MiB=memory["optimizer_bytes"] / MIB,
                temp_MiB=memory["temp_bytes"] / MIB, step_s=timing.median_s,

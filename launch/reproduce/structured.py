@@ -33,7 +33,7 @@ from compress.structured_run import prune_structured
 from launch.measure.timing import median_ratio, time_interleaved, train_step_runner
 from launch.run import cli
 from launch.run.config import Config, validate, with_overrides
-from launch.run.context import build_context
+from launch.run.plan import make_plan
 from launch.run.devices import simulate_cpu_devices
 from launch.run.evaluation import eval_checkpoint
 from launch.run.loop import train
@@ -80,7 +80,7 @@ def decode_runner(checkpoint_dir: str):
   """A zero-argument function: one greedy generation of --new_tokens tokens, batch 1 after a 16-token
   prompt, KV cache, on one device, waited for (the first call compiles)."""
   loaded = load_checkpoint(checkpoint_dir, devices=jax.devices()[:1])
-  fn = make_generate_fn(loaded.ctx.mdef.graphdef, max_new_tokens=FLAGS.new_tokens, temperature=0.0)
+  fn = make_generate_fn(loaded.plan.mdef.graphdef, max_new_tokens=FLAGS.new_tokens, temperature=0.0)
   prompt = np.random.RandomState(0).randint(0, loaded.cfg.model.vocab_size, (1, 16)).astype(np.int32)
   return lambda: jax.block_until_ready(fn(loaded.params, prompt, jax.random.key(0)))
 
@@ -139,7 +139,7 @@ def main(argv):
     quality[name] = (pruned_loss, distilled.val_loss, tuned.val_loss, scratch.val_loss)
 
   log(f"timing train steps, then decoding: {FLAGS.timed_steps} rounds, every model once per round")
-  steps = time_interleaved({name: train_step_runner(build_context(cfg)) for name, cfg, _, _ in models},
+  steps = time_interleaved({name: train_step_runner(make_plan(cfg)) for name, cfg, _, _ in models},
                            rounds=FLAGS.timed_steps)
   decodes = time_interleaved({name: decode_runner(ckpt) for name, _, ckpt, _ in models},
                              rounds=FLAGS.timed_steps)

@@ -1,7 +1,7 @@
 """Cluster job templates: the sbatch script or gcloud commands that run a config on a GPU cluster or TPU pod.
 
 The command is `python -m launch.cluster` (its docstring has the command lines). Nothing is
-submitted: the plan is checked first with no devices, by the same `plan_mesh` the run uses (mesh vs
+submitted: the plan is checked first with no devices, by the same `decide` the run plan uses (mesh vs
 the device count the nodes or the TPU slice have, batch vs data axes, remat vs platform) plus every
 parameter's split under the rule table, so a bad plan stops with the same ValueError as on the cluster.
 """
@@ -14,7 +14,7 @@ import shlex
 
 from launch.run import state as ts
 from launch.run.config import validate
-from launch.run.context import plan_mesh
+from launch.run.plan import decide
 from sharding import rules as rules_lib
 
 # Chips per TPU generation: names count TensorCores for v4 / v5p (2 per chip) and chips for v5e / v6e.
@@ -100,7 +100,7 @@ def check_plan(raw_config, devices: int, hosts: int, platform: str) -> Plan:
   if slices > 1 and hosts != slices:
     raise ValueError(f"mesh.dcn_* = {cfg.mesh.dcn_shape()} asks for {slices} slices/hosts but the job has "
                      f"{hosts} processes; make the product of the mesh.dcn_* sizes equal {hosts}.")
-  mesh = plan_mesh(cfg, devices, platform).shape
+  mesh = decide(cfg, devices, platform).mesh_shape.shape
   rules = rules_lib.get_rules(cfg.mesh.rules, cfg.mesh.custom_rules, pipelined=mesh["stage"] > 1,
                               sequenced=mesh["sequence"] > 1)
   mdef = ts.model_def(cfg.model)

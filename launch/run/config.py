@@ -16,6 +16,7 @@ from lm.data.tokenizer import KINDS as TOKENIZERS
 from sharding.mesh import MESH_AXES
 from sharding.remat import REMAT_POLICIES
 from sharding.rules import RULE_PRESETS, parse_rules
+from sharding.sequence import STRATEGIES as SEQUENCE_STRATEGIES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,8 +144,8 @@ _SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
 CORPORA = ("shakespeare", *FILE_CORPORA)
 # prune.method: none, unstructured magnitude, or n of every m weights along the input (compress/prune.py).
 PRUNE_METHODS = ("none", "magnitude", "n_m", "structured")
-# mesh.sequence_attention: how attention crosses sequence shards (sharding/sequence.py, docs/sharding.md).
-SEQUENCE_ATTENTION = ("ring", "all_gather")
+# mesh.sequence_attention: how attention crosses sequence shards (docs/sharding.md).
+SEQUENCE_ATTENTION = SEQUENCE_STRATEGIES
 # train.nonfinite: what a step with a NaN/inf loss or gradient norm does (docs/training.md).
 NONFINITE_POLICIES = ("stop", "skip_step")
 
@@ -372,15 +373,3 @@ def _corpus_source_errors(d: DataConfig) -> list[str]:
   if d.tokenizer == "byte" and d.tokenizer_path:
     errors.append(f"data.tokenizer='byte' reads no file; clear data.tokenizer_path={d.tokenizer_path!r}.")
   return errors
-
-
-def check_against_mesh(cfg: Config, mesh_shape: dict[str, int]) -> None:
-  """Raises ValueError if the batch cannot be split over the mesh's data axes."""
-  batch_shards = mesh_shape["data"] * mesh_shape["fsdp"]
-  micro = cfg.train.global_batch_size // cfg.train.grad_accum_steps
-  if micro % batch_shards:
-    raise ValueError(
-        f"train.global_batch_size={cfg.train.global_batch_size} / train.grad_accum_steps="
-        f"{cfg.train.grad_accum_steps} = {micro} sequences per micro-batch, which is not divisible by "
-        f"mesh.data x mesh.fsdp = {mesh_shape['data']} x {mesh_shape['fsdp']} = {batch_shards}; "
-        f"use a global batch that is a multiple of {batch_shards * cfg.train.grad_accum_steps}.")

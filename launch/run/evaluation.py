@@ -32,9 +32,9 @@ def evaluate(eval_fn, params, cfg, tokenizer, data_sharding) -> float:
 def eval_checkpoint(checkpoint_dir: str, step: int | None = None, eval_batches: int = 0) -> dict:
   """Returns {"step", "val_loss", "val_perplexity", "unigram_perplexity"} for a checkpoint."""
   loaded = load_checkpoint(checkpoint_dir, step, overrides={"train.eval_batches": eval_batches})
-  ctx = loaded.ctx
-  eval_fn = jit_eval_step(ctx.mdef, ctx.mesh, ctx.rules, ctx.shardings.params, ctx.cfg.mesh.sequence_attention)
-  loss = evaluate(eval_fn, loaded.params, loaded.cfg, loaded.tokenizer, batch_sharding(ctx.mesh, ctx.rules))
+  plan = loaded.plan
+  eval_fn = jit_eval_step(plan)
+  loss = evaluate(eval_fn, loaded.params, loaded.cfg, loaded.tokenizer, batch_sharding(plan.mesh, plan.rules))
   unigram = baseline.unigram_perplexity(loaded.cfg.data.data_dir, loaded.tokenizer, loaded.cfg.data.seq_len)
   return {"step": loaded.step, "val_loss": loss, "val_perplexity": math.exp(loss),
           "unigram_perplexity": unigram}

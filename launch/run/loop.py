@@ -19,7 +19,7 @@ from launch.run import data_state as data_states
 from launch.run import throughput as throughput_lib
 from launch.run import state as ts
 from launch.run.config import Config
-from launch.run.context import RunContext, build_context
+from launch.run.plan import RunPlan, make_plan
 from launch.run.errors import NonFiniteError
 from launch.run.evaluation import evaluate
 from launch.run.logger import MetricLogger, plot_loss_curve
@@ -45,24 +45,24 @@ class TrainResult:
   stopped_early: bool
 
 
-def _check_model(ctx: RunContext, checkpointer: ckpt_lib.Checkpointer, step: int) -> None:
-  """Raises ValueError when checkpoint `step` was made with another model config than ctx.cfg's."""
+def _check_model(plan: RunPlan, checkpointer: ckpt_lib.Checkpointer, step: int) -> None:
+  """Raises ValueError when checkpoint `step` was made with another model config than plan.cfg's."""
   saved_model = dataclasses.asdict(saved_config(checkpointer.read_meta(step), checkpointer.directory).model)
-  now_model = dataclasses.asdict(ctx.cfg.model)
+  now_model = dataclasses.asdict(plan.cfg.model)
   if saved_model != now_model:
     diff = {k: (saved_model[k], v) for k, v in now_model.items() if saved_model[k] != v}
     raise ValueError(f"The checkpoint in {checkpointer.directory} was made with a different model "
                      f"(key: (saved, now)) {diff}; resume with the saved model config.")
 
 
-def restore_or_init(ctx: RunContext, checkpointer: ckpt_lib.Checkpointer, resume: bool, init_state=None,
+def restore_or_init(plan: RunPlan, checkpointer: ckpt_lib.Checkpointer, resume: bool, init_state=None,
                     step: int | None = None):
   """Returns (state, data_state or None): a checkpoint when resuming, else a fresh init.
 
   Resuming takes checkpoint `step`, or by default the newest step; when that one is unreadable
   (corrupt, checksum mismatch) and train.resume_fallback is on, it says so and takes the newest
   readable one. Steps newer than the one resumed are moved aside (never deleted) so the run can save
-  them again. `init_state(ctx)`, when given, makes the fresh state (e.g. from another run's parameters).
+  them again. `init_state(plan)`, when given, makes the fresh state (e.g. from another run's parameters).
   """
   existing = checkpointer.steps()
   if existing and not resume:
@@ -75,17 +75,17 @@ def restore_or_init(ctx: RunContext, checkpointer: ckpt_lib.Checkpointer, resume
     if resume:
       say(f"--resume: no checkpoint in {checkpointer.directory} yet; starting from step 0.")
     if init_state is not None:
-      return init_state(ctx), None
-    return ts.init_train_state(ctx.mdef, ctx.tx, ctx.shardings, ctx.cfg.seed), None
-  abstract = ts.abstract_state(ctx.mdef, ctx.tx, ctx.shardings)
+      return init_state(plan), None
+    return ts.init_train_state(plan.mdef, plan.tx, plan.shardings, plan.cfg.seed), None
+  abstract = ts.abstract_state(plan.mdef, plan.tx, plan.shardings)
   candidates = [step] if step is not None else existing[::-1]
   unreadable = []
   for candidate in candidates:
     try:
-      _check_model(ctx, checkpointer, candidate)
+      _check_model(plan, checkpointer, candidate)
       state, meta = checkpointer.restore_state(abstract, candidate)
     except ckpt_lib.CheckpointError as e:
-      if step is not None or not ctx.cfg.train.resume_fallback:
+      if step is not None or not plan.cfg.train.resume_fallback:
         raise
       say(f"--resume: step {candidate} is unreadable, trying an older one: {e}", flush=True)
       unreadable.append(candidate)
@@ -102,13 +102,13 @@ def restore_or_init(ctx: RunContext, checkpointer: ckpt_lib.Checkpointer, resume
 
 
 def train(cfg: Config, workdir: str, *, resume: bool = False, resume_step: int | None = None,
-          stop: StopRequest | None = None, on_step=None, ctx: RunContext | None = None, init_state=None,
+          stop: StopRequest | None = None, on_step=None, plan: RunPlan | None = None, init_state=None,
           loss_hook: LossHook | None = None) -> TrainResult:
   """Runs training to cfg.train.steps (or until `stop` is requested) and returns its summary.
 
   `resume_step` resumes from that checkpoint step (implies resume). `on_step(step)` is called after
   each step is dispatched (tests use it to simulate preemption). compress/ reuses this loop through
-  three hooks: `ctx` (a prebuilt RunContext, e.g. with a pruning optimizer), `init_state(ctx)` (the
+  three hooks: `plan` (a prebuilt RunPlan, e.g. with a pruning optimizer), `init_state(plan)` (the
   fresh state when no checkpoint exists) and `loss_hook` (a training loss with extra inputs, e.g. a
   teacher). Evaluation is always the plain cross-entropy.
 
@@ -120,15 +120,15 @@ def train(cfg: Config, workdir: str, *, resume: bool = False, resume_step: int |
     raise ValueError(f"model.quant={cfg.model.quant!r} is for inference: int8 weights have no gradient. "
                      "Train (or fine-tune) the float model, then run python -m launch.quantize.")
   cfg = inherit_tokenizer(cfg)  # issue 14: a converted checkpoint's tokenizer, unless cfg names one
-  ctx = ctx or build_context(cfg)  # mesh and batch checks first: a bad plan writes nothing
+  plan = plan or make_plan(cfg)  # mesh and batch checks first: a bad plan writes nothing
   with WorkdirLock(workdir):
     return _train_locked(cfg, workdir, resume=resume or resume_step is not None, resume_step=resume_step,
-                         stop=stop or StopRequest(), on_step=on_step, ctx=ctx, init_state=init_state,
+                         stop=stop or StopRequest(), on_step=on_step, plan=plan, init_state=init_state,
                          loss_hook=loss_hook)
 
 
 def _train_locked(cfg: Config, workdir: str, *, resume: bool, resume_step: int | None, stop: StopRequest,
-                  on_step, ctx: RunContext, init_state, loss_hook: LossHook | None) -> TrainResult:
+                  on_step, plan: RunPlan, init_state, loss_hook: LossHook | None) -> TrainResult:
   """The body of `train`, run while this process holds the workdir's lock."""
   primary = jax.process_index() == 0
   tokenizer = loader.prepare_from_config(cfg.data, cfg.model.vocab_size)
@@ -137,9 +137,9 @@ def _train_locked(cfg: Config, workdir: str, *, resume: bool, resume_step: int |
   try:
     if init_state is None and cfg.train.init_checkpoint:
       init_state = lambda c: init_from_checkpoint(c, cfg.train.init_checkpoint)
-    state, data_state = restore_or_init(ctx, checkpointer, resume, init_state, resume_step)
+    state, data_state = restore_or_init(plan, checkpointer, resume, init_state, resume_step)
     return _loop(cfg, workdir, checkpointer, state, data_state, tokenizer, stop=stop, on_step=on_step,
-                 ctx=ctx, loss_hook=loss_hook, primary=primary)
+                 plan=plan, loss_hook=loss_hook, primary=primary)
   except BaseException:
     try:  # lets an in-flight save of a good step finish; the first error is the one reported
       checkpointer.close()
@@ -149,7 +149,7 @@ def _train_locked(cfg: Config, workdir: str, *, resume: bool, resume_step: int |
 
 
 def _loop(cfg: Config, workdir: str, checkpointer: ckpt_lib.Checkpointer, state, data_state, tokenizer, *,
-          stop: StopRequest, on_step, ctx: RunContext, loss_hook, primary: bool) -> TrainResult:
+          stop: StopRequest, on_step, plan: RunPlan, loss_hook, primary: bool) -> TrainResult:
   """Steps from the state's step to cfg.train.steps; closes the checkpointer when done."""
   start_step = int(jax.device_get(state.step))
 
@@ -162,24 +162,22 @@ def _loop(cfg: Config, workdir: str, checkpointer: ckpt_lib.Checkpointer, state,
   if data_state is not None:
     train_iter.set_state(data_state)
   batches = Prefetcher(train_iter)
-  step_fn = jit_train_step(ctx.mdef, ctx.tx, ctx.schedule, cfg.train.grad_accum_steps, ctx.mesh,
-                           ctx.rules, ctx.shardings, loss_hook,
-                           skip_nonfinite=cfg.train.nonfinite == "skip_step",
-                           sequence_attention=cfg.mesh.sequence_attention)
-  eval_fn = jit_eval_step(ctx.mdef, ctx.mesh, ctx.rules, ctx.shardings.params, cfg.mesh.sequence_attention)
-  data_sharding = batch_sharding(ctx.mesh, ctx.rules)
+  step_fn = jit_train_step(plan, loss_hook)
+  eval_fn = jit_eval_step(plan)
+  data_sharding = batch_sharding(plan.mesh, plan.rules)
 
-  devices = list(ctx.mesh.devices.flat)
+  devices = list(plan.mesh.devices.flat)
   peak, peak_source = throughput_lib.run_peak_flops(cfg, devices)
 
   logger = MetricLogger(workdir, total_steps=cfg.train.steps, start_step=start_step,
                         tensorboard=cfg.train.tensorboard, primary=primary)
   if primary:
-    logger.log(start_step, {"params": cfg.model.num_params(), "devices": ctx.num_devices,
+    logger.log(start_step, {"params": cfg.model.num_params(), "devices": plan.num_devices,
                             "peak_tflops": peak / 1e12}, echo=False)
-    logger.bar.write(f"model: {cfg.model.num_params() / 1e6:.2f}M params | mesh {dict(ctx.mesh.shape)} "
+    logger.bar.write(f"model: {cfg.model.num_params() / 1e6:.2f}M params | mesh {dict(plan.mesh.shape)} "
                      f"rules={cfg.mesh.rules} | peak {peak / 1e12:.2f} TFLOP/s ({peak_source})")
-    logger.bar.write(ctx.attention.message())  # issue 12: which attention kernel runs, and why
+    for line in plan.describe():  # what the plan decided: kernels per place, layout, pipeline
+      logger.bar.write(line)
 
   def run_eval(step):
     loss = evaluate(eval_fn, state.params, cfg, tokenizer, data_sharding)
@@ -261,7 +259,7 @@ def _loop(cfg: Config, workdir: str, checkpointer: ckpt_lib.Checkpointer, state,
       if save_now:
         checkpointer.save(step, state, {"data_state": data_states.gather_states(last_data_state),
                                         "config": cfg.to_dict(),
-                                        "attention": dataclasses.asdict(ctx.attention)})
+                                        "plan": plan.meta()})
         timer["start"], timer["steps"] = None, 0
       if stop.requested:
         if logger.bar is not None:

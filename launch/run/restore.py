@@ -14,7 +14,7 @@ from configs.base import base_config
 from launch.run import checkpoint as ckpt_lib
 from launch.run import state as ts
 from launch.run.config import Config, validate, with_overrides
-from launch.run.context import RunContext, build_context
+from launch.run.plan import RunPlan, make_plan
 from lm.data import loader
 from lm.generate import generate_text
 from lm.serving import serving_params
@@ -120,22 +120,22 @@ def inherit_tokenizer(cfg: Config) -> Config:
 # --- end issue 14 ---
 
 
-def init_from_checkpoint(ctx: RunContext, checkpoint_dir: str) -> ts.TrainState:
+def init_from_checkpoint(plan: RunPlan, checkpoint_dir: str) -> ts.TrainState:
   """A step-0 TrainState: `checkpoint_dir`'s latest parameters and a fresh optimizer state, sharded.
 
   The checkpoint may be params-only (launch.convert) or another run's. Raises ValueError naming the
   flags to set when the run's model differs from the saved one in a field of WEIGHT_FIELDS.
   """
   saved, step = read_saved_config(checkpoint_dir)
-  check_same_weights(ctx.cfg, saved, f"train.init_checkpoint={checkpoint_dir}")
-  params, _ = restore_params(checkpoint_dir, ctx.mdef, ctx.shardings.params, step)
-  return ts.train_state_from_params(params, ctx.tx, ctx.shardings)
+  check_same_weights(plan.cfg, saved, f"train.init_checkpoint={checkpoint_dir}")
+  params, _ = restore_params(checkpoint_dir, plan.mdef, plan.shardings.params, step)
+  return ts.train_state_from_params(params, plan.tx, plan.shardings)
 
 
 @dataclasses.dataclass
 class LoadedModel:
   cfg: Config
-  ctx: RunContext
+  plan: RunPlan
   params: dict
   tokenizer: object
   step: int
@@ -146,7 +146,7 @@ class LoadedModel:
     seed, batch_size, stop_ids, echo. Returns one string per prompt (prompt included unless echo=False)."""
     model = self.cfg.model
     return generate_text(model, serving_params(self.params, model.compute_dtype), self.tokenizer, prompts,
-                         max_seq_len=model.max_seq_len, **sampling)
+                         max_seq_len=model.max_seq_len, attention=self.plan.attention, **sampling)
 
 
 def load_checkpoint(checkpoint_dir: str, step: int | None = None, devices: list | None = None,
@@ -159,6 +159,6 @@ def load_checkpoint(checkpoint_dir: str, step: int | None = None, devices: list 
   """
   cfg, step = read_saved_config(checkpoint_dir, step, overrides)
   tokenizer = loader.prepare_from_config(cfg.data, cfg.model.vocab_size)
-  ctx = build_context(cfg, devices)
-  params, _ = restore_params(checkpoint_dir, ctx.mdef, ctx.shardings.params, step)
-  return LoadedModel(cfg, ctx, params, tokenizer, step)
+  plan = make_plan(cfg, devices)
+  params, _ = restore_params(checkpoint_dir, plan.mdef, plan.shardings.params, step)
+  return LoadedModel(cfg, plan, params, tokenizer, step)

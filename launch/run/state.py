@@ -10,6 +10,7 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from lm.attention import AttentionPlan
 from lm.config import ModelConfig
 from lm.transformer import Transformer
 from sharding import pipeline as pipeline_lib
@@ -42,13 +43,15 @@ class ModelDef:
     return nnx.merge(self.graphdef, params)
 
 
-def model_def(cfg: ModelConfig, pipeline: pipeline_lib.Pipeline | None = None) -> ModelDef:
+def model_def(cfg: ModelConfig, pipeline: pipeline_lib.Pipeline | None = None,
+              attention: AttentionPlan | None = None) -> ModelDef:
   """Traces the model's shapes without allocating; cfg.remat picks the remat policy, `pipeline` (when
-  the mesh has stages) how the layer stack runs. Parameters are the same either way."""
+  the mesh has stages) how the layer stack runs, `attention` (a run plan's) the kernel per place,
+  which the graphdef then carries to every model rebuilt from it. Parameters are the same either way."""
   wrapper = remat_lib.remat_wrapper(cfg.remat)
   runner = None if pipeline is None else functools.partial(pipeline_lib.run_pipelined, pipeline)
   abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), remat_wrapper=wrapper,
-                                                layer_stack=runner))
+                                                layer_stack=runner, attention=attention))
   graphdef, state = nnx.split(abstract)
   specs = nnx.to_pure_dict(nnx.get_partition_spec(state))
   is_spec = lambda x: isinstance(x, PartitionSpec)

@@ -3,7 +3,7 @@
 import contextlib
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +17,11 @@ from lm.loss import chunked_cross_entropy
 from lm.transformer import positions_in_documents
 from launch.run.state import ModelDef, TrainState
 from sharding import rules as rules_lib
-from sharding import ring_attention
 from sharding import sequence as sequence_lib
+from sharding import zigzag
+
+if TYPE_CHECKING:  # the plan imports this module's users, not this module
+  from launch.run.plan import RunPlan
 
 # {"inputs": int32 [B, L], "targets": int32 [B, L], "segment_ids": int32 [B, L], "loss_weights":
 # float32 [B, L]}; segment_ids (the document index of each token within its packed row) may be absent:
@@ -42,12 +45,10 @@ def _loss(params, batch: Batch, mdef: ModelDef, zigzag_shards: int = 0):
   model = mdef.bind(params)
   positions_BxL = None
   if zigzag_shards > 1:
-    order_L = ring_attention.zigzag_order(batch["inputs"].shape[1], zigzag_shards)
+    order_L = zigzag.zigzag_order(batch["inputs"].shape[1], zigzag_shards)
     batch, positions_BxL = reorder_sequence(batch, order_L)
-  layout = sequence_lib.zigzag_layout() if zigzag_shards > 1 else contextlib.nullcontext()
-  with layout:
-    hidden_BxLxD, _ = model.hidden_states(batch["inputs"], positions_BxL,
-                                          segment_ids_BxL=batch.get("segment_ids"))
+  hidden_BxLxD, _ = model.hidden_states(batch["inputs"], positions_BxL,
+                                        segment_ids_BxL=batch.get("segment_ids"))
   loss_sum, tokens = chunked_cross_entropy(hidden_BxLxD, batch["targets"], model.logits,
                                            mdef.cfg.logits_chunk_size, batch.get("loss_weights"))
   return loss_sum / tokens, (loss_sum, tokens)
@@ -69,14 +70,6 @@ def reorder_sequence(batch: Batch, order_L: np.ndarray) -> tuple[Batch, jax.Arra
   return jax.tree.map(reorder, dict(batch)), reorder(positions_BxL)
 
 
-def zigzag_shards(mesh: Mesh, strategy: str) -> int:
-  """Over how many sequence shards the steps lay each sequence out in ring attention's zigzag
-  order (so every device does equal causal work): the mesh's sequence size under the ring
-  strategy, else 0 (natural order)."""
-  shards = mesh.shape.get(sequence_lib.AXIS, 1)
-  return shards if shards > 1 and strategy == "ring" else 0
-
-
 def train_step(state: TrainState, batch: Batch, extra=None, *, mdef: ModelDef,
                tx: optax.GradientTransformation, schedule: optax.Schedule, accum_steps: int,
                loss_fn: Callable | None = None, skip_nonfinite: bool = False,
@@ -84,7 +77,7 @@ def train_step(state: TrainState, batch: Batch, extra=None, *, mdef: ModelDef,
   """One optimizer update over the global batch, split into `accum_steps` micro-batches.
 
   `zigzag_shards` > 1: the cross-entropy loss reads each sequence in the zigzag order over that many
-  sequence shards (see `zigzag_shards`); loss hooks read the natural order.
+  sequence shards (the plan's `SequencePlan.zigzag_shards`); loss hooks read the natural order.
 
   `loss_fn(params, batch, extra)` (a LossHook's) replaces the cross-entropy when given. With
   `skip_nonfinite`, a step whose loss or gradient norm is NaN/inf leaves params and optimizer state
@@ -167,57 +160,53 @@ def per_shard_map(mesh: Mesh, rules: rules_lib.Rules):
   return wrap
 
 
-def jit_train_step(mdef: ModelDef, tx, schedule, accum_steps: int, mesh: Mesh, rules, state_shardings,
-                   loss_hook: LossHook | None = None, skip_nonfinite: bool = False,
-                   sequence_attention: str = "ring"):
-  """Returns the compiled-on-first-call train step with explicit shardings and the state donated.
+def jit_train_step(plan: "RunPlan", loss_hook: LossHook | None = None):
+  """Returns the plan's train step, compiled on first call, with explicit shardings and the state donated.
 
-  `skip_nonfinite`: see train_step (train.nonfinite=skip_step). `sequence_attention`
-  (mesh.sequence_attention: ring | all_gather) matters only on a mesh with a sequence axis: how
-  attention crosses its shards, and (ring) the zigzag order of each sequence.
-
-  Either way it is called as step(state, batch); a `loss_hook`'s extra inputs are passed for you.
+  Everything comes from the plan: the model and its kernels, optimizer, gradient accumulation,
+  train.nonfinite, and on a mesh with a sequence axis how attention crosses its shards and the layout
+  the loss reads (zigzag under the ring; a `loss_hook`'s model calls read natural order). Called as
+  step(state, batch); a `loss_hook`'s extra inputs are passed for you.
   """
-  step = functools.partial(train_step, mdef=mdef, tx=tx, schedule=schedule, accum_steps=accum_steps,
-                           loss_fn=loss_hook and loss_hook.fn, skip_nonfinite=skip_nonfinite,
-                           zigzag_shards=zigzag_shards(mesh, sequence_attention))
-  data = batch_sharding(mesh, rules)
-  in_shardings = (state_shardings, data)
+  cfg = plan.cfg
+  layout = "natural" if loss_hook is not None else plan.sequence.layout
+  step = functools.partial(train_step, mdef=plan.mdef, tx=plan.tx, schedule=plan.schedule,
+                           accum_steps=cfg.train.grad_accum_steps, loss_fn=loss_hook and loss_hook.fn,
+                           skip_nonfinite=cfg.train.nonfinite == "skip_step",
+                           zigzag_shards=plan.sequence.zigzag_shards)
+  in_shardings = (plan.shardings, batch_sharding(plan.mesh, plan.rules))
   if loss_hook is not None:
     in_shardings += (loss_hook.extra_shardings,)
-  jitted = jax.jit(step, in_shardings=in_shardings, out_shardings=(state_shardings, None),
+  jitted = jax.jit(step, in_shardings=in_shardings, out_shardings=(plan.shardings, None),
                    donate_argnums=(0,))
-  return _traced_under(jitted, mesh, rules, () if loss_hook is None else (loss_hook.extra,),
-                       sequence_attention, attention=mdef.cfg.attention)
+  return under_plan(jitted, plan, () if loss_hook is None else (loss_hook.extra,), layout=layout)
 
 
-def jit_eval_step(mdef: ModelDef, mesh: Mesh, rules, param_shardings, sequence_attention: str = "ring"):
-  """Returns the jitted eval step over sharded parameters and a sharded batch (`sequence_attention`:
-  see jit_train_step)."""
-  data = batch_sharding(mesh, rules)
-  jitted = jax.jit(functools.partial(eval_step, mdef=mdef,
-                                     zigzag_shards=zigzag_shards(mesh, sequence_attention)),
-                   in_shardings=(param_shardings, data))
-  return _traced_under(jitted, mesh, rules, sequence_attention=sequence_attention,
-                       attention=mdef.cfg.attention)
+def jit_eval_step(plan: "RunPlan"):
+  """Returns the plan's jitted eval step over sharded parameters and a sharded batch."""
+  jitted = jax.jit(functools.partial(eval_step, mdef=plan.mdef, zigzag_shards=plan.sequence.zigzag_shards),
+                   in_shardings=(plan.shardings.params, batch_sharding(plan.mesh, plan.rules)))
+  return under_plan(jitted, plan)
 
 
-class _traced_under:
-  """Calls a jitted function with the activation-sharding rules installed (they matter at trace time),
-  and, on a mesh that splits sequences, attention across sequence shards (`sequence_attention`, its
-  blocks through the kernel `sequence_lib.ring_block_kernel` picks for model.attention=`attention`
-  on the mesh's platform, or on `platform` when given; `interpret`: see sequence_attention_fn)."""
+class under_plan:
+  """Calls a jitted function with the plan's tracing hooks installed (lm/axes.py): the activation
+  sharding rules, the per-device wrapper of kernels GSPMD cannot split, and, on a mesh that splits
+  sequences, attention across sequence shards, its block kernel the plan's
+  (`plan.attention.ring_block`) and its layout `layout` (default: the plan's `sequence.layout`; a
+  function whose sequences are in natural order passes "natural"). The hooks carry functions built
+  from the plan, never a decision of their own.
+  """
 
-  def __init__(self, jitted, mesh, rules, bound_args: tuple = (), sequence_attention: str = "ring",
-               attention: str = "auto", platform: str | None = None, interpret: bool = False):
-    self.jitted, self.constraint = jitted, activation_constraint(mesh, rules)
-    self.per_shard = per_shard_map(mesh, rules)
-    platform = platform or attention_lib.platform_of(mesh.devices.flat[0])
-    self.across_shards = (None if mesh.shape.get(sequence_lib.AXIS, 1) == 1 else
-                          sequence_lib.sequence_attention_fn(mesh, rules, sequence_attention,
-                                                             attention_lib.xla_attention,
-                                                             requested=attention, platform=platform,
-                                                             interpret=interpret))
+  def __init__(self, jitted, plan: "RunPlan", bound_args: tuple = (), layout: str | None = None):
+    self.jitted, self.constraint = jitted, activation_constraint(plan.mesh, plan.rules)
+    self.per_shard = per_shard_map(plan.mesh, plan.rules)
+    attention = plan.attention
+    self.across_shards = (None if attention.ring_block is None else
+                          sequence_lib.sequence_attention_fn(
+                              plan.mesh, plan.rules, plan.sequence.strategy, attention_lib.xla_attention,
+                              block_kernel=attention.ring_block.implementation,
+                              layout=layout or plan.sequence.layout, interpret=attention.interpret))
     self.bound_args = bound_args  # trailing arguments passed on every call (a LossHook's extra)
 
   def _hooks(self):
@@ -234,3 +223,7 @@ class _traced_under:
   def lower(self, *args):
     with self._hooks():
       return self.jitted.lower(*args, *self.bound_args)
+
+  def trace(self, *args):
+    with self._hooks():
+      return self.jitted.trace(*args, *self.bound_args)
