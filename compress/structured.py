@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from lm import layers
+from lm.attention import unplanned
 from lm.config import ModelConfig
 from lm.loss import cross_entropy
 from lm.transformer import Block, Transformer, rotary_inputs
@@ -127,7 +128,7 @@ def make_width_stats(cfg: ModelConfig):
   final hidden states [B, L, D] (to check this forward against the model's), "tokens": count}.
   """
   graphdef = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))[0]
-  block_def = nnx.split(nnx.eval_shape(lambda: Block(cfg, rngs=nnx.Rngs(0))))[0]
+  block_def = nnx.split(nnx.eval_shape(lambda: Block(cfg, unplanned(cfg.attention), rngs=nnx.Rngs(0))))[0]
 
   @jax.jit
   def stats(params, tokens_BxL):

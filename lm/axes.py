@@ -5,6 +5,11 @@ The model only *names* axes (`batch`, `length`, `embed`, `heads`, `kv_heads`, `k
 with `use_constraint`. Without one installed, `constrain` is the identity, so the model runs
 unchanged on one device and in tests. Two more hooks work the same way: `per_shard` (a kernel run on
 each device's block) and `sequence_attention` (attention across a sequence split over devices).
+
+These hooks carry *functions*, never decisions: what they do (the rule table, the ring's block
+kernel, strategy and layout) was settled once by the run plan (`launch.run.plan`), and the step
+builders install functions built from it (`launch.run.step.under_plan`). Nothing here has a
+default that could disagree with the config: with nothing installed, the model runs unsharded.
 """
 
 import contextlib

@@ -11,6 +11,7 @@ import pytest
 from jax.sharding import AxisType, Mesh, PartitionSpec as P
 
 from sharding import ring_attention as ra
+from sharding import zigzag
 
 B, L, N, G, K = 2, 32, 4, 2, 8  # batch, total length, query heads, kv heads (GQA), head dim
 
@@ -62,8 +63,8 @@ def ring_and_vjp(mesh_shape: tuple, batch_axes, head_axis, block_size: int = 512
 def check(run, shards: int, layout: str):
   inputs, expected = problem()
   if layout == "zigzag":  # every input reordered along length; results put back before comparing
-    got = run(*(ra.to_zigzag(x, shards) for x in inputs))
-    got = [ra.from_zigzag(np.asarray(x), shards) for x in got]
+    got = run(*(zigzag.to_zigzag(x, shards) for x in inputs))
+    got = [zigzag.from_zigzag(np.asarray(x), shards) for x in got]
   else:
     got = run(*inputs)
   for name, g, e in zip(("out", "dq", "dk", "dv"), got, expected):
@@ -115,10 +116,10 @@ def test_shard_body_without_vma_check_and_without_skipping():
 
 
 def test_zigzag_order():
-  np.testing.assert_array_equal(ra.zigzag_order(8, 2), [0, 1, 6, 7, 2, 3, 4, 5])
-  order = ra.zigzag_order(48, 4)
+  np.testing.assert_array_equal(zigzag.zigzag_order(8, 2), [0, 1, 6, 7, 2, 3, 4, 5])
+  order = zigzag.zigzag_order(48, 4)
   np.testing.assert_array_equal(np.sort(order), np.arange(48))
-  np.testing.assert_array_equal(order[ra.zigzag_inverse(48, 4)], np.arange(48))
+  np.testing.assert_array_equal(order[zigzag.zigzag_inverse(48, 4)], np.arange(48))
   # Shard i (6 * 2 tokens each) holds chunk i and chunk 7 - i: equal causal work for every shard.
   work = [sum(p + 1 for p in order[12 * i:12 * (i + 1)]) for i in range(4)]
   assert len(set(work)) == 1
@@ -126,7 +127,7 @@ def test_zigzag_order():
 
 def test_length_errors():
   with pytest.raises(ValueError, match=r"divisible by 2 x mesh.sequence = 2 x 4 = 8.*L=36"):
-    ra.zigzag_order(36, 4)
+    zigzag.zigzag_order(36, 4)
   x = np.zeros((1, 30, 2, 8), np.float32)
   with pytest.raises(ValueError, match="L=30 must be divisible by mesh.sequence=4"):
     ra.ring_attention(x, x, x, np.zeros((1, 30), np.int32), mesh=mesh_of({"sequence": 4}))
@@ -216,7 +217,7 @@ def splash_problem(shards: int, layout: str, rows: int):
     probs = jax.nn.softmax(jnp.where(mask[:, None], scores, -jnp.inf), axis=-1)
     return jnp.einsum("bnls,bsnk->blnk", probs, vr)
   out, vjp = jax.vjp(reference, q, k, v)
-  arrange = (lambda x: ra.to_zigzag(x, shards)) if layout == "zigzag" else np.asarray
+  arrange = (lambda x: zigzag.to_zigzag(x, shards)) if layout == "zigzag" else np.asarray
   inputs = tuple(map(arrange, (q, k, v, positions, segments, cotangent)))
   return inputs, (np.asarray(out), *map(np.asarray, vjp(cotangent)))
 
@@ -240,7 +241,7 @@ def test_splash_blocks_equal_dense_forward_and_gradients(mesh_shape, batch_axes,
                                                kernel="splash", layout=layout, interpret=True)
     out, vjp = jax.vjp(attend, q, k, v)
     return (out, *vjp(cotangent))
-  back = (lambda x: ra.from_zigzag(x, shards)) if layout == "zigzag" else (lambda x: x)
+  back = (lambda x: zigzag.from_zigzag(x, shards)) if layout == "zigzag" else (lambda x: x)
   got = [back(np.asarray(x)) for x in run(q, k, v)]
   for name, g, e in zip(("out", "dq", "dk", "dv"), got, expected):
     np.testing.assert_allclose(g, e, rtol=2e-5, atol=2e-5, err_msg=name)

@@ -163,6 +163,8 @@ def test_checkpoint_is_self_describing(uninterrupted):
   assert meta["step"] == 8
   assert meta["config"]["model"]["vocab_size"] == 512
   json.dumps(meta["data_state"])  # the data position is plain JSON
-  # Which attention ran and why (issue 12): auto on CPU is XLA.
-  assert meta["attention"] == {"requested": "auto", "implementation": "xla",
-                               "reason": "no fused attention kernel on cpu; XLA"}
+  # Which attention ran and why (issue 12), in the run plan's record (issue 23): auto on CPU is XLA.
+  assert meta["plan"]["platform"] == "cpu"
+  assert meta["plan"]["attention"]["whole sequence"] == {
+      "requested": "auto", "implementation": "xla", "reason": "no fused attention kernel on cpu; XLA",
+      "length_multiple": 1}

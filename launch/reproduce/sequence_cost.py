@@ -144,7 +144,7 @@ def computed_sub_blocks(shards: int, layout: str) -> tuple[int, int]:
   synchronous, so its time follows the sum over steps of the busiest device's count.
   """
   import numpy as np
-  from sharding.ring_attention import zigzag_order
+  from sharding.zigzag import zigzag_order
 
   length = 4 * shards
   order = zigzag_order(length, shards) if layout == "zigzag" else np.arange(length)
@@ -163,7 +163,7 @@ def _time_ring(shards: int, layout: str, skip: bool, repeats: int) -> float:
   import numpy as np
   from jax.sharding import AxisType, Mesh
 
-  from sharding import ring_attention
+  from sharding import ring_attention, zigzag
 
   batch, length, heads, kv_heads, head_dim = 1, 2048, 8, 2, 64
   mesh = Mesh(np.array(jax.devices()[:shards]), ("sequence",), axis_types=(AxisType.Auto,))
@@ -172,7 +172,7 @@ def _time_ring(shards: int, layout: str, skip: bool, repeats: int) -> float:
   k, v = (rng.normal(size=(batch, length, kv_heads, head_dim)).astype(np.float32) for _ in range(2))
   pos = np.arange(length, dtype=np.int32)[None]
   if layout == "zigzag":
-    q, k, v, pos = (ring_attention.to_zigzag(x, shards) for x in (q, k, v, pos))
+    q, k, v, pos = (zigzag.to_zigzag(x, shards) for x in (q, k, v, pos))
   loss = lambda q, k, v: jnp.sum(ring_attention.ring_attention(q, k, v, pos, mesh=mesh, skip_masked=skip))
   step = jax.jit(jax.grad(loss, (0, 1, 2)))
   jax.block_until_ready(step(q, k, v))

@@ -30,7 +30,8 @@ def saved_config(meta: dict[str, Any], where: str = "checkpoint", overrides: dic
   """The validated Config stored in a checkpoint's `meta`, with dotted-key `overrides` applied.
 
   Raises CheckpointError when the meta has no config or holds keys this code does not know, and
-  ValueError when an override names a model key (shapes come from the checkpoint).
+  ValueError when an override names one of WEIGHT_FIELDS (shapes come from the checkpoint); other
+  model keys (dtype, kv_cache_dtype, remat, attention, ...) may be overridden.
   """
   raw = meta.get("config")
   if not isinstance(raw, dict) or "model" not in raw:
@@ -44,9 +45,9 @@ def saved_config(meta: dict[str, Any], where: str = "checkpoint", overrides: dic
     raise ckpt_lib.CheckpointError(f"{where} step {meta.get('step')} was saved with config keys this code "
                                    f"does not know: {unknown}; read it with the version that wrote it.")
   merged = {s: {**d, **raw.get(s, {})} if isinstance(d, dict) else raw.get(s, d) for s, d in defaults.items()}
-  model_keys = [k for k in (overrides or {}) if k.startswith("model.")]
-  if model_keys:
-    raise ValueError(f"{model_keys[0]}: model shapes come from the checkpoint and cannot be overridden.")
+  shape_keys = [k for k in (overrides or {}) if k.startswith("model.") and k[len("model."):] in WEIGHT_FIELDS]
+  if shape_keys:
+    raise ValueError(f"{shape_keys[0]}: model shapes come from the checkpoint and cannot be overridden.")
   return validate(with_overrides(merged, overrides or {}))
 
 
