@@ -4,7 +4,7 @@ One decode step reads every weight once and the KV cache written so far, so at s
 is bounded below by (weight bytes + KV bytes) / memory bandwidth: the memory floor. At large batch
 its FLOPs bound it instead (2 per weight per row plus attention, over a matmul rate measured in the
 same run): the compute floor. A row's floor is the larger. The bandwidth is the chip's spec sheet
-where known (`CHIP_BANDWIDTH_GBS`) and, always, a device-to-device copy measured in the same run;
+where known (launch/run/chips.py) and, always, a device-to-device copy measured in the same run;
 the floor uses the measured copy, so a ratio to it says how far the step is from what this machine
 can stream. Weights are random (speed does not depend on their values); int8
 weights come from `compress.quantize` applied to them, as `launch.quantize` would.
@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from compress.quantize import quantize_params, quantized_config
+from launch.run import chips
 from launch.run import state as ts
 from lm import flops, kv_cache
 from lm import generate as gen_lib
@@ -28,28 +29,11 @@ from lm.config import ModelConfig
 
 Params = dict[str, Any]
 
-# HBM bandwidth per chip from the vendors' spec sheets, GB/s.
-CHIP_BANDWIDTH_GBS = {
-    "NVIDIA H200": 4800.0,
-    "NVIDIA H100 80GB HBM3": 3350.0,
-    "NVIDIA H100": 3350.0,
-    "NVIDIA A100-SXM4-80GB": 2039.0,
-    "NVIDIA A100-SXM4-40GB": 1555.0,
-    "TPU v4": 1228.0,
-    "TPU v5 lite": 819.0,
-    "TPU v5e": 819.0,
-    "TPU v5p": 2765.0,
-    "TPU v6 lite": 1640.0,
-    "TPU v6e": 1640.0,
-}
-
-
 def table_bandwidth(device_kind: str) -> float | None:
-  """The spec-sheet bandwidth (bytes/s) of `device_kind`, or None if the chip is not listed."""
-  for kind in sorted(CHIP_BANDWIDTH_GBS, key=len, reverse=True):
-    if device_kind.startswith(kind):
-      return CHIP_BANDWIDTH_GBS[kind] * 1e9
-  return None
+  """The spec-sheet HBM bandwidth (bytes/s) of `device_kind` (launch/run/chips.py), or None if the
+  chip is not listed."""
+  chip = chips.chip_for(device_kind)
+  return chip.hbm_gbs * 1e9 if chip else None
 
 
 def measure_copy_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
