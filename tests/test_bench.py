@@ -110,3 +110,10 @@ def test_chip_numbers_are_the_spec_sheets():
   assert len({c.name for c in chips.CHIPS}) == len(chips.CHIPS)
   with pytest.raises(KeyError, match="no chip named 'TPU v9'"):
     chips.chip_named("TPU v9")
+
+
+def test_time_calls_warms_up_then_times_each_call_waiting_for_its_result():
+  calls = []
+  times = bench.time_calls(lambda: calls.append(len(calls)) or jnp.ones(3) * len(calls), repeats=4, warmup=2)
+  assert len(calls) == 6 and len(times) == 4 and all(t >= 0 for t in times)
+  assert bench.call_seconds(lambda: None) >= 0

@@ -20,12 +20,12 @@ Writes three tables (each .md and .csv):
 import shlex
 import statistics
 import sys
-import time
 
 from absl import flags
 
 from launch.measure.collectives import collective_bytes
 from launch.measure.tables import write_table
+from launch.measure.timing import time_calls
 from launch.run import chips, cli
 from launch.run.devices import simulate_cpu_devices
 
@@ -178,13 +178,7 @@ def _time_ring(shards: int, layout: str, skip: bool, repeats: int) -> float:
     q, k, v, pos = (ring_attention.to_zigzag(x, shards) for x in (q, k, v, pos))
   loss = lambda q, k, v: jnp.sum(ring_attention.ring_attention(q, k, v, pos, mesh=mesh, skip_masked=skip))
   step = jax.jit(jax.grad(loss, (0, 1, 2)))
-  jax.block_until_ready(step(q, k, v))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(step(q, k, v))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  return statistics.median(time_calls(lambda: step(q, k, v), repeats))
 
 
 def balance_rows(repeats: int) -> list[dict]:
