@@ -1,6 +1,8 @@
 # Two commands do everything on a fresh machine:
 #   make demo   - create .venv, install, train the demo LM on 8 simulated CPU devices, eval, generate.
 #   make test   - create .venv, install with the dev extra, run the test suite.
+# CI (.ci/run) also runs the suite on Python 3.12 with the newest jax/flax the index serves:
+#   make test-py312 - make test PYTHON=<python3.12> VENV=.venv-py312, reinstalled with --upgrade.
 # And one that regenerates the docs' figures:
 #   make reproduce - regenerate every table and figure under docs/results, then compare each number
 #                 with the committed one (launch/reproduce/summary.py; non-zero exit when a quality
@@ -8,13 +10,19 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
+INSTALL_FLAGS ?=
+# Python 3.12 for test-py312: pyenv's newest 3.12.x, else python3.12 on PATH (or PYTHON312=...).
+PYTHON312 ?= $(shell { v=$$(pyenv latest 3.12) && PYENV_VERSION=$$v pyenv which python3.12 \
+  || ls -d "$$(pyenv root)"/versions/3.12.*/bin/python3.12 | sort -V | tail -n 1 | grep . \
+  || command -v python3.12; } 2>/dev/null)
+VENV312 := .venv-py312
 
-.PHONY: setup demo test clean reproduce
+.PHONY: setup demo test test-py312 clean reproduce
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q $(INSTALL_FLAGS) -e '.[dev]'
 	touch $@
 
 setup: $(VENV)/.installed
@@ -24,6 +32,18 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest tests
+
+# The same suite on Python 3.12, re-resolved every time to the newest jax/flax the index serves.
+test-py312:
+	@"$(PYTHON312)" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null || { \
+	  echo "error: no Python 3.12 found (tried pyenv latest 3.12, \$$(pyenv root)/versions/3.12.*," \
+	    "python3.12 on PATH; got '$(PYTHON312)'): pyenv install 3.12, or make test-py312 PYTHON312=/path/to/python3.12" >&2; \
+	  exit 1; }
+	rm -f $(VENV312)/.installed
+	$(MAKE) setup PYTHON="$(PYTHON312)" VENV=$(VENV312) INSTALL_FLAGS="--upgrade --upgrade-strategy eager"
+	@$(VENV312)/bin/python -c 'import sys; print("Python", sys.version.split()[0])'
+	@$(VENV312)/bin/python -m pip list --format=freeze | grep -E '^(jax|jaxlib|flax|optax|orbax-checkpoint)=='
+	$(MAKE) test PYTHON="$(PYTHON312)" VENV=$(VENV312)
 
 # --- make reproduce: one step per table or figure; each prints its progress --------------------
 R := runs/reproduce

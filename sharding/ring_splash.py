@@ -5,10 +5,10 @@ chunk's result. To fold a block computed by a fused kernel it needs the block's 
 its output, and its backward pass needs the kernel's gradient taken against the *global* output and
 log-sum-exp (the softmax over all blocks), not the block's own. Splash attention provides both:
 `save_residuals=True` returns the log-sum-exp, and its backward kernels take (o, logsumexp) as
-residuals. The second is not public API: `block_grads` calls `splash_attention_kernel.
-_splash_attention_bwd` with the global residuals, as ring implementations built on flash-attn call
-its `_flash_attn_backward`. Checked against jax 0.10.2; tests/test_ring_attention.py compares it
-with a dense reference in Pallas' interpreter, so an API change shows there first.
+residuals. The second is not public API: `block_grads` calls splash's private backward
+(`jax_internals.splash_mqa_backward`) with the global residuals, as ring implementations built on
+flash-attn call its `_flash_attn_backward`. tests/test_ring_attention.py compares it with a dense
+reference in Pallas' interpreter.
 
 A block's mask must be one splash knows statically. Each device's block is cut into two pieces, and
 in either layout (natural: device i holds chunks 2i and 2i+1 of 2N; zigzag: chunks i and 2N-1-i)
@@ -28,6 +28,8 @@ head, K head dim.
 
 import jax
 import jax.numpy as jnp
+
+from sharding import jax_internals
 
 SKIP, FULL, CAUSAL = 0, 1, 2
 BLOCKS = (512, 256, 128)  # splash tiles: the largest that divides the chunk
@@ -116,28 +118,14 @@ def block_grads(splash_kernels: dict, kind, q_BxLxGxRxK, q_seg_BxL, k_BxSxGxK, v
   probabilities are the global ones and the parts add up.
   """
   from jax.experimental.pallas.ops.tpu import splash_attention as splash
-  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash_kernel
   head_dim = q_BxLxGxRxK.shape[-1]
   q, k, v = _heads_first(q_BxLxGxRxK, k_BxSxGxK, v_BxSxGxK)
   out, dout = (x.astype(q.dtype).transpose(0, 2, 3, 1, 4) for x in (out_BxLxGxRxK, dout_BxLxGxRxK))
 
-  def collapse(info):  # what splash's own entry point does to the mask info before its kernels
-    if info is None or info.partial_mask_blocks is None:
-      return info
-    return info._replace(partial_mask_blocks=info.partial_mask_blocks.reshape(
-        -1, *info.partial_mask_blocks.shape[-2:]))
-
   def run(which):
-    kernel = splash_kernels[which]
-    kw = kernel.kwargs
-
     def one(q, k, v, out, lse, dout, q_seg, kv_seg):
-      residuals = (q, k, v, splash.SegmentIds(q_seg, kv_seg), None, out, lse,
-                   collapse(kernel.dq_mask_info), collapse(kernel.dkv_mask_info))
-      grads = splash_kernel._splash_attention_bwd(
-          False, kw["mask_value"], kw["is_mqa"], kw["block_sizes"], None, kw["mask_function"],
-          kw["attn_logits_soft_cap"], kw["interpret"], residuals, dout)
-      return grads[3], grads[4], grads[5]  # (dq, dk, dv) after the three mask infos
+      return jax_internals.splash_mqa_backward(splash_kernels[which], q, k, v,
+                                               splash.SegmentIds(q_seg, kv_seg), out, lse, dout)
 
     def grads():
       dq, dk, dv = _per_batch_and_group(one, 6)(q, k, v, out, lse_BxGxRxL, dout, q_seg_BxL, kv_seg_BxS)

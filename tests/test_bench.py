@@ -10,7 +10,9 @@ import pytest
 from configs.smoke import get_config
 from launch.measure import timing as bench
 from launch.measure.tables import write_table
+from launch.run import chips
 from launch.run.config import validate
+from launch.run.throughput import table_peak_flops
 from launch.measure.profile import classify_ops, summarize_trace
 
 
@@ -82,3 +84,36 @@ def test_time_interleaved_runs_every_workload_once_per_round():
   assert bench.median_ratio([0.5, 0.6, 1.0], [1.0, 1.5, 2.0]) == pytest.approx(0.5)
   with pytest.raises(ValueError):
     bench.median_ratio([1.0], [1.0, 2.0])
+
+
+@pytest.mark.parametrize("device_kind,name", [
+    ("TPU v4", "TPU v4"), ("TPU v5 lite", "TPU v5e"), ("TPU v5", "TPU v5p"), ("TPU v5p", "TPU v5p"),
+    ("TPU v6 lite", "TPU v6e"), ("NVIDIA H100 80GB HBM3", "H100 SXM"), ("NVIDIA H200", "H200 SXM"),
+    ("NVIDIA A100-SXM4-40GB", "A100 40GB"), ("cpu", None), ("TPU v3", None)])
+def test_one_chip_table_feeds_the_peak_and_the_bandwidth(device_kind, name):
+  # jax says "TPU v5" for a v5p and "TPU v5 lite" for a v5e: the longest prefix must win.
+  from launch.measure import decode as decode_lib
+  chip = chips.chip_for(device_kind)
+  assert (chip.name if chip else None) == name
+  if chip:
+    assert table_peak_flops(device_kind, "bfloat16") == chip.bf16_tflops * 1e12
+    assert decode_lib.table_bandwidth(device_kind) == chip.hbm_gbs * 1e9
+  else:
+    assert table_peak_flops(device_kind, "bfloat16") is None and decode_lib.table_bandwidth(device_kind) is None
+
+
+def test_chip_numbers_are_the_spec_sheets():
+  v5p = chips.chip_named("TPU v5p")
+  assert (v5p.bf16_tflops, v5p.hbm_gib, v5p.hbm_gbs) == (459.0, 95.0, 2765.0)
+  assert table_peak_flops("TPU v5 lite", "float32") is None  # TPUs: no separate fp32 rate
+  assert table_peak_flops("NVIDIA H100 80GB HBM3", "float32") == 67e12
+  assert len({c.name for c in chips.CHIPS}) == len(chips.CHIPS)
+  with pytest.raises(KeyError, match="no chip named 'TPU v9'"):
+    chips.chip_named("TPU v9")
+
+
+def test_time_calls_warms_up_then_times_each_call_waiting_for_its_result():
+  calls = []
+  times = bench.time_calls(lambda: calls.append(len(calls)) or jnp.ones(3) * len(calls), repeats=4, warmup=2)
+  assert len(calls) == 6 and len(times) == 4 and all(t >= 0 for t in times)
+  assert bench.call_seconds(lambda: None) >= 0

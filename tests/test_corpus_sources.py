@@ -20,6 +20,7 @@ from lm.data import manifest
 from lm.data import sources
 from lm.data import tfds_builder
 from lm.data import tokenizer as tokenizer_lib
+from lm.data import tokenizer_training
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "corpus"
 SEQ_LEN = 32
@@ -147,7 +148,7 @@ def test_manifest_skips_preparation_and_changed_inputs_prepare_again(tmp_path, m
 def test_trained_sentencepiece_lives_with_its_corpus(prepared, tmp_path):
   data_dir = str(tmp_path)
   tok = loader.prepare(data_dir, "sentencepiece", 400, source=_source("text"))
-  path = tokenizer_lib.sentencepiece_path(data_dir, 400)
+  path = tokenizer_training.sentencepiece_path(data_dir, 400)
   assert path.parent == manifest.prepared_dir(data_dir) and path.exists()
   text = _split_texts(data_dir, "validation")[0]
   assert tok.decode(tok.encode(text)) == text and len(tok.encode(text)) < len(text) / 1.5
@@ -209,10 +210,10 @@ def test_huggingface_tokenizer_json_loads_and_feeds_the_loader(prepared, tmp_pat
 
 def test_sentencepiece_model_file_loads(tmp_path):
   path = tmp_path / "my.model"
-  path.write_bytes(tokenizer_lib.train_sentencepiece(_expected_documents("jsonl"), 350))
+  path.write_bytes(tokenizer_training.train_sentencepiece(_expected_documents("jsonl"), 350))
   tok = tokenizer_lib.load_tokenizer("sentencepiece", str(tmp_path), 350, str(path))
   assert tok.vocab_size == 350 and tok.decode(tok.encode("Iago, thou")) == "Iago, thou"
-  assert not tokenizer_lib.sentencepiece_path(tmp_path, 350).exists()  # loaded, not trained
+  assert not tokenizer_training.sentencepiece_path(tmp_path, 350).exists()  # loaded, not trained
 
 
 # Bad input gets a clear error.
@@ -226,7 +227,7 @@ def test_vocabulary_mismatch_names_both_sizes_and_the_key(tmp_path):
   # A Hugging Face embedding may have more rows than the tokenizer has tokens (Qwen2.5 pads its vocabulary).
   assert tokenizer_lib.load_tokenizer("huggingface", "", 512, str(path)).vocab_size == 300
   sp_path = tmp_path / "my.model"
-  sp_path.write_bytes(tokenizer_lib.train_sentencepiece(_expected_documents("jsonl"), 350))
+  sp_path.write_bytes(tokenizer_training.train_sentencepiece(_expected_documents("jsonl"), 350))
   with pytest.raises(ValueError, match=r"has 350 tokens but model\.vocab_size=2048"):
     loader.prepare(str(tmp_path / "d"), "sentencepiece", 2048, source=_source("jsonl"),
                    tokenizer_path=str(sp_path))

@@ -18,6 +18,7 @@ from lm.data import corpus
 from lm.data import loader
 from lm.data import tfds_builder
 from lm.data import tokenizer as tokenizer_lib
+from lm.data import tokenizer_training
 
 VOCAB = 512
 SEQ_LEN = 64
@@ -124,13 +125,13 @@ def test_sentencepiece_round_trips_shakespeare_and_any_text(sp):
 
 
 def test_sentencepiece_is_cached_deterministic_and_picklable(data_dir, sp, tmp_path):
-  path = tokenizer_lib.sentencepiece_path(data_dir, VOCAB)
+  path = tokenizer_training.sentencepiece_path(data_dir, VOCAB)
   before = path.stat().st_mtime_ns
   tokenizer_lib.load_tokenizer("sentencepiece", data_dir, VOCAB)
   assert path.stat().st_mtime_ns == before
   assert not list(path.parent.glob("*.tmp"))
   tokenizer_lib.load_tokenizer("sentencepiece", str(tmp_path), VOCAB)
-  assert tokenizer_lib.sentencepiece_path(tmp_path, VOCAB).read_bytes() == path.read_bytes()
+  assert tokenizer_training.sentencepiece_path(tmp_path, VOCAB).read_bytes() == path.read_bytes()
   clone = pickle.loads(pickle.dumps(sp))
   assert clone.encode("To be, or not to be") == sp.encode("To be, or not to be")
 
@@ -151,7 +152,7 @@ def test_vocab_mismatch_errors_name_the_fix(data_dir):
   with pytest.raises(ValueError, match="'wordpiece' is not one of"):
     tokenizer_lib.load_tokenizer("wordpiece", data_dir, VOCAB)
   with pytest.raises(ValueError, match="vocab_size=100"):
-    tokenizer_lib.train_sentencepiece(["To be, or not to be."] * 10, 100)
+    tokenizer_training.train_sentencepiece(["To be, or not to be."] * 10, 100)
 
 
 # Train loader.

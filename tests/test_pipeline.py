@@ -139,3 +139,13 @@ def test_bad_pipelines_fail_before_compiling(changes, message):
     (Pipeline(stages=4, microbatches=4, schedule="circular", repeats=2), 3 / 11)])
 def test_bubble_formula(pipe, bubble):
   assert pipe.bubble == pytest.approx(bubble)
+
+
+@pytest.mark.parametrize("pipe", [Pipeline(stages=4, microbatches=4),
+                                  Pipeline(stages=4, microbatches=4, schedule="circular", repeats=2)])
+def test_timeline_drawing_writes_a_png(pipe, tmp_path):
+  # launch.reproduce.pipeline draws docs/results/pipeline/timeline_*.png with it.
+  from launch.measure.layout import draw_pipeline_timeline
+  path = tmp_path / "timeline.png"
+  draw_pipeline_timeline(pipe, 8, str(path))
+  assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -4,7 +4,7 @@ One decode step reads every weight once and the KV cache written so far, so at s
 is bounded below by (weight bytes + KV bytes) / memory bandwidth: the memory floor. At large batch
 its FLOPs bound it instead (2 per weight per row plus attention, over a matmul rate measured in the
 same run): the compute floor. A row's floor is the larger. The bandwidth is the chip's spec sheet
-where known (`CHIP_BANDWIDTH_GBS`) and, always, a device-to-device copy measured in the same run;
+where known (launch/run/chips.py) and, always, a device-to-device copy measured in the same run;
 the floor uses the measured copy, so a ratio to it says how far the step is from what this machine
 can stream. Weights are random (speed does not depend on their values); int8
 weights come from `compress.quantize` applied to them, as `launch.quantize` would.
@@ -12,7 +12,6 @@ weights come from `compress.quantize` applied to them, as `launch.quantize` woul
 
 import dataclasses
 import statistics
-import time
 from typing import Any, Callable
 
 import jax
@@ -20,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from compress.quantize import quantize_params, quantized_config
+from launch.measure.timing import time_calls
+from launch.run import chips
 from launch.run import state as ts
 from lm import flops, kv_cache
 from lm import generate as gen_lib
@@ -28,28 +29,11 @@ from lm.config import ModelConfig
 
 Params = dict[str, Any]
 
-# HBM bandwidth per chip from the vendors' spec sheets, GB/s.
-CHIP_BANDWIDTH_GBS = {
-    "NVIDIA H200": 4800.0,
-    "NVIDIA H100 80GB HBM3": 3350.0,
-    "NVIDIA H100": 3350.0,
-    "NVIDIA A100-SXM4-80GB": 2039.0,
-    "NVIDIA A100-SXM4-40GB": 1555.0,
-    "TPU v4": 1228.0,
-    "TPU v5 lite": 819.0,
-    "TPU v5e": 819.0,
-    "TPU v5p": 2765.0,
-    "TPU v6 lite": 1640.0,
-    "TPU v6e": 1640.0,
-}
-
-
 def table_bandwidth(device_kind: str) -> float | None:
-  """The spec-sheet bandwidth (bytes/s) of `device_kind`, or None if the chip is not listed."""
-  for kind in sorted(CHIP_BANDWIDTH_GBS, key=len, reverse=True):
-    if device_kind.startswith(kind):
-      return CHIP_BANDWIDTH_GBS[kind] * 1e9
-  return None
+  """The spec-sheet HBM bandwidth (bytes/s) of `device_kind` (launch/run/chips.py), or None if the
+  chip is not listed."""
+  chip = chips.chip_for(device_kind)
+  return chip.hbm_gbs * 1e9 if chip else None
 
 
 def measure_copy_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
@@ -58,15 +42,12 @@ def measure_copy_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5) -> float
   Best of `repeats` after a warm-up; the buffer is donated, so no allocation is timed.
   """
   bump = jax.jit(lambda x: x + 1, donate_argnums=0)
-  x = bump(jnp.zeros((nbytes // 4,), jnp.float32))
-  x.block_until_ready()
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    x = bump(x)
-    x.block_until_ready()
-    best = min(best, time.perf_counter() - start)
-  return 2 * nbytes / best
+  holder = [jnp.zeros((nbytes // 4,), jnp.float32)]
+
+  def step():
+    holder[0] = bump(holder[0])
+    return holder[0]
+  return 2 * nbytes / min(time_calls(step, repeats))
 
 
 def tree_bytes(tree) -> int:
@@ -136,12 +117,8 @@ def make_variants(cfg: ModelConfig, modes: list[str], seed: int = 0) -> list[Var
   return variants
 
 
-def _best_and_median(fn: Callable[[], Any], repeats: int) -> tuple[float, float]:
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
+def _best_and_median(fn: Callable[[], Any], repeats: int, warmup: int) -> tuple[float, float]:
+  times = time_calls(fn, repeats, warmup)
   return min(times), statistics.median(times)
 
 
@@ -196,9 +173,9 @@ def decode_row(variant: Variant, batch: int, prompt_len: int, new_tokens: int, b
   # The warm-up prefill's cache serves every timed decode run: the decode loop copies it once at its
   # start (not donated), which costs far less than its steps and saves a prefill per run.
   _, cache = jax.block_until_ready(prefill_c(variant.params, prompt_BxP))
-  prefill_best, _ = _best_and_median(lambda: prefill_c(variant.params, prompt_BxP), repeats)
-  jax.block_until_ready(decode_c(variant.params, cache, token_B))  # warm-up
-  decode_best, decode_median = _best_and_median(lambda: decode_c(variant.params, cache, token_B), repeats)
+  prefill_best, _ = _best_and_median(lambda: prefill_c(variant.params, prompt_BxP), repeats, warmup=0)
+  decode_best, decode_median = _best_and_median(lambda: decode_c(variant.params, cache, token_B), repeats,
+                                                warmup=1)
   decode_times = [decode_best, decode_median]
   if profile_dir:
     with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
@@ -242,8 +219,9 @@ def export_row(variant: Variant, batch: int, prompt_len: int, new_tokens: int, *
   run_exported = jax.jit(lambda *args: exported.call(*args))
   args = (*flat, prompt_BxP, lengths_B, jnp.int32(0))
   same = bool(jnp.all(run_in_process() == run_exported(*args)))
-  best_in, _ = _best_and_median(run_in_process, repeats)
-  best_ex, _ = _best_and_median(lambda: run_exported(*args), repeats)
+  # The `same` check above compiled and warmed both.
+  best_in, _ = _best_and_median(run_in_process, repeats, warmup=0)
+  best_ex, _ = _best_and_median(lambda: run_exported(*args), repeats, warmup=0)
   row = {"weights": variant.name, "batch": batch, "prompt": prompt_len, "new_tokens": new_tokens,
          "in_process_ms": best_in * 1e3, "exported_ms": best_ex * 1e3, "exported_vs_in_process": best_ex / best_in,
          "same_tokens": same}

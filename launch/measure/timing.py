@@ -1,9 +1,10 @@
-"""Timing a compiled train step on random tokens: compile and warm-up excluded, median of the timed steps."""
+"""Timing: a compiled train step on random tokens (compile and warm-up excluded, median of the timed
+steps), and any callable (`time_calls`, `call_seconds`, `time_interleaved`), the loop every measure uses."""
 
 import dataclasses
 import statistics
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -81,6 +82,25 @@ def train_step_runner(plan: RunPlan) -> Callable[[], None]:
   return run
 
 
+def call_seconds(fn: Callable[[], Any]) -> float:
+  """Wall seconds of one call of `fn` (no arguments), waiting for whatever it returns
+  (`jax.block_until_ready`; None and Python values are fine) so the time includes the device's work."""
+  start = time.perf_counter()
+  jax.block_until_ready(fn())
+  return time.perf_counter() - start
+
+
+def time_calls(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> list[float]:
+  """Times one workload: `warmup` untimed calls of `fn` (compile, caches), then `repeats` timed ones.
+
+  Returns the seconds of each timed call (`call_seconds`: each waited for), for the caller's median
+  or best.
+  """
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  return [call_seconds(fn) for _ in range(repeats)]
+
+
 def time_interleaved(runs: dict[str, Callable[[], None]], rounds: int = 7,
                      warmup: int = 2) -> dict[str, list[float]]:
   """Times several workloads against each other: `warmup` untimed calls of each (compiles), then
@@ -91,14 +111,11 @@ def time_interleaved(runs: dict[str, Callable[[], None]], rounds: int = 7,
   the ratio of medians taken minutes apart.
   """
   for run in runs.values():
-    for _ in range(warmup):
-      run()
+    time_calls(run, repeats=0, warmup=warmup)
   times = {name: [] for name in runs}
   for _ in range(rounds):
     for name, run in runs.items():
-      start = time.perf_counter()
-      run()
-      times[name].append(time.perf_counter() - start)
+      times[name].append(call_seconds(run))
   return times
 
 

@@ -14,12 +14,12 @@ import platform
 import shutil
 import statistics
 import tempfile
-import time
 
 import jax
 from absl import flags
 
 from launch.measure.tables import write_table
+from launch.measure.timing import call_seconds
 from launch.run import checkpoint as ckpt_lib
 from launch.run import checksum, cli
 from launch.run import state as ts
@@ -31,12 +31,6 @@ flags.DEFINE_integer("repeats", 3, "Timed save+restore pairs per mode (the media
 flags.DEFINE_string("out", "docs/results", "Directory for checkpoints.md and .csv.")
 flags.DEFINE_string("work_dir", None, "Where the checkpoints are written (default: a temporary directory).")
 FLAGS = flags.FLAGS
-
-
-def _timed(fn) -> float:
-  start = time.perf_counter()
-  jax.block_until_ready(fn())
-  return time.perf_counter() - start
 
 
 def measure(name: str, repeats: int, work_dir: str) -> dict:
@@ -57,11 +51,11 @@ def measure(name: str, repeats: int, work_dir: str) -> dict:
       shutil.rmtree(directory, ignore_errors=True)
       checkpointer = ckpt_lib.Checkpointer(directory, keep=1, async_save=False, checksums=checked)
       kind = "checked" if checked else "plain"
-      times[f"save_{kind}"].append(_timed(lambda: checkpointer.save(1, state, {"config": cfg.to_dict()})))
-      times[f"restore_{kind}"].append(_timed(lambda: checkpointer.restore_state(abstract, 1)[0]))
+      times[f"save_{kind}"].append(call_seconds(lambda: checkpointer.save(1, state, {"config": cfg.to_dict()})))
+      times[f"restore_{kind}"].append(call_seconds(lambda: checkpointer.restore_state(abstract, 1)[0]))
       checkpointer.close()
       shutil.rmtree(directory, ignore_errors=True)
-    times["checksum"].append(_timed(lambda: checksum.fingerprints(arrays)[1]))
+    times["checksum"].append(call_seconds(lambda: checksum.fingerprints(arrays)[1]))
   median = {key: statistics.median(values) for key, values in times.items()}
   return {"config": name, "params_M": round(cfg.model.num_params() / 1e6, 1),
           "state_MB": round(state_bytes / 2**20, 1), "arrays": len(jax.tree.leaves(state)),

@@ -4,7 +4,8 @@
 
 Runs a `launch.sweep` over stage x micro-batches x schedule on 8 simulated CPU devices (the demo
 model with 8 layers, mesh stage=4 x data=2, batch 16), plus the same model without a pipeline
-(data=8) as the reference, and writes bubble.{md,csv} and bubble.png. Under GSPMD a stage in its
+(data=8) as the reference, and writes bubble.{md,csv} and bubble.png; and draws which micro-batch
+each stage runs when (timeline_{gpipe,circular}.png, docs/sharding.md; drawn, not measured). Under GSPMD a stage in its
 bubble still computes (on zeros), and all 8 simulated devices share this host's cores, so the step
 time over the reference should follow 1 / (1 - bubble) = iterations / rounds: the measured column
 beside it says how closely it does. Memory is per device from the compiled step.
@@ -16,6 +17,7 @@ import sys
 
 from absl import flags
 
+from launch.measure.layout import draw_pipeline_timeline
 from launch.measure.sweep import run_sweep
 from launch.measure.tables import write_table
 from launch.run import cli
@@ -35,6 +37,8 @@ GRIDS = [  # (label, grid)
     ("circular", f"mesh=stage{STAGES}.data{DATA};schedule=circular;repeats=2;micro=4,8"),
 ]
 MIB = 2 ** 20
+# The schedules pictured in docs/sharding.md: 4 stages, 4 micro-batches, the 8-layer model.
+TIMELINES = {"gpipe": Pipeline(STAGES, 4, "gpipe"), "circular": Pipeline(STAGES, 4, "circular", repeats=2)}
 
 
 def bubble_rows(records: dict[str, list[dict]]) -> list[dict]:
@@ -99,6 +103,8 @@ def main(argv):
                     "iterations x B / (M x data) rows x the layers a stage runs per iteration (L/P, or L/(R P) circular), "
                     "the activations a stage keeps for the backward pass (the reference, no pipeline, keeps B/8 x 8 = 16)."))
   plot(rows, os.path.join(FLAGS.out, "bubble.png"))
+  for name, pipe in TIMELINES.items():
+    draw_pipeline_timeline(pipe, LAYERS, os.path.join(FLAGS.out, f"timeline_{name}.png"))
 
 
 if __name__ == "__main__":

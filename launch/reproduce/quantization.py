@@ -19,13 +19,13 @@ import math
 import os
 import shutil
 import statistics
-import time
 
 import jax
 import numpy as np
 from absl import app, flags
 
 from compress.quantize_run import checkpoint_bytes, quantize_checkpoint
+from launch.measure.timing import time_calls
 from launch.run import cli
 from launch.run.evaluation import eval_checkpoint
 from launch.run.restore import load_checkpoint
@@ -56,13 +56,7 @@ VARIANTS = (  # name, mode, smooth
 
 
 def _median_seconds(fn, repeats: int) -> float:
-  jax.block_until_ready(fn())  # compile and warm up
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  return statistics.median(time_calls(fn, repeats))  # the first call compiles and warms up
 
 
 def _speed(checkpoint_dir: str, repeats: int, new_tokens: int) -> dict:

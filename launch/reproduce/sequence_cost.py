@@ -20,13 +20,13 @@ Writes three tables (each .md and .csv):
 import shlex
 import statistics
 import sys
-import time
 
 from absl import flags
 
 from launch.measure.collectives import collective_bytes
 from launch.measure.tables import write_table
-from launch.run import cli
+from launch.measure.timing import time_calls
+from launch.run import chips, cli
 from launch.run.devices import simulate_cpu_devices
 
 flags.DEFINE_string("out", "docs/results", "Directory for sequence_{cost,overlap,balance}.{md,csv}.")
@@ -38,10 +38,13 @@ SHARDS = (2, 4, 8)
 MEASURED = dict(batch=2, length=1024, heads=8, kv_heads=2, head_dim=64)
 LLAMA_1B = dict(heads=32, kv_heads=8, head_dim=64)
 META = 2 * 4  # int32 position and segment id travel with every token of a K/V block
-# Peak dense bf16 FLOP/s and the bandwidth one ring hop gets, one direction (assumptions, cited in
-# docs/sharding.md): H100 SXM NVLink 4 = 900 GB/s bidirectional per GPU through NVSwitch; TPU v5p
-# ICI ~90 GB/s per link per direction, and a 1-D ring along one torus axis sends over one link.
-PLATFORMS = (("H100 NVLink (paper)", 989e12, 450e9), ("TPU v5p ICI, 1 link (paper)", 459e12, 90e9))
+H100, V5P = chips.chip_named("H100 SXM"), chips.chip_named("TPU v5p")
+# Peak dense bf16 FLOP/s (spec sheets) and the bandwidth one ring hop gets, one direction
+# (assumptions, cited in docs/sharding.md): H100 SXM NVLink 4 = 900 GB/s bidirectional per GPU
+# through NVSwitch; TPU v5p ICI ~90 GB/s per link per direction, and a 1-D ring along one torus
+# axis sends over one link.
+PLATFORMS = (("H100 NVLink (paper)", H100.bf16_tflops * 1e12, 450e9),
+             ("TPU v5p ICI, 1 link (paper)", V5P.bf16_tflops * 1e12, 90e9))
 
 
 def formula_bytes(strategy: str, shards: int, batch: int, length: int, kv_heads: int,
@@ -175,13 +178,7 @@ def _time_ring(shards: int, layout: str, skip: bool, repeats: int) -> float:
     q, k, v, pos = (zigzag.to_zigzag(x, shards) for x in (q, k, v, pos))
   loss = lambda q, k, v: jnp.sum(ring_attention.ring_attention(q, k, v, pos, mesh=mesh, skip_masked=skip))
   step = jax.jit(jax.grad(loss, (0, 1, 2)))
-  jax.block_until_ready(step(q, k, v))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(step(q, k, v))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  return statistics.median(time_calls(lambda: step(q, k, v), repeats))
 
 
 def balance_rows(repeats: int) -> list[dict]:
@@ -230,8 +227,9 @@ def main(argv):
       overlap_rows(), FLAGS.out, "sequence_overlap",
       "When the ring hides its communication: llama_1b attention, bfloat16 (ON PAPER, not measured)", command,
       "ON PAPER (no GPU or TPU ran): 32 query / 8 kv heads of 64, peak dense bf16 FLOP/s "
-      "(H100 SXM 989 T, TPU v5p 459 T) and one-direction hop bandwidth (H100: 450 GB/s NVLink 4 through "
-      "NVSwitch; v5p: 90 GB/s, one ICI link per direction, as a 1-D ring along one torus axis uses). "
+      f"(H100 SXM {H100.bf16_tflops:.0f} T, TPU v5p {V5P.bf16_tflops:.0f} T) and one-direction hop "
+      "bandwidth (H100: 450 GB/s NVLink 4 through NVSwitch; v5p: 90 GB/s, one ICI link per "
+      "direction, as a 1-D ring along one torus axis uses). "
       "min_local_len: the chunk per device above which one block's compute time exceeds one K/V hop "
       "(method of the scaling book, 'How to Scale Your Model', Austin et al. 2025: compute time = "
       "FLOPs / peak against transfer time = bytes / bandwidth, overlapped); min_len_seqN: the "

@@ -9,6 +9,8 @@ GPUs and TPUs are unaffected.
 import os
 import re
 
+from sharding import jax_internals
+
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 # Makes CPU memory_analysis() honour remat, but can deadlock multi-device CPU collectives when steps
 # run, so only compile-only processes (launch.memory, a sweep point's memory pass) use it.
@@ -27,20 +29,12 @@ def xla_flags(count: int | None, memory_schedule: bool = False, base: str | None
   return " ".join(text.split())
 
 
-def _backends_started() -> bool:
-  try:
-    from jax._src import xla_bridge
-    return xla_bridge.backends_are_initialized()
-  except (ImportError, AttributeError):
-    return False
-
-
 def simulate_cpu_devices(count: int | None, memory_schedule: bool = False) -> None:
   """Gives this process `count` CPU devices (None: keep the count) and optionally the memory schedule.
 
   Raises RuntimeError when jax has already started with a different CPU device count.
   """
-  if _backends_started():
+  if jax_internals.backends_started():
     import jax
     have = len(jax.devices("cpu"))
     if count is not None and have != count:

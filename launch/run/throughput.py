@@ -1,7 +1,7 @@
 """Tokens/s, model FLOP/s and MFU of a train step: the one formula used by training logs, launch.bench and sweeps.
 
-The peak (MFU's denominator) is a table of known chips, or on CPU a matmul of the model's largest
-shape measured once per process.
+The peak (MFU's denominator) is a known chip's spec sheet (launch/run/chips.py), or on CPU a matmul
+of the model's largest shape measured once per process.
 """
 
 import functools
@@ -11,32 +11,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from launch.run import chips
 from lm import flops
 
-# Dense peak TFLOP/s per chip from the vendors' spec sheets (no sparsity). fp32 on GPUs is the
-# non-tensor-core rate; TPUs run fp32 matmuls through bf16 passes, so no fp32 entry is given.
-PEAK_TFLOPS: dict[str, dict[str, float]] = {
-    "TPU v4": {"bfloat16": 275.0},
-    "TPU v5 lite": {"bfloat16": 197.0},   # v5e
-    "TPU v5e": {"bfloat16": 197.0},
-    "TPU v5": {"bfloat16": 459.0},        # v5p
-    "TPU v5p": {"bfloat16": 459.0},
-    "TPU v6 lite": {"bfloat16": 918.0},   # v6e (Trillium)
-    "TPU v6e": {"bfloat16": 918.0},
-    "NVIDIA A100-SXM4-40GB": {"bfloat16": 312.0, "float32": 19.5},
-    "NVIDIA A100-SXM4-80GB": {"bfloat16": 312.0, "float32": 19.5},
-    "NVIDIA H100 80GB HBM3": {"bfloat16": 989.0, "float32": 67.0},
-    "NVIDIA H100": {"bfloat16": 989.0, "float32": 67.0},
-    "NVIDIA H200": {"bfloat16": 989.0, "float32": 67.0},
-}
-
-
 def table_peak_flops(device_kind: str, dtype: str) -> float | None:
-  """Returns the per-chip peak FLOP/s for `device_kind` in `dtype`, or None if the chip is not listed."""
-  for kind in sorted(PEAK_TFLOPS, key=len, reverse=True):  # longest (most specific) match first
-    if device_kind.startswith(kind) and dtype in PEAK_TFLOPS[kind]:
-      return PEAK_TFLOPS[kind][dtype] * 1e12
-  return None
+  """Returns the per-chip peak FLOP/s for `device_kind` in `dtype` ("bfloat16" or "float32") from
+  the spec sheets in launch/run/chips.py, or None if the chip or that dtype's rate is not listed."""
+  chip = chips.chip_for(device_kind)
+  tflops = {"bfloat16": chip.bf16_tflops, "float32": chip.fp32_tflops}.get(dtype) if chip else None
+  return tflops * 1e12 if tflops is not None else None
 
 
 def measure_matmul_flops(m: int, k: int, n: int, dtype: str = "float32", repeats: int = 10,
