@@ -30,8 +30,12 @@ setup: $(VENV)/.installed
 demo: setup
 	$(PY) -m launch.demo --config configs/demo.py --workdir runs/demo
 
+# Test files run in parallel, one worker per core, each file on one worker (its module fixtures and
+# compiled functions stay shared within it): one pytest process keeps only one of two cores busy.
+TEST_WORKERS ?= auto
+
 test: setup
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile
 
 # The same suite on Python 3.12, re-resolved every time to the newest jax/flax the index serves.
 test-py312:

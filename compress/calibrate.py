@@ -15,7 +15,7 @@ from flax import nnx
 
 from lm.config import ModelConfig
 from lm.quant import InputRange
-from lm.transformer import Transformer
+from lm.model_def import define
 
 Params = dict[str, Any]
 
@@ -29,8 +29,7 @@ def make_observer(cfg: ModelConfig):
   `ranges` is a tree (one [*S, *I] float32 array per dense layer); start from `zero_ranges(cfg)`.
   """
   observe_cfg = dataclasses.replace(cfg, quant="observe")
-  graphdef, _, _ = nnx.split(nnx.eval_shape(lambda: Transformer(observe_cfg, rngs=nnx.Rngs(0))),
-                             nnx.Param, InputRange)
+  graphdef = define(observe_cfg).graphdef
 
   @jax.jit
   def fold(params, ranges, tokens_BxL):
@@ -44,8 +43,7 @@ def make_observer(cfg: ModelConfig):
 def zero_ranges(cfg: ModelConfig) -> Params:
   """All-zero input ranges for every dense layer of `cfg`'s model."""
   observe_cfg = dataclasses.replace(cfg, quant="observe")
-  abstract = nnx.eval_shape(lambda: Transformer(observe_cfg, rngs=nnx.Rngs(0)))
-  shapes = nnx.to_pure_dict(nnx.state(abstract, InputRange))
+  shapes = nnx.to_pure_dict(nnx.state(define(observe_cfg).abstract, InputRange))
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 

@@ -41,7 +41,7 @@ def hidden_mse_sum(student_BxLxD: jax.Array, teacher_BxLxD: jax.Array) -> jax.Ar
 
 
 def distill_loss(params, batch, teacher_params, *, student, teacher, alpha: float, temperature: float,
-                 hidden_weight: float = 0.0):
+                 hidden_weight: float):
   """A LossHook function: (student params, batch, teacher params) -> (mean loss, (loss_sum, tokens)).
 
   `student` and `teacher` are ModelDefs (anything with `.bind(params)` returning a Transformer).

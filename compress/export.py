@@ -22,7 +22,8 @@ from flax import nnx
 
 from launch.run.restore import load_checkpoint
 from lm.config import ModelConfig
-from lm.generate import check_sampling_args, generate
+from lm.decoding import generate
+from lm.sampling import check_sampling_args
 from lm.serving import ServingModel, serving_params
 
 Params = dict[str, Any]
@@ -53,7 +54,7 @@ def export_generate(cfg: ModelConfig, params: Params, *, batch: int | None, prom
   """Exports generation: fn(*params, prompt_BxP, prompt_lengths_B, seed) -> int32 tokens [B, P + N].
 
   It runs what `launch.generate` runs: `serving_params` (the float weights cast to the compute dtype
-  and split per layer; once per call, before the loop) and `lm.generate.generate` over a
+  and split per layer; once per call, before the loop) and `lm.decoding.generate` over a
   `ServingModel`: one prefill, then a while loop of cached decode steps that stops when every row
   has emitted `eos_id`. Rows are left-padded to P (`lm.generate.left_pad`); `seed` (int32) seeds
   sampling. `params` are the Transformer's (stacked, as in the checkpoint). Returns (Exported, the

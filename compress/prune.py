@@ -20,7 +20,7 @@ from flax import nnx
 
 from lm import layers
 from lm.config import ModelConfig
-from lm.transformer import Transformer
+from lm.model_def import define
 
 Params = dict[str, Any]
 
@@ -38,12 +38,10 @@ def kernel_layouts(cfg: ModelConfig, m: int | None = None) -> Params:
 
   With `m`, raises ValueError if a kernel's input size is not a multiple of m (N:M groups).
   """
-  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-  num_in = {tuple(path): node.num_in for path, node in nnx.iter_graph(abstract)
+  mdef = define(cfg)
+  num_in = {tuple(path): node.num_in for path, node in nnx.iter_graph(mdef.abstract)
             if isinstance(node, layers.Linear)}
-  _, state = nnx.split(abstract)
-  names = nnx.to_pure_dict(nnx.get_partition_spec(state))
-  shapes = nnx.to_pure_dict(state)
+  names, shapes = mdef.logical_names, mdef.abstract_params
 
   def layout(path, spec, shape):
     keys = tuple(getattr(k, "key", k) for k in path)
@@ -57,8 +55,9 @@ def kernel_layouts(cfg: ModelConfig, m: int | None = None) -> Params:
                        f"prune.m={m}; pick an m that divides every kernel's input size (4 usually does).")
     return result
 
-  return jax.tree_util.tree_map_with_path(
-      layout, names, shapes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  # Walk the shapes (the names' leaves are tuples, which would be walked into).
+  return jax.tree_util.tree_map_with_path(lambda path, shape, spec: layout(path, spec, shape), shapes, names,
+                                          is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
 
 
 def schedule_progress(step: jax.Array, start: int, end: int) -> jax.Array:

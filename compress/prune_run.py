@@ -18,7 +18,7 @@ from launch.run.config import Config
 from launch.run.plan import RunPlan, make_plan
 from launch.run.loop import train
 from launch.run.preemption import StopRequest
-from launch.run.restore import check_same_weights, load_checkpoint, read_saved_config, restore_params
+from launch.run.restore import check_compatible, load_checkpoint, read_saved_config, restore_params
 
 
 def prune_context(cfg: Config, plan: RunPlan | None = None) -> tuple[RunPlan, dict]:
@@ -48,7 +48,7 @@ def measure(checkpoint_dir: str, layouts: dict, cfg: Config) -> dict:
 def _pruning_start(plan: RunPlan, checkpoint_dir: str) -> tuple[ts.TrainState, int]:
   """(A step-0 state around `checkpoint_dir`'s parameters, with fresh masks (all True), its step)."""
   saved, step = read_saved_config(checkpoint_dir)
-  check_same_weights(plan.cfg, saved, f"prune.init_checkpoint={checkpoint_dir}")
+  check_compatible(plan.cfg, saved, "init", f"prune.init_checkpoint={checkpoint_dir}")
   params, _ = restore_params(checkpoint_dir, plan.mdef, plan.shardings.params, step)
   return ts.train_state_from_params(params, plan.tx, plan.shardings), step
 
@@ -68,14 +68,14 @@ def prune_one_shot(cfg: Config, workdir: str) -> dict:
     raise ValueError("--one_shot prunes a trained model: set --config.prune.init_checkpoint.")
   plan, layouts = prune_context(cfg)
   saved, step = read_saved_config(cfg.prune.init_checkpoint)
-  check_same_weights(cfg, saved, f"prune.init_checkpoint={cfg.prune.init_checkpoint}")
+  check_compatible(cfg, saved, "init", f"prune.init_checkpoint={cfg.prune.init_checkpoint}")
   params, _ = restore_params(cfg.prune.init_checkpoint, plan.mdef, plan.shardings.params, step)
   pruned, masks = jax.jit(lambda p: pruning.one_shot(p, layouts, cfg.prune),
                           out_shardings=(plan.shardings.params, plan.shardings.params))(params)
   state = ts.train_state_from_params(pruned, plan.tx, plan.shardings)
   *head, prune_state = state.opt_state
   state = state.replace(opt_state=(*head, prune_state._replace(masks=masks)))
-  checkpointer = ckpt_lib.Checkpointer(f"{workdir}/checkpoints", async_save=False)
+  checkpointer = ckpt_lib.Checkpointer(f"{workdir}/checkpoints", keep=cfg.checkpoint.keep)
   if checkpointer.steps():
     raise ValueError(f"{checkpointer.directory} already holds checkpoints {checkpointer.steps()}; "
                      "choose a new --workdir (nothing was overwritten).")

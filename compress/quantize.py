@@ -20,7 +20,7 @@ from flax import nnx
 
 from lm.config import DENSE_LAYERS, ModelConfig
 from lm.quant import quantize_symmetric
-from lm.transformer import Transformer
+from lm.model_def import define
 
 Params = dict[str, Any]
 MODES = ("w8a16", "w8a8")
@@ -47,8 +47,7 @@ def quantized_config(cfg: ModelConfig, mode: str, *, embedding: bool = False,
 
 def abstract_params(cfg: ModelConfig) -> Params:
   """The parameter tree of Transformer(cfg) as ShapeDtypeStructs, without allocating."""
-  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-  return nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+  return nnx.to_pure_dict(nnx.state(define(cfg).abstract, nnx.Param))
 
 
 def smoothing_factors(input_range: jax.Array, kernel: jax.Array, num_in: int, alpha: float) -> jax.Array:

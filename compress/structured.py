@@ -29,18 +29,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from compress.config import STRUCTURED_TARGET_KEYS
 from lm import layers
 from lm.attention import unplanned
 from lm.config import ModelConfig
 from lm.loss import cross_entropy
-from lm.transformer import Block, Transformer, rotary_inputs
+from lm.model_def import define
+from lm.transformer import Block, rotary_inputs
 
 Params = dict[str, Any]
 Batch = dict[str, np.ndarray]  # {"inputs": int [B, L], "targets": int [B, L]}
 
 nnx.use_eager_sharding(False)
 
-TARGET_KEYS = ("num_layers", "d_model", "num_heads", "num_kv_heads", "mlp_dim")
+TARGET_KEYS = STRUCTURED_TARGET_KEYS  # the prune.* keys of the pruned model's shape
 
 
 def target_config(model: ModelConfig, prune_cfg) -> ModelConfig:
@@ -76,9 +78,7 @@ def target_config(model: ModelConfig, prune_cfg) -> ModelConfig:
 
 def logical_names(cfg: ModelConfig) -> Params:
   """The parameters' logical axis names (a tree of tuples), from the model's own annotations."""
-  _, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-  specs = nnx.to_pure_dict(nnx.get_partition_spec(state))
-  return jax.tree.map(tuple, specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  return define(cfg).logical_names
 
 
 def slice_params(params: Params, names: Params, keep: dict[str, np.ndarray]) -> Params:
@@ -127,7 +127,7 @@ def make_width_stats(cfg: ModelConfig):
   head's output L2 norm, "embed": [D] sum over tokens and norms of |norm output|, "hidden": the
   final hidden states [B, L, D] (to check this forward against the model's), "tokens": count}.
   """
-  graphdef = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))[0]
+  graphdef = define(cfg).graphdef
   block_def = nnx.split(nnx.eval_shape(lambda: Block(cfg, unplanned(cfg.attention), rngs=nnx.Rngs(0))))[0]
 
   @jax.jit
@@ -178,7 +178,7 @@ def width_importance(cfg: ModelConfig, params: Params, batches: Iterable[Batch])
 
 @functools.lru_cache(maxsize=8)
 def _loss_fn(cfg: ModelConfig):
-  graphdef = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))[0]
+  graphdef = define(cfg).graphdef
 
   @jax.jit
   def loss(params, inputs_BxL, targets_BxL):

@@ -18,7 +18,7 @@ from launch.run import checkpoint as ckpt_lib
 from launch.run import state as ts
 from launch.run.config import Config
 from launch.run.plan import make_plan
-from launch.run.restore import check_same_weights, read_saved_config, restore_params
+from launch.run.restore import check_compatible, read_saved_config, restore_params
 from lm.data import loader
 
 
@@ -47,7 +47,7 @@ def prune_structured(cfg: Config, workdir: str) -> dict:
   if not source:
     raise ValueError("prune.method='structured' prunes a trained model: set --config.prune.init_checkpoint.")
   saved, step = read_saved_config(source)
-  check_same_weights(cfg, saved, f"prune.init_checkpoint={source}")
+  check_compatible(cfg, saved, "init", f"prune.init_checkpoint={source}")
   small_cfg = pruned_config(cfg)
   small_plan = make_plan(small_cfg)  # raises if the new shapes do not divide over the mesh
   out_dir = os.path.join(workdir, "checkpoints")

@@ -24,7 +24,8 @@ from launch.run import cli
 from launch.run.restore import load_checkpoint
 from lm.config import DTYPES, KV_CACHE_DTYPES
 from lm.data.chat import chat_format
-from lm.generate import check_sampling_args, stream_text
+from lm.generate import stream_text
+from lm.sampling import check_sampling_args
 from lm.serving import serving_params
 
 cli.define_checkpoint_flags("A run's checkpoint directory (<workdir>/checkpoints).")

@@ -8,7 +8,7 @@ load: `serving_params` casts float matrices to the compute dtype and splits the 
 per layer, and `ServingModel` runs the same `Block`s in a Python loop over those trees, with one KV
 cache array per layer (written in place, read without a slice).
 
-`ServingModel` has `Transformer.decode`'s interface (and `cfg`), so `lm.generate` runs either;
+`ServingModel` has `Transformer.decode`'s interface (and `cfg`), so `lm.decoding` runs either;
 `make_generate_fn(cfg, ...)` (a ModelConfig instead of a graphdef) builds it from serving params.
 """
 
@@ -22,6 +22,7 @@ from flax import nnx
 from lm import kv_cache
 from lm.attention import AttentionPlan
 from lm.config import ModelConfig
+from lm.model_def import define
 from lm.transformer import KVCache, Transformer, cache_mask, padding_segments, rotary_inputs
 
 Params = dict[str, Any]
@@ -53,7 +54,7 @@ def serving_params(params: Params, dtype=None, unstack: bool = True) -> Params:
 @functools.lru_cache(maxsize=16)
 def _graphdefs(cfg: ModelConfig, attention: AttentionPlan | None) -> dict[str, Any]:
   """The graphdefs of the Transformer's parts (one block, embedding, final norm, output projection)."""
-  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), attention=attention))
+  abstract = define(cfg, attention).abstract
   parts = {"block": abstract.blocks, "embed": abstract.embed, "final_norm": abstract.final_norm}
   if abstract.unembed is not None:
     parts["unembed"] = abstract.unembed

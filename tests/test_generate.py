@@ -1,4 +1,4 @@
-"""Tests for lm/generate.py: cached decoding against the full forward, greedy generation against a naive
+"""Tests for lm/sampling.py, lm/decoding.py and lm/generate.py: cached decoding against the full forward, greedy generation against a naive
 re-run-everything loop, and the sampling filters against NumPy references.
 
 Every jitted function is compiled once per module (module-scoped fixtures); argument checks use
@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from lm import decoding, sampling
 from lm import generate as gen_lib
 from lm import attention, kv_cache, serving
 from launch.run.config import model_config
@@ -75,7 +76,7 @@ def prompt_BxP():
 @pytest.fixture(scope="module")
 def greedy_BxT(tiny, prompt_BxP):
   _, graphdef, params = tiny
-  fn = gen_lib.make_generate_fn(graphdef, max_new_tokens=NEW_TOKENS, temperature=0.0)
+  fn = decoding.make_generate_fn(graphdef, max_new_tokens=NEW_TOKENS, temperature=0.0)
   return np.asarray(fn(params, prompt_BxP, jax.random.key(0)))
 
 
@@ -107,7 +108,7 @@ def test_greedy_matches_naive_full_forward_loop(tiny, prompt_BxP, greedy_BxT):
 
 def test_top_k_1_generation_equals_greedy(tiny, prompt_BxP, greedy_BxT):
   _, graphdef, params = tiny
-  fn = gen_lib.make_generate_fn(graphdef, max_new_tokens=NEW_TOKENS, temperature=1.0, top_k=1)
+  fn = decoding.make_generate_fn(graphdef, max_new_tokens=NEW_TOKENS, temperature=1.0, top_k=1)
   np.testing.assert_array_equal(fn(params, prompt_BxP, jax.random.key(7)), greedy_BxT)
 
 
@@ -115,7 +116,7 @@ def test_rows_emit_only_eos_after_eos(tiny, prompt_BxP, greedy_BxT):
   _, graphdef, params = tiny
   generated_BxN = greedy_BxT[:, PROMPT_LEN:]
   eos = int(np.bincount(generated_BxN.ravel()).argmax())  # the most frequent, so some row hits it
-  fn = gen_lib.make_generate_fn(graphdef, max_new_tokens=NEW_TOKENS, temperature=0.0, eos_id=eos)
+  fn = decoding.make_generate_fn(graphdef, max_new_tokens=NEW_TOKENS, temperature=0.0, eos_id=eos)
   with_eos_BxT = np.asarray(fn(params, prompt_BxP, jax.random.key(0)))
   for row in range(BATCH):
     hits = np.flatnonzero(generated_BxN[row] == eos)
@@ -138,7 +139,7 @@ def test_decode_is_traced_twice_whatever_the_length(tiny, monkeypatch):
   calls = _count_decode_calls(monkeypatch)
   for new_tokens in (2, cfg.max_seq_len - PROMPT_LEN):  # the second fills max_seq_len exactly
     calls.clear()
-    fn = gen_lib.make_generate_fn(graphdef, max_new_tokens=new_tokens, temperature=0.7)
+    fn = decoding.make_generate_fn(graphdef, max_new_tokens=new_tokens, temperature=0.7)
     out = jax.eval_shape(fn, params, jnp.zeros((1, PROMPT_LEN), jnp.int32), jax.random.key(0))
     assert out.shape == (1, PROMPT_LEN + new_tokens)
     assert len(calls) == 2  # the prefill and the scanned step, never once per token
@@ -147,7 +148,7 @@ def test_decode_is_traced_twice_whatever_the_length(tiny, monkeypatch):
 def test_sampling_is_seeded_and_compiles_once(tiny, prompt_BxP, monkeypatch):
   _, graphdef, params = tiny
   calls = _count_decode_calls(monkeypatch)
-  fn = gen_lib.make_generate_fn(graphdef, max_new_tokens=NEW_TOKENS, temperature=1.5, top_p=0.95)
+  fn = decoding.make_generate_fn(graphdef, max_new_tokens=NEW_TOKENS, temperature=1.5, top_p=0.95)
   first, again, other = (np.asarray(fn(params, prompt_BxP, jax.random.key(s))) for s in (3, 3, 4))
   fn(jax.tree.map(lambda p: p * 2, params), prompt_BxP + 1, jax.random.key(5))
   assert len(calls) == 2  # one trace (prefill + step) served all four calls
@@ -159,14 +160,14 @@ def test_sampling_is_seeded_and_compiles_once(tiny, prompt_BxP, monkeypatch):
 
 def test_zero_new_tokens_returns_the_prompt(tiny, prompt_BxP):
   _, graphdef, params = tiny
-  out = gen_lib.generate(nnx.merge(graphdef, params), prompt_BxP, max_new_tokens=0,
+  out = decoding.generate(nnx.merge(graphdef, params), prompt_BxP, max_new_tokens=0,
                          rng=jax.random.key(0))
   np.testing.assert_array_equal(out, prompt_BxP)
 
 
 def test_too_long_raises_before_compiling(tiny):
   cfg, graphdef, params = tiny
-  fn = gen_lib.make_generate_fn(graphdef, max_new_tokens=cfg.max_seq_len - 4)
+  fn = decoding.make_generate_fn(graphdef, max_new_tokens=cfg.max_seq_len - 4)
   with pytest.raises(ValueError, match="max_seq_len=32"):
     jax.eval_shape(fn, params, jnp.zeros((2, 5), jnp.int32), jax.random.key(0))
 
@@ -180,7 +181,7 @@ def test_too_long_raises_before_compiling(tiny):
 ])
 def test_make_generate_fn_validates(tiny, kwargs, match):
   with pytest.raises(ValueError, match=match):
-    gen_lib.make_generate_fn(tiny[1], **kwargs)
+    decoding.make_generate_fn(tiny[1], **kwargs)
 
 
 @pytest.mark.parametrize("prompt, kwargs, match", [
@@ -191,7 +192,7 @@ def test_make_generate_fn_validates(tiny, kwargs, match):
 ])
 def test_generate_validates(tiny, prompt, kwargs, match):
   cfg, graphdef, params = tiny
-  run = lambda p: gen_lib.generate(nnx.merge(graphdef, p), prompt, max_new_tokens=2,
+  run = lambda p: decoding.generate(nnx.merge(graphdef, p), prompt, max_new_tokens=2,
                                    rng=jax.random.key(0), **kwargs)
   with pytest.raises(ValueError, match=match):
     jax.eval_shape(run, params)
@@ -203,7 +204,7 @@ RAGGED = [[5, 9, 2], [7, 7, 1, 4, 30, 12, 8], [11], [3, 3, 3, 3, 3]]
 
 
 def _one_by_one(graphdef, params, fn_kwargs, prompts):
-  fn = gen_lib.make_generate_fn(graphdef, **fn_kwargs)
+  fn = decoding.make_generate_fn(graphdef, **fn_kwargs)
   return [np.asarray(fn(params, np.asarray([ids], np.int32), jax.random.key(0)))[0, len(ids):]
           for ids in prompts]
 
@@ -213,7 +214,7 @@ def test_left_padded_batch_equals_one_by_one_greedy(tiny):
   kwargs = dict(max_new_tokens=NEW_TOKENS, temperature=0.0)
   tokens_BxP, lengths_B = gen_lib.left_pad(RAGGED, width=8, pad_id=0)
   assert tokens_BxP[2].tolist() == [0] * 7 + [11] and lengths_B.tolist() == [3, 7, 1, 5]
-  batched_BxT = np.asarray(gen_lib.make_generate_fn(graphdef, **kwargs)(
+  batched_BxT = np.asarray(decoding.make_generate_fn(graphdef, **kwargs)(
       params, tokens_BxP, jax.random.key(0), lengths_B))
   np.testing.assert_array_equal(batched_BxT[:, :8], tokens_BxP)
   for row, alone_N in enumerate(_one_by_one(graphdef, params, kwargs, RAGGED)):
@@ -226,7 +227,7 @@ def test_each_row_stops_at_its_own_eos_in_a_padded_batch(tiny):
   eos = int(np.bincount(np.concatenate(free)).argmax())  # the most frequent, so some row hits it
   kwargs = dict(max_new_tokens=NEW_TOKENS, temperature=0.0, eos_id=eos)
   tokens_BxP, lengths_B = gen_lib.left_pad(RAGGED)
-  batched_BxN = np.asarray(gen_lib.make_generate_fn(graphdef, **kwargs)(
+  batched_BxN = np.asarray(decoding.make_generate_fn(graphdef, **kwargs)(
       params, tokens_BxP, jax.random.key(0), lengths_B))[:, tokens_BxP.shape[1]:]
   alone = _one_by_one(graphdef, params, kwargs, RAGGED)
   stopped = 0
@@ -245,7 +246,7 @@ def test_each_row_stops_at_its_own_eos_in_a_padded_batch(tiny):
 def test_loop_stops_once_every_row_is_done(tiny, prompt_BxP):
   cfg, graphdef, params = tiny
   model = nnx.merge(graphdef, params)
-  logits_BxV, cache = gen_lib.prefill(model, prompt_BxP, cfg.max_seq_len)
+  logits_BxV, cache = decoding.prefill(model, prompt_BxP, cfg.max_seq_len)
   calls = []
 
   def sample(logits_BxV, step):
@@ -253,7 +254,7 @@ def test_loop_stops_once_every_row_is_done(tiny, prompt_BxP):
     jax.debug.callback(lambda s: calls.append(int(s)), step)
     return jnp.full(logits_BxV.shape[:1], 4, jnp.int32)
 
-  out_BxN, _ = gen_lib.decode_steps(model, cache, jnp.zeros((BATCH,), jnp.int32),
+  out_BxN, _ = decoding.decode_steps(model, cache, jnp.zeros((BATCH,), jnp.int32),
                                     jnp.zeros((BATCH,), bool), start=PROMPT_LEN, steps=10,
                                     sample=sample, eos_id=4)
   jax.effects_barrier()
@@ -271,7 +272,7 @@ def test_left_pad_validates():
 def test_generate_validates_prompt_lengths(tiny):
   _, graphdef, params = tiny
   with pytest.raises(ValueError, match=r"must lie in \[1, 4\]"):
-    jax.eval_shape(lambda p: gen_lib.generate(nnx.merge(graphdef, p), jnp.zeros((2, 4), jnp.int32),
+    jax.eval_shape(lambda p: decoding.generate(nnx.merge(graphdef, p), jnp.zeros((2, 4), jnp.int32),
                                               max_new_tokens=2, rng=jax.random.key(0),
                                               prompt_lengths_B=np.array([0, 4])), params)
 
@@ -293,13 +294,13 @@ def test_serving_model_generates_what_the_transformer_does(variant, prompt_BxP):
   cfg, graphdef, params = _build(**VARIANTS[variant])
   kwargs = dict(max_new_tokens=NEW_TOKENS, temperature=0.0)
   tokens_BxP, lengths_B = gen_lib.left_pad(RAGGED)
-  expected = gen_lib.make_generate_fn(graphdef, **kwargs)(params, tokens_BxP, jax.random.key(0), lengths_B)
-  served = gen_lib.make_generate_fn(cfg, **kwargs)(serving.serving_params(params), tokens_BxP,
+  expected = decoding.make_generate_fn(graphdef, **kwargs)(params, tokens_BxP, jax.random.key(0), lengths_B)
+  served = decoding.make_generate_fn(cfg, **kwargs)(serving.serving_params(params), tokens_BxP,
                                                    jax.random.key(0), lengths_B)
   np.testing.assert_array_equal(served, expected)
   # And its logits equal the full forward's (so the fast path is the same model, not a lookalike).
   model = serving.ServingModel(cfg, serving.serving_params(params))
-  logits_BxV, _ = jax.jit(lambda: gen_lib.prefill(model, prompt_BxP, cfg.max_seq_len))()
+  logits_BxV, _ = jax.jit(lambda: decoding.prefill(model, prompt_BxP, cfg.max_seq_len))()
   np.testing.assert_allclose(logits_BxV, _forward(graphdef, params, prompt_BxP)[:, -1], atol=1e-5, rtol=0)
 
 
@@ -389,7 +390,7 @@ def test_int8_cache_generation_stays_close_to_the_float_cache(tiny, prompt_BxP, 
   # Measured: at most 2.3% of the logits' spread (head_dim 8: few values share a scale); mean 0.3%.
   assert 0 < difference.max() < 0.05 * spread and difference.mean() < 0.01 * spread
   # Greedy generation through the serving layout: the tokens mostly agree with the float cache's.
-  fn = gen_lib.make_generate_fn(dataclasses.replace(cfg, kv_cache_dtype="int8"), max_new_tokens=NEW_TOKENS,
+  fn = decoding.make_generate_fn(dataclasses.replace(cfg, kv_cache_dtype="int8"), max_new_tokens=NEW_TOKENS,
                                 temperature=0.0)
   int8_BxT = fn(serving.serving_params(params), prompt_BxP, jax.random.key(0))
   assert np.mean(np.asarray(int8_BxT) == greedy_BxT) >= 0.9
@@ -401,14 +402,14 @@ def test_cached_log_probs_equal_the_full_forward(tiny, serve):
   tokens_BxL = jax.random.randint(jax.random.key(4), (BATCH, 20), 0, TINY["vocab_size"], jnp.int32)
   build = (lambda p: serving.ServingModel(cfg, serving.serving_params(p))) if serve else (
       lambda p: nnx.merge(graphdef, p))
-  scored_BxN = jax.jit(lambda p, t: gen_lib.cached_log_probs(build(p), t, 6))(params, tokens_BxL)
+  scored_BxN = jax.jit(lambda p, t: decoding.cached_log_probs(build(p), t, 6))(params, tokens_BxL)
   log_probs_BxLxV = jax.nn.log_softmax(_forward(graphdef, params, tokens_BxL), axis=-1)
   expected_BxN = np.take_along_axis(np.asarray(log_probs_BxLxV)[:, 5:-1], np.asarray(tokens_BxL)[:, 6:, None],
                                     axis=-1)[..., 0]
   assert scored_BxN.shape == (BATCH, 14)
   np.testing.assert_allclose(scored_BxN, expected_BxN, atol=1e-5, rtol=0)
   with pytest.raises(ValueError, match="prefix_len=20"):
-    gen_lib.cached_log_probs(build(params), tokens_BxL, 20)
+    decoding.cached_log_probs(build(params), tokens_BxL, 20)
 
 
 # ---- sampling -------------------------------------------------------------------------------------
@@ -444,7 +445,7 @@ def _numpy_filter(logits_V, temperature, top_k, top_p):
 ])
 def test_filter_logits_matches_numpy(temperature, top_k, top_p):
   expected_V = _numpy_filter(LOGITS_V, temperature, top_k, top_p)
-  got_V = np.asarray(gen_lib.filter_logits(jnp.asarray(LOGITS_V)[None], temperature=temperature,
+  got_V = np.asarray(sampling.filter_logits(jnp.asarray(LOGITS_V)[None], temperature=temperature,
                                            top_k=top_k, top_p=top_p))[0]
   np.testing.assert_array_equal(np.isfinite(got_V), np.isfinite(expected_V))
   kept = np.isfinite(expected_V)
@@ -453,8 +454,8 @@ def test_filter_logits_matches_numpy(temperature, top_k, top_p):
 
 def test_top_k_1_and_greedy_pick_the_lowest_id_among_ties():
   logits_BxV = jnp.array([[1.0, 3.0, 3.0, 0.0], [-2.0, -1.0, -5.0, -1.0]])
-  greedy_B = gen_lib.sample_logits(logits_BxV, jax.random.key(0), temperature=0.0)
-  top1_B = gen_lib.sample_logits(logits_BxV, jax.random.key(0), top_k=1)
+  greedy_B = sampling.sample_logits(logits_BxV, jax.random.key(0), temperature=0.0)
+  top1_B = sampling.sample_logits(logits_BxV, jax.random.key(0), top_k=1)
   np.testing.assert_array_equal(greedy_B, [1, 1])
   np.testing.assert_array_equal(top1_B, [1, 1])
   assert greedy_B.dtype == jnp.int32 and top1_B.dtype == jnp.int32
@@ -464,7 +465,7 @@ def test_top_k_1_and_greedy_pick_the_lowest_id_among_ties():
 def test_sample_frequencies_follow_the_filtered_softmax(temperature, top_k, top_p):
   draws = 20_000
   logits_NxV = jnp.broadcast_to(jnp.asarray(LOGITS_V), (draws, LOGITS_V.size))
-  tokens_N = gen_lib.sample_logits(logits_NxV, jax.random.key(42), temperature=temperature,
+  tokens_N = sampling.sample_logits(logits_NxV, jax.random.key(42), temperature=temperature,
                                    top_k=top_k, top_p=top_p)
   counts_V = np.bincount(np.asarray(tokens_N), minlength=LOGITS_V.size)
   expected_V = draws * _softmax(_numpy_filter(LOGITS_V, temperature, top_k, top_p))
@@ -484,9 +485,9 @@ def test_sample_frequencies_follow_the_filtered_softmax(temperature, top_k, top_
 ])
 def test_sample_logits_validates(kwargs, match):
   with pytest.raises(ValueError, match=match):
-    gen_lib.sample_logits(jnp.zeros((1, 4)), jax.random.key(0), **kwargs)
+    sampling.sample_logits(jnp.zeros((1, 4)), jax.random.key(0), **kwargs)
 
 
 def test_filter_logits_rejects_greedy():
   with pytest.raises(ValueError, match="temperature=0"):
-    gen_lib.filter_logits(jnp.zeros((1, 4)), temperature=0.0)
+    sampling.filter_logits(jnp.zeros((1, 4)), temperature=0.0)

@@ -25,7 +25,7 @@ from launch.run.config import model_config
 from launch.run.restore import load_checkpoint, read_saved_config
 from lm.data.chat import ChatFormat, chat_format
 from lm.data.tokenizer import HuggingFaceTokenizer
-from lm.generate import make_generate_fn
+from lm.decoding import make_generate_fn
 from test_convert import FIXTURES, finetune_config, fixture_config, imported_logits
 from launch.run.loop import train
 

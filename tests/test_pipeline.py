@@ -16,7 +16,7 @@ from launch.run import state as ts
 from launch.run import step as step_lib
 from launch.run.config import validate, with_overrides
 from launch.run.plan import decide, make_plan
-from lm.generate import make_generate_fn
+from lm.decoding import make_generate_fn
 from sharding.pipeline import Pipeline
 
 VOCAB, BATCH, SEQ = 64, 8, 16

@@ -22,7 +22,7 @@ from launch.run import step as step_lib
 from launch.run.config import validate, with_overrides
 from launch.run.plan import make_plan
 from lm import attention
-from lm.generate import make_generate_fn
+from lm.decoding import make_generate_fn
 from sharding import sequence as sequence_lib
 
 # Splash tiles 128 tokens and the ring splits each sequence into 2 x sequence pieces: 512 tokens

@@ -31,7 +31,8 @@ from launch.run.plan import make_plan
 from launch.run.restore import load_checkpoint
 from compress.quantize_run import quantize_checkpoint
 from lm import quant
-from lm.generate import left_pad, make_generate_fn
+from lm.decoding import make_generate_fn
+from lm.generate import left_pad
 from lm.serving import serving_params
 from lm.transformer import Transformer
 from sharding import rules as rules_lib

@@ -18,7 +18,7 @@ from launch.run import step as step_lib
 from launch.run.config import validate, with_overrides
 from launch.run.plan import decide, make_plan
 from lm import attention as attention_lib
-from lm.generate import make_generate_fn
+from lm.decoding import make_generate_fn
 from sharding import rules as rules_lib
 from sharding import sequence as sequence_lib
 

@@ -16,13 +16,13 @@ from configs.smoke import get_config
 from launch.run import state as ts
 from launch.run.config import validate
 from lm.config import ModelConfig
-from lm.transformer import Transformer
+from lm.model_def import define
 
 CFG = dataclasses.replace(validate(get_config()).model, dtype="float32", num_layers=3)
 
 
 def _logits(cfg: ModelConfig, params, tokens_BxL):
-  graphdef = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))[0]
+  graphdef = define(cfg).graphdef
   return np.asarray(jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))(params, tokens_BxL))
 
 

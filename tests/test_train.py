@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -168,3 +169,29 @@ def test_checkpoint_is_self_describing(uninterrupted):
   assert meta["plan"]["attention"]["whole sequence"] == {
       "requested": "auto", "implementation": "xla", "reason": "no fused attention kernel on cpu; XLA",
       "length_multiple": 1}
+
+
+def test_one_rule_for_what_a_checkpoint_fixes(uninterrupted, data_dir, tmp_path):
+  # launch/run/restore.py FIXED: a resume may change how a step computes (remat), not how the weights
+  # are stored; a new run started from the checkpoint restores the parameters in its own param_dtype.
+  workdir, result = uninterrupted
+  copy = str(tmp_path / "run")
+  shutil.copytree(workdir, copy)
+  with pytest.raises(ValueError, match=r"model.param_dtype='bfloat16', saved 'float32'.*"
+                                       r"--config.model.param_dtype=float32"):
+    train(smoke_config(data_dir, model__param_dtype="bfloat16", train__steps=10), copy, resume=True)
+  resumed = train(smoke_config(data_dir, model__remat="full", train__steps=10), copy, resume=True)
+  assert resumed.final_step == 10 and np.isfinite(resumed.train_loss)
+
+  from launch.run.plan import make_plan
+  from launch.run.restore import init_from_checkpoint, restore_params
+  plan = make_plan(smoke_config(data_dir, model__param_dtype="bfloat16"))
+  state = init_from_checkpoint(plan, result.checkpoint_dir)
+  saved = make_plan(smoke_config(data_dir))
+  params, _ = restore_params(result.checkpoint_dir, saved.mdef, saved.shardings.params)
+  got, want = jax.tree.leaves(state.params), jax.tree.leaves(params)
+  assert {x.dtype for x in got} == {np.dtype("bfloat16")} and {x.dtype for x in want} == {np.dtype("float32")}
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w.astype("bfloat16")))
+  with pytest.raises(ValueError, match="model.num_layers"):
+    init_from_checkpoint(make_plan(smoke_config(data_dir, model__num_layers=1)), result.checkpoint_dir)

@@ -23,7 +23,7 @@ from launch.measure.timing import time_calls
 from launch.run import chips
 from launch.run import state as ts
 from lm import flops, kv_cache
-from lm import generate as gen_lib
+from lm import decoding, sampling
 from lm.serving import serving_params
 from lm.config import ModelConfig
 
@@ -71,7 +71,7 @@ def kv_cache_bytes(cfg: ModelConfig, batch: int, length: int) -> int:
 
 @dataclasses.dataclass
 class Variant:
-  """One way of serving the model: its config, what builds it (`lm.generate.build_model`), parameters."""
+  """One way of serving the model: its config, what builds it (`lm.decoding.build_model`), parameters."""
   name: str
   cfg: ModelConfig
   graphdef: Any
@@ -132,12 +132,12 @@ def compile_decode(variant: Variant, batch: int, prompt_len: int, new_tokens: in
   graphdef, cache_len = variant.graphdef, prompt_len + new_tokens + 1
 
   def prefill(params, prompt_BxP):
-    return gen_lib.prefill(gen_lib.build_model(graphdef, params), prompt_BxP, cache_len)
+    return decoding.prefill(decoding.build_model(graphdef, params), prompt_BxP, cache_len)
 
   def decode(params, cache, token_B):
-    sample = lambda logits_BxV, step: gen_lib.sample_logits(
+    sample = lambda logits_BxV, step: sampling.sample_logits(
         logits_BxV, jax.random.fold_in(jax.random.key(0), step), temperature=temperature, top_k=top_k)
-    return gen_lib.decode_steps(gen_lib.build_model(graphdef, params), cache, token_B,
+    return decoding.decode_steps(decoding.build_model(graphdef, params), cache, token_B,
                                 jnp.zeros((batch,), bool), start=prompt_len, steps=new_tokens,
                                 sample=sample)
 
@@ -213,7 +213,7 @@ def export_row(variant: Variant, batch: int, prompt_len: int, new_tokens: int, *
   rng = np.random.default_rng(0)
   prompt_BxP = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, prompt_len)), jnp.int32)
   lengths_B = jnp.full((batch,), prompt_len, jnp.int32)
-  in_process = jax.jit(gen_lib.make_generate_fn(variant.graphdef, max_new_tokens=new_tokens,
+  in_process = jax.jit(decoding.make_generate_fn(variant.graphdef, max_new_tokens=new_tokens,
                                                 temperature=0.0))
   run_in_process = lambda: in_process(variant.params, prompt_BxP, jax.random.key(0), lengths_B)
   run_exported = jax.jit(lambda *args: exported.call(*args))

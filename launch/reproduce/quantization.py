@@ -8,7 +8,7 @@ on disk, the forward latency of one batch, and greedy generation tokens/s with t
 device, batch 1 and batch 8). A second table gives each variant's perplexity read through the KV
 cache, in the compute dtype and in int8 (model.kv_cache_dtype): the first --kv_batches validation
 batches, each sequence prefilled with --kv_prefix tokens and then fed its true tokens one cached
-decode step at a time (`lm.generate.cached_log_probs`). Writes <out>.md and <out>.csv (and
+decode step at a time (`lm.decoding.cached_log_probs`). Writes <out>.md and <out>.csv (and
 <out>_kv_cache.csv) and prints the tables. The quantized checkpoints go to --work_dir (default:
 beside the float checkpoints, in quantized/).
 """
@@ -31,7 +31,7 @@ from launch.run.evaluation import eval_checkpoint
 from launch.run.restore import load_checkpoint
 from lm import kv_cache
 from lm.data import loader
-from lm.generate import build_model, cached_log_probs, make_generate_fn
+from lm.decoding import build_model, cached_log_probs, make_generate_fn
 from lm.serving import serving_params
 
 flags.DEFINE_string("checkpoint_dir", None, "The trained float run's checkpoint directory.")
@@ -145,7 +145,7 @@ def kv_markdown(kv_rows: list[dict], prefix_len: int) -> str:
   """The KV-cache table as GitHub markdown, with a line saying what was scored."""
   lines = [f"Perplexity read through the KV cache: {kv_rows[0]['scored_tokens']:,} validation tokens, each "
            f"sequence prefilled with {prefix_len} tokens and then decoded token by token on its true tokens "
-           "(`lm.generate.cached_log_probs`); change: against the same weights with the compute-dtype cache.",
+           "(`lm.decoding.cached_log_probs`); change: against the same weights with the compute-dtype cache.",
            "",
            "| variant | KV cache | perplexity through the cache | change | KV bytes per token |",
            "|---|---|---:|---:|---:|"]

@@ -38,7 +38,7 @@ from launch.run.devices import simulate_cpu_devices
 from launch.run.evaluation import eval_checkpoint
 from launch.run.loop import train
 from launch.run.restore import load_checkpoint, read_saved_config
-from lm.generate import make_generate_fn
+from lm.decoding import make_generate_fn
 
 flags.DEFINE_string("teacher", "runs/demo/checkpoints", "The trained teacher's checkpoint directory.")
 flags.DEFINE_string("out", "docs/results/structured", "Output path prefix for .md and .csv.")

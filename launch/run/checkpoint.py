@@ -35,10 +35,12 @@ class Checkpointer:
   """Saves and restores run state under `directory` (one sub-directory per step).
 
   `checksums=False` skips computing checksums at save and checking them at restore (only to
-  measure their cost: launch/reproduce/checkpoints.py).
+  measure their cost: launch/reproduce/checkpoints.py). `keep`: the newest steps kept (None: all);
+  `async_save`: saves finish in the background. A training run passes checkpoint.keep and
+  checkpoint.async_save; the defaults here are a plain writer's (keep all, write synchronously).
   """
 
-  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True, read_only: bool = False,
+  def __init__(self, directory: str, *, keep: int | None = None, async_save: bool = False, read_only: bool = False,
                checksums: bool = True):
     self.directory = os.path.abspath(directory)
     self.checksums = checksums

@@ -30,8 +30,9 @@ DEFAULT_REPO = "https://github.com/YOUR-ORG/shardlm.git"
 
 
 @dataclasses.dataclass(frozen=True)
-class Plan:
-  """What the run will look like on the cluster, checked before anything is generated."""
+class CheckedJob:
+  """What the job will look like on the cluster (from `launch.run.plan.decide`), checked before
+  anything is generated."""
   devices: int
   hosts: int
   mesh: dict[str, int]      # resolved sizes of (data, fsdp, tensor), DCN factors included
@@ -84,10 +85,10 @@ class TpuJob:
   repo_dir: str = "shardlm"         # checkout directory on each worker
 
 
-def check_plan(raw_config, devices: int, hosts: int, platform: str) -> Plan:
+def check_plan(raw_config, devices: int, hosts: int, platform: str) -> CheckedJob:
   """Validates the config for `devices` accelerators on `hosts` hosts without touching a device.
 
-  Returns the Plan; raises ValueError naming what does not fit and how to fix it.
+  Returns the CheckedJob; raises ValueError naming what does not fit and how to fix it.
   """
   raw = raw_config.to_dict()
   if raw["model"]["dtype"] == "auto":  # resolved on the cluster's accelerators, not on this machine
@@ -110,7 +111,7 @@ def check_plan(raw_config, devices: int, hosts: int, platform: str) -> Plan:
   summary = (f"{params / 1e9:.2f}B parameters on {devices} devices ({hosts} host(s)); mesh {shape}, "
              f"rules={cfg.mesh.custom_rules or cfg.mesh.rules}, remat={cfg.model.remat}, dtype={cfg.model.dtype}; "
              f"global batch {cfg.train.global_batch_size} x {cfg.data.seq_len} tokens, {cfg.train.steps} steps")
-  return Plan(devices, hosts, mesh, params, summary)
+  return CheckedJob(devices, hosts, mesh, params, summary)
 
 
 def train_command(config: str, workdir: str, overrides: list[str], python: str = "python") -> str:
@@ -119,7 +120,7 @@ def train_command(config: str, workdir: str, overrides: list[str], python: str =
                      "--resume", *overrides])
 
 
-def slurm_script(job: SlurmJob, config: str, workdir: str, overrides: list[str], plan: Plan, repo: str,
+def slurm_script(job: SlurmJob, config: str, workdir: str, overrides: list[str], plan: CheckedJob, repo: str,
                  command: str) -> str:
   """An sbatch script: one process per node (or per GPU), jax.distributed found from SLURM's env."""
   per_gpu = job.process_per == "gpu"
@@ -155,7 +156,7 @@ def slurm_script(job: SlurmJob, config: str, workdir: str, overrides: list[str],
   return "\n".join(line for line in lines if line is not None) + "\n"
 
 
-def tpu_commands(job: TpuJob, config: str, workdir: str, overrides: list[str], plan: Plan, version: str,
+def tpu_commands(job: TpuJob, config: str, workdir: str, overrides: list[str], plan: CheckedJob, version: str,
                  repo: str, command: str) -> str:
   """gcloud commands: create the slice (optional), set it up on every worker, train on every worker."""
   ssh = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", job.tpu_name, f"--zone={job.zone}", "--worker=all"]
@@ -180,7 +181,7 @@ def tpu_commands(job: TpuJob, config: str, workdir: str, overrides: list[str], p
 
 
 def generate(job: SlurmJob | TpuJob, config: str, workdir: str, overrides: list[str] = (),
-             repo: str = DEFAULT_REPO, command: str = "") -> tuple[str, Plan]:
+             repo: str = DEFAULT_REPO, command: str = "") -> tuple[str, CheckedJob]:
   """Checks the plan of `config` (a file) with `overrides` (`--config.a.b=value`) for `job`; returns
   (the sbatch script or gcloud commands, the plan). Raises ValueError before generating anything."""
   from launch.run.cli import config_from_file

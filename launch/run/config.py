@@ -9,6 +9,7 @@ from typing import Any
 
 import ml_collections
 
+from compress.config import DistillConfig, PruneConfig, compression_errors
 from configs.base import base_config
 from lm.config import ModelConfig
 from lm.data.sources import KINDS as FILE_CORPORA
@@ -96,33 +97,6 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class DistillConfig:
-  teacher_checkpoint: str
-  alpha: float
-  temperature: float
-  hidden_weight: float
-
-
-@dataclasses.dataclass(frozen=True)
-class PruneConfig:
-  method: str
-  sparsity: float
-  n: int
-  m: int
-  init_checkpoint: str
-  start_step: int
-  end_step: int
-  frequency: int
-  # structured pruning's target shape (0: keep) and calibration (compress/structured.py)
-  num_layers: int
-  d_model: int
-  num_heads: int
-  num_kv_heads: int
-  mlp_dim: int
-  calibration_batches: int
-
-
-@dataclasses.dataclass(frozen=True)
 class Config:
   seed: int
   model: ModelConfig
@@ -142,8 +116,6 @@ _SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
              "checkpoint": CheckpointConfig, "mesh": MeshConfig, "distill": DistillConfig,
              "prune": PruneConfig}
 CORPORA = ("shakespeare", *FILE_CORPORA)
-# prune.method: none, unstructured magnitude, or n of every m weights along the input (compress/prune.py).
-PRUNE_METHODS = ("none", "magnitude", "n_m", "structured")
 # mesh.sequence_attention: how attention crosses sequence shards (docs/sharding.md).
 SEQUENCE_ATTENTION = SEQUENCE_STRATEGIES
 # train.nonfinite: what a step with a NaN/inf loss or gradient norm does (docs/training.md).
@@ -311,40 +283,7 @@ def _cross_checks(cfg: Config) -> list[str]:
       errors.append(f"mesh.dcn_{name}={size}: must be a positive integer (1 for a single slice).")
   if mesh.num_devices < 0:
     errors.append(f"mesh.num_devices={mesh.num_devices}: use 0 for all devices or a positive count.")
-  return errors + _compression_errors(cfg)
-
-
-def _compression_errors(cfg: Config) -> list[str]:
-  """Messages for impossible distill.* and prune.* values (docs/compression.md)."""
-  errors, kd, p = [], cfg.distill, cfg.prune
-  if kd.temperature <= 0:
-    errors.append(f"distill.temperature={kd.temperature}: must be > 0 (1 is the plain softmax; "
-                  "2 to 4 is usual).")
-  if not 0 <= kd.alpha <= 1:
-    errors.append(f"distill.alpha={kd.alpha}: must be in [0, 1] (1: only the teacher, 0: only the tokens).")
-  if kd.hidden_weight < 0:
-    errors.append(f"distill.hidden_weight={kd.hidden_weight}: must be >= 0 (0 disables it).")
-  if p.method not in PRUNE_METHODS:
-    errors.append(f"prune.method={p.method!r}: choose one of {list(PRUNE_METHODS)}.")
-  if not 0 <= p.sparsity < 1:
-    errors.append(f"prune.sparsity={p.sparsity}: must be in [0, 1), e.g. 0.5 for half the weights zero.")
-  if not (p.m >= 2 and 0 < p.n < p.m):
-    errors.append(f"prune.n={p.n}, prune.m={p.m}: need 0 < n < m (2 and 4 for 2:4 sparsity).")
-  if p.frequency < 1 or not 0 <= p.start_step <= p.end_step:
-    errors.append(f"prune.start_step={p.start_step}, prune.end_step={p.end_step}, prune.frequency="
-                  f"{p.frequency}: need 0 <= start_step <= end_step and frequency >= 1.")
-  if p.init_checkpoint and cfg.train.init_checkpoint:
-    errors.append(f"prune.init_checkpoint={p.init_checkpoint!r} and train.init_checkpoint="
-                  f"{cfg.train.init_checkpoint!r} both name a starting point; set only one.")
-  for key in ("num_layers", "d_model", "num_heads", "num_kv_heads", "mlp_dim"):
-    if getattr(p, key) < 0:
-      errors.append(f"prune.{key}={getattr(p, key)}: must be >= 0 (0 keeps the model's value).")
-  if p.calibration_batches < 1:
-    errors.append(f"prune.calibration_batches={p.calibration_batches}: must be >= 1 (8 is plenty).")
-  if p.method not in ("none", "structured") and p.end_step >= cfg.train.steps:
-    errors.append(f"prune.end_step={p.end_step} is not before train.steps={cfg.train.steps}: the "
-                  "sparsity would never reach its target; lower end_step or raise train.steps.")
-  return errors
+  return errors + compression_errors(cfg.distill, cfg.prune, t.steps, t.init_checkpoint)
 
 
 def _corpus_source_errors(d: DataConfig) -> list[str]:

@@ -25,7 +25,7 @@ from launch.run.evaluation import evaluate
 from launch.run.logger import MetricLogger, plot_loss_curve
 from launch.run.preemption import StopRequest
 from launch.run.prefetch import Prefetcher
-from launch.run.restore import inherit_tokenizer, init_from_checkpoint, saved_config
+from launch.run.restore import check_compatible, inherit_tokenizer, init_from_checkpoint, saved_config
 from launch.run.step import LossHook, batch_sharding, global_batch, jit_eval_step, jit_train_step
 from launch.run.workdir_lock import WorkdirLock
 from lm.data import loader
@@ -46,13 +46,10 @@ class TrainResult:
 
 
 def _check_model(plan: RunPlan, checkpointer: ckpt_lib.Checkpointer, step: int) -> None:
-  """Raises ValueError when checkpoint `step` was made with another model config than plan.cfg's."""
-  saved_model = dataclasses.asdict(saved_config(checkpointer.read_meta(step), checkpointer.directory).model)
-  now_model = dataclasses.asdict(plan.cfg.model)
-  if saved_model != now_model:
-    diff = {k: (saved_model[k], v) for k, v in now_model.items() if saved_model[k] != v}
-    raise ValueError(f"The checkpoint in {checkpointer.directory} was made with a different model "
-                     f"(key: (saved, now)) {diff}; resume with the saved model config.")
+  """Raises ValueError when checkpoint `step` was made with a model a resume cannot continue
+  (a key of restore.FIXED["resume"] differs from plan.cfg's)."""
+  saved = saved_config(checkpointer.read_meta(step), checkpointer.directory)
+  check_compatible(plan.cfg, saved, "resume", f"--resume: {checkpointer.directory} step {step}")
 
 
 def restore_or_init(plan: RunPlan, checkpointer: ckpt_lib.Checkpointer, resume: bool, init_state=None,

@@ -19,19 +19,32 @@ from lm.data import loader
 from lm.generate import generate_text
 from lm.serving import serving_params
 
-# The model.* fields that shape the weights; the others (dtype, remat, max_seq_len, ...) may change.
-# (rope_scaling.. and qkv_bias: issue 14; they change what the weights compute or their tree.)
+# Which model.* keys a run that reads a checkpoint may set differently from the run that saved it:
+# one rule for every reader (docs/training.md, "What a checkpoint fixes").
+# WEIGHT_FIELDS shape the weights or change what they compute (rope_scaling.., qkv_bias: issue 14).
 WEIGHT_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                  "mlp_dim", "rope_theta", "rope_scaling", "rope_factor", "rope_low_freq_factor",
                  "rope_high_freq_factor", "rope_original_max_len", "qkv_bias", "norm_eps", "tie_embeddings")
+# QUANT_FIELDS change the saved tree (int8 kernels and their scales).
+QUANT_FIELDS = ("quant", "quant_embedding", "quant_skip")
+# FIXED[reader]: the keys `reader` must take from the checkpoint. "resume" (--resume) restores the
+# parameters and optimizer state as saved, so their dtype (model.param_dtype) is fixed too; "read"
+# (eval, generate, quantize, export, a distillation teacher: the checkpoint's own config plus
+# overrides) reads the parameters as saved; "init" (train.init_checkpoint, prune.init_checkpoint)
+# starts a new run from the parameters only, restored in the new run's model.param_dtype.
+# Every other model key (dtype, remat, attention, max_seq_len, scan_unroll, logits_chunk_size,
+# kv_cache_dtype) says how a step computes, and any reader may change it.
+FIXED = {"resume": WEIGHT_FIELDS + QUANT_FIELDS + ("param_dtype",),
+         "read": WEIGHT_FIELDS + QUANT_FIELDS + ("param_dtype",),
+         "init": WEIGHT_FIELDS + QUANT_FIELDS}
 
 
 def saved_config(meta: dict[str, Any], where: str = "checkpoint", overrides: dict | None = None) -> Config:
   """The validated Config stored in a checkpoint's `meta`, with dotted-key `overrides` applied.
 
   Raises CheckpointError when the meta has no config or holds keys this code does not know, and
-  ValueError when an override names one of WEIGHT_FIELDS (shapes come from the checkpoint); other
-  model keys (dtype, kv_cache_dtype, remat, attention, ...) may be overridden.
+  ValueError when an override names a model key a reader must take from the checkpoint
+  (FIXED["read"]); the others (dtype, kv_cache_dtype, remat, attention, ...) may be overridden.
   """
   raw = meta.get("config")
   if not isinstance(raw, dict) or "model" not in raw:
@@ -45,9 +58,10 @@ def saved_config(meta: dict[str, Any], where: str = "checkpoint", overrides: dic
     raise ckpt_lib.CheckpointError(f"{where} step {meta.get('step')} was saved with config keys this code "
                                    f"does not know: {unknown}; read it with the version that wrote it.")
   merged = {s: {**d, **raw.get(s, {})} if isinstance(d, dict) else raw.get(s, d) for s, d in defaults.items()}
-  shape_keys = [k for k in (overrides or {}) if k.startswith("model.") and k[len("model."):] in WEIGHT_FIELDS]
-  if shape_keys:
-    raise ValueError(f"{shape_keys[0]}: model shapes come from the checkpoint and cannot be overridden.")
+  fixed = [k for k in (overrides or {}) if k.startswith("model.") and k[len("model."):] in FIXED["read"]]
+  if fixed:
+    raise ValueError(f"{fixed[0]}: the checkpoint fixes it (its weights' shape or stored form) and it "
+                     "cannot be overridden.")
   return validate(with_overrides(merged, overrides or {}))
 
 
@@ -90,10 +104,12 @@ def restore_params(checkpoint_dir: str, mdef: ts.ModelDef, shardings: ts.Params,
     checkpointer.close()
 
 
-def check_same_weights(cfg: Config, saved: Config, what: str) -> None:
-  """Raises ValueError naming the flags to set when `cfg`'s model differs from `saved`'s in a weight shape."""
+def check_compatible(cfg: Config, saved: Config, reader: str, what: str) -> None:
+  """Raises ValueError naming the flags to set when `cfg`'s model differs from `saved`'s in a key that
+  `reader` ("resume", "read" or "init"; see FIXED) must take from the checkpoint; `what` names the
+  checkpoint in the message."""
   now, then = dataclasses.asdict(cfg.model), dataclasses.asdict(saved.model)
-  diff = [k for k in WEIGHT_FIELDS if then[k] != now[k]]
+  diff = [k for k in FIXED[reader] if then[k] != now[k]]
   if diff:
     raise ValueError(
         f"{what} holds a different model ("
@@ -125,10 +141,10 @@ def init_from_checkpoint(plan: RunPlan, checkpoint_dir: str) -> ts.TrainState:
   """A step-0 TrainState: `checkpoint_dir`'s latest parameters and a fresh optimizer state, sharded.
 
   The checkpoint may be params-only (launch.convert) or another run's. Raises ValueError naming the
-  flags to set when the run's model differs from the saved one in a field of WEIGHT_FIELDS.
+  flags to set when the run's model differs from the saved one in a key FIXED["init"] names.
   """
   saved, step = read_saved_config(checkpoint_dir)
-  check_same_weights(plan.cfg, saved, f"train.init_checkpoint={checkpoint_dir}")
+  check_compatible(plan.cfg, saved, "init", f"train.init_checkpoint={checkpoint_dir}")
   params, _ = restore_params(checkpoint_dir, plan.mdef, plan.shardings.params, step)
   return ts.train_state_from_params(params, plan.tx, plan.shardings)
 

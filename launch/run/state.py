@@ -1,6 +1,5 @@
 """The training state, and creating it directly in its sharded layout (never whole on one device)."""
 
-import dataclasses
 import functools
 from typing import Any
 
@@ -12,6 +11,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lm.attention import AttentionPlan
 from lm.config import ModelConfig
+from lm.model_def import ModelDef, define
 from lm.transformer import Transformer
 from sharding import pipeline as pipeline_lib
 from sharding import remat as remat_lib
@@ -30,34 +30,13 @@ class TrainState(struct.PyTreeNode):
   opt_state: Any
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelDef:
-  """The model's static structure: graphdef to rebuild it, parameter shapes and logical names."""
-  cfg: ModelConfig
-  graphdef: Any
-  abstract_params: Params      # tree of jax.ShapeDtypeStruct
-  logical_names: Params        # same tree, leaves are tuples of logical axis names
-
-  def bind(self, params: Params) -> Transformer:
-    """Returns a Transformer module whose parameters are `params` (usable inside jit)."""
-    return nnx.merge(self.graphdef, params)
-
-
 def model_def(cfg: ModelConfig, pipeline: pipeline_lib.Pipeline | None = None,
               attention: AttentionPlan | None = None) -> ModelDef:
   """Traces the model's shapes without allocating; cfg.remat picks the remat policy, `pipeline` (when
   the mesh has stages) how the layer stack runs, `attention` (a run plan's) the kernel per place,
   which the graphdef then carries to every model rebuilt from it. Parameters are the same either way."""
-  wrapper = remat_lib.remat_wrapper(cfg.remat)
   runner = None if pipeline is None else functools.partial(pipeline_lib.run_pipelined, pipeline)
-  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), remat_wrapper=wrapper,
-                                                layer_stack=runner, attention=attention))
-  graphdef, state = nnx.split(abstract)
-  specs = nnx.to_pure_dict(nnx.get_partition_spec(state))
-  is_spec = lambda x: isinstance(x, PartitionSpec)
-  names = jax.tree.map(lambda s: tuple(s), specs, is_leaf=is_spec)
-  shapes = nnx.to_pure_dict(state)
-  return ModelDef(cfg, graphdef, shapes, names)
+  return define(cfg, attention, remat_lib.remat_wrapper(cfg.remat), runner)
 
 
 def init_params(mdef: ModelDef, rng: jax.Array) -> Params:
