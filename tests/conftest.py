@@ -23,8 +23,10 @@ _GCS_PORT = gcs_emulator.reserve_port()
 
 
 @pytest.fixture(scope="session")
-def gcs():
-  """A running GCS emulator (fake-gcs-server) on 127.0.0.1 that every gs:// path of the session reaches."""
+def gcs(tmp_path_factory):
+  """A running GCS emulator (fake-gcs-server) on 127.0.0.1 that every gs:// path of the session reaches;
+  objects that commands download go to a session cache (SHARDLM_GCS_CACHE), not ~/.cache."""
+  os.environ["SHARDLM_GCS_CACHE"] = str(tmp_path_factory.mktemp("gcs-cache"))
   emulator = gcs_emulator.start(_GCS_PORT)
   yield emulator
   emulator.stop()

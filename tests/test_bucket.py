@@ -181,3 +181,62 @@ def test_missing_bucket_is_one_error_line_within_30s_and_writes_nothing(gcs, tmp
   assert sum(line.startswith("error:") for line in lines) == 1 and "Traceback" not in proc.stderr
   assert elapsed < 30, elapsed
   assert os.listdir(tmp_path) == []  # no local "gs:" directory, nothing else
+
+
+def test_eval_and_generate_read_the_bucket(run):
+  from launch.run.evaluation import eval_checkpoint
+  from launch.run.restore import load_checkpoint
+  workdir, result = run
+  scores = eval_checkpoint(result.checkpoint_dir, eval_batches=1)
+  assert scores["step"] == STEPS and scores["val_loss"] == result.val_loss
+  texts = load_checkpoint(result.checkpoint_dir).generate(["ROMEO:"], max_new_tokens=4, temperature=0.0)
+  assert len(texts) == 1 and texts[0].startswith("ROMEO:")
+
+
+def test_hugging_face_checkpoint_converts_into_and_out_of_the_bucket(bucket, tmp_path):
+  import jax
+  from launch.huggingface import convert
+  from launch.run import state as ts
+  from lm.config import ModelConfig
+  fixture = os.path.join(REPO, "tests", "fixtures", "hf_qwen2")
+  hf_url, converted, exported = (f"{bucket}/hf/{n}" for n in ("source", "converted", "exported"))
+  for name in os.listdir(fixture):
+    with open(os.path.join(fixture, name), "rb") as f:
+      paths.write_bytes(f"{hf_url}/{name}", f.read())
+  saved = convert.import_hf(hf_url, converted)
+  assert saved["data"]["tokenizer_path"] == f"{converted}/tokenizer/tokenizer.json"
+  files = convert.export_hf(converted, exported)
+  assert "model.safetensors" in files and "tokenizer.json" in files and paths.isfile(f"{exported}/config.json")
+  assert paths.read_bytes(f"{exported}/tokenizer.json") == paths.read_bytes(f"{hf_url}/tokenizer.json")
+  again = convert.import_hf(exported, str(tmp_path / "local"))  # back from the bucket to a disk
+  assert again["model"] == saved["model"]
+  mdef = ts.model_def(ModelConfig(**saved["model"]))
+  restored = []
+  for directory in (converted, str(tmp_path / "local")):
+    checkpointer = ckpt_lib.Checkpointer(directory, read_only=True)
+    restored.append(checkpointer.restore_params(mdef.abstract_params)[0])
+    checkpointer.close()
+  for a, b in zip(jax.tree.leaves(restored[0]), jax.tree.leaves(restored[1])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_two_processes_write_the_bucket_and_resume_from_it(bucket, data_dir, run):
+  from launch.run.processes import run_local
+  del run  # its data_dir is prepared
+  workdir = f"{bucket}/runs/two"
+  overrides = {"train.log_every": 1, "train.eval_batches": 1, "data.process_sharding": "rows",
+               "data.data_dir": data_dir, "checkpoint.save_every": 2, "train.tensorboard": False}
+
+  def two_processes(*extra):
+    output = []
+    code = run_local(["--config", os.path.join(REPO, "configs/smoke.py"), f"--workdir={workdir}",
+                      *[f"--config.{k}={v}" for k, v in overrides.items()], *extra],
+                     num_processes=2, cpu_devices=4, hang_timeout=240, echo=output.append)
+    assert code == 0, "\n".join(output[-40:])
+
+  two_processes("--config.train.steps=2")
+  assert sorted(losses(workdir)) == [1, 2]
+  two_processes("--config.train.steps=3", "--resume")
+  assert sorted(losses(workdir)) == [1, 2, 3]
+  assert ckpt_lib.Checkpointer(f"{workdir}/checkpoints", read_only=True).steps() == [2, 3]
+  assert not paths.exists(f"{workdir}/run.lock")

@@ -23,10 +23,20 @@ def is_url(path: str | os.PathLike | None) -> bool:
   return path is not None and str(path).startswith(URL_SCHEMES)
 
 
-def _quiet_gcsfs() -> None:
+def _configure_gcsfs() -> None:
+  """Sets gcsfs up before its first file system is made (fsspec caches instances): at import, since
+  orbax may open a gs:// path before this module's functions see one."""
   # gcsfs logs a WARNING per bucket it cannot classify without credentials (an emulator, or a
   # bucket the user can write but not inspect); it falls back to the plain client, which is right.
   logging.getLogger("gcsfs").setLevel(logging.ERROR)
+  # No directory-listing cache: another process (a run, the other hosts) adds objects that a
+  # long-lived reader (a test, a notebook, restore after a save) must see at its next listing.
+  import fsspec.config
+  for protocol in ("gs", "gcs"):
+    fsspec.config.conf.setdefault(protocol, {})["use_listings_cache"] = False
+
+
+_configure_gcsfs()
 
 
 def normalize(path: str | os.PathLike) -> str:
@@ -39,8 +49,6 @@ def normalize(path: str | os.PathLike) -> str:
 
 def as_path(path: str | os.PathLike) -> epath.Path:
   """An `epath.Path` for a local path (made absolute) or a gs:// URL."""
-  if is_url(path):
-    _quiet_gcsfs()
   return epath.Path(normalize(path))
 
 
@@ -108,7 +116,6 @@ def glob(pattern: str) -> list[str]:
   if not is_url(pattern):
     import glob as glob_lib
     return sorted(glob_lib.glob(pattern))
-  _quiet_gcsfs()
   root, rest = split_glob(pattern)
   return sorted(str(p) for p in epath.Path(root).glob(rest)) if rest else ([root] if exists(root) else [])
 
@@ -170,6 +177,8 @@ def local_copy(path: str) -> str:
   url = normalize(path)
   local = os.path.join(cache_root(), bucket_of(url), object_name(url))
   source = as_path(url)
+  if not source.exists():
+    raise ValueError(f"{url}: no such object or prefix in gs://{bucket_of(url)}.")
   if source.is_dir():
     for item in source.iterdir():
       local_copy(str(item))
