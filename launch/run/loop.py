@@ -2,9 +2,10 @@
 
 The run writes <workdir>/checkpoints, metrics.jsonl, tensorboard/ and loss_curve.png. A workdir
 that already holds checkpoints is continued with resume=True and never overwritten without it, and
-one workdir holds one run at a time (<workdir>/run.lock). A workdir may be a gs:// URL (its bucket is
-probed first; metrics go there as one object per save period: docs/training.md, "Runs in a bucket"). A NaN or inf loss or gradient norm stops
-the run before it is saved (train.nonfinite). The command-line entry point is launch/train.py.
+one workdir holds one run at a time (<workdir>/run.lock). A workdir may be a gs:// URL (its bucket
+is probed first; metrics go there as one object per save period: docs/training.md, "Runs in a
+bucket"). A NaN or inf loss or gradient norm stops the run before it is saved (train.nonfinite).
+The command-line entry point is launch/train.py.
 """
 
 import dataclasses
