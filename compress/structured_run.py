@@ -8,7 +8,6 @@ distillation from the unpruned model: `launch.distill` with train.init_checkpoin
 """
 
 import dataclasses
-import os
 
 import jax
 import numpy as np
@@ -16,6 +15,7 @@ import numpy as np
 from compress import structured
 from launch.run import checkpoint as ckpt_lib
 from launch.run import inputs
+from launch.run import paths
 from launch.run import state as ts
 from launch.run.config import Config
 from launch.run.plan import make_plan
@@ -51,7 +51,7 @@ def prune_structured(cfg: Config, workdir: str) -> dict:
   check_same_weights(cfg, saved, f"prune.init_checkpoint={source}")
   small_cfg = pruned_config(cfg)
   small_plan = make_plan(small_cfg)  # raises if the new shapes do not divide over the mesh
-  out_dir = os.path.join(workdir, "checkpoints")
+  out_dir = paths.join(workdir, "checkpoints")
   checkpointer = ckpt_lib.Checkpointer(out_dir, async_save=False)
   try:
     if checkpointer.steps():

@@ -203,3 +203,10 @@ def upload_tree(local_dir: str, url: str) -> list[str]:
         write_bytes(join(url, *rel.split(os.sep)), f.read())
       written.append(rel)
   return sorted(written)
+
+
+def tree_bytes(path: str) -> int:
+  """Total size in bytes of every file under `path` (a local directory or a gs:// prefix)."""
+  if not is_url(path):
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+  return sum(tree_bytes(str(item)) if item.is_dir() else item.stat().length for item in as_path(path).iterdir())
