@@ -240,3 +240,23 @@ def test_two_processes_write_the_bucket_and_resume_from_it(bucket, data_dir, run
   assert sorted(losses(workdir)) == [1, 2, 3]
   assert ckpt_lib.Checkpointer(f"{workdir}/checkpoints", read_only=True).steps() == [2, 3]
   assert not paths.exists(f"{workdir}/run.lock")
+
+
+def test_data_inputs_in_the_bucket_are_read_from_a_local_copy(bucket, data_dir):
+  import dataclasses
+  import glob
+  from launch.run import inputs
+  texts = {"a.txt": "To be, or not to be.\n", "b.txt": "All the world's a stage.\n"}
+  for name, text in texts.items():
+    paths.write_text(f"{bucket}/corpus/{name}", text)
+  paths.write_text(f"{bucket}/corpus/notes.md", "not matched")
+  data = smoke_config(data_dir).data
+  local = inputs.localize(dataclasses.replace(data, path=f"{bucket}/corpus/*.txt",
+                                              validation_path=f"{bucket}/corpus/b.txt"))
+  assert not paths.is_url(local.path) and not paths.is_url(local.validation_path)
+  assert {os.path.basename(p): open(p).read() for p in glob.glob(local.path)} == texts
+  assert open(local.validation_path).read() == texts["b.txt"]
+  with pytest.raises(ValueError, match="matches no object"):
+    inputs.localize(dataclasses.replace(data, path=f"{bucket}/corpus/*.parquet"))
+  with pytest.raises(ValueError, match="must be local"):
+    inputs.localize(dataclasses.replace(data, data_dir=f"{bucket}/data"))
