@@ -11,8 +11,10 @@ Parameters are arguments rather than baked-in constants, so the StableHLO stays 
 artifact can serve retrained weights of the same shape.
 """
 
+import functools
 import json
 import os
+import tempfile
 from typing import Any
 
 import jax
@@ -20,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from launch.run import bucket
+from launch.run import paths
 from launch.run.restore import load_checkpoint
 from lm.config import ModelConfig
 from lm.decoding import generate
@@ -130,12 +134,19 @@ def export_checkpoint(checkpoint_dir: str, out_dir: str, *, step: int | None = N
   """
   if not out_dir:
     raise ValueError("out_dir is required: the directory the artifact is written to.")
+  bucket.probe(out_dir)  # a gs:// out_dir: staged locally below, then uploaded
   loaded = load_checkpoint(checkpoint_dir, step, devices=jax.devices()[:1])
   seq_len = seq_len or loaded.cfg.data.seq_len
   if generate_tokens and seq_len + generate_tokens > loaded.cfg.model.max_seq_len:
     raise ValueError(f"seq_len={seq_len} + generate_tokens={generate_tokens} exceeds model.max_seq_len="
                      f"{loaded.cfg.model.max_seq_len}; lower --seq_len or --generate_tokens.")
-  return save_servable(out_dir, loaded.plan.mdef.graphdef, loaded.params, loaded.cfg.model,
-                       batch=batch or None, seq_len=seq_len, step=loaded.step,
-                       generate_tokens=generate_tokens, temperature=temperature, top_k=top_k,
-                       eos_id=loaded.tokenizer.eos_id if generate_tokens else None)
+  save = functools.partial(save_servable, graphdef=loaded.plan.mdef.graphdef, params=loaded.params,
+                           cfg=loaded.cfg.model, batch=batch or None, seq_len=seq_len, step=loaded.step,
+                           generate_tokens=generate_tokens, temperature=temperature, top_k=top_k,
+                           eos_id=loaded.tokenizer.eos_id if generate_tokens else None)
+  if not paths.is_url(out_dir):
+    return save(out_dir)
+  with tempfile.TemporaryDirectory(prefix="shardlm-export-") as staging:
+    info = save(staging)
+    paths.upload_tree(staging, out_dir)
+  return info

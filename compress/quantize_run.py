@@ -6,7 +6,6 @@ so `launch.eval`, `launch.generate` and `launch.export` take it like a float one
 """
 
 import dataclasses
-import os
 
 import jax
 import numpy as np
@@ -15,17 +14,18 @@ from compress import calibrate as calibrate_lib
 from compress import quantize as quantize_lib
 from launch.run import checkpoint as ckpt_lib
 from launch.run import state as ts
+from launch.run import paths
 from launch.run.restore import LoadedModel, load_checkpoint
 from lm.config import DENSE_LAYERS
 from lm.data import loader
 
 
 def checkpoint_bytes(checkpoint_dir: str, step: int, item: str = "params") -> int:
-  """Bytes on disk of one item (default: the parameters) of one checkpoint step."""
-  root = os.path.join(checkpoint_dir, str(step), item)
-  if not os.path.isdir(root):
+  """Bytes on disk (or in the bucket) of one item (default: the parameters) of one checkpoint step."""
+  root = paths.join(checkpoint_dir, str(step), item)
+  if not paths.isdir(root):
     raise ckpt_lib.CheckpointError(f"No '{item}' in {checkpoint_dir} step {step}.")
-  return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(root) for f in files)
+  return paths.tree_bytes(root)
 
 
 def calibration_data(loaded: LoadedModel, num_batches: int) -> list[np.ndarray]:
@@ -52,7 +52,7 @@ def _check_args(mode: str, skip: tuple[str, ...], smooth: bool, alpha: float, ca
       raise ValueError(f"alpha={alpha}: the smoothing strength must be in [0, 1] (0.5 is standard).")
   if not out_dir:
     raise ValueError("out_dir is required: the directory the quantized checkpoint is written to.")
-  if os.path.isdir(out_dir) and any(name.isdigit() for name in os.listdir(out_dir)):
+  if paths.isdir(out_dir) and any(name.isdigit() for name in paths.listdir(out_dir)):
     raise ValueError(f"{out_dir} already holds a checkpoint; choose a new --out_dir (nothing was "
                      "overwritten).")
 
@@ -82,12 +82,12 @@ def quantize_checkpoint(checkpoint_dir: str, out_dir: str, *, mode: str, step: i
   settings = {"mode": mode, "quantize_embedding": quantize_embedding, "skip": list(skip),
               "smooth": bool(ranges is not None), "alpha": alpha if ranges is not None else None,
               "calibration_batches": calibration_batches if ranges is not None else 0,
-              "source": os.path.abspath(checkpoint_dir), "source_step": loaded.step}
+              "source": paths.normalize(checkpoint_dir), "source_step": loaded.step}
   cfg = dataclasses.replace(loaded.cfg, model=quant_cfg)
   checkpointer = ckpt_lib.Checkpointer(out_dir, keep=1, async_save=False)
   checkpointer.save_params(loaded.step, params, {"config": cfg.to_dict(), "quantization": settings})
   checkpointer.close()
   float_bytes = checkpoint_bytes(checkpoint_dir, loaded.step)
   quant_bytes = checkpoint_bytes(out_dir, loaded.step)
-  return {**settings, "out_dir": os.path.abspath(out_dir), "float_param_bytes": float_bytes,
+  return {**settings, "out_dir": paths.normalize(out_dir), "float_param_bytes": float_bytes,
           "quantized_param_bytes": quant_bytes, "compression": float_bytes / quant_bytes}

@@ -8,13 +8,14 @@ distillation from the unpruned model: `launch.distill` with train.init_checkpoin
 """
 
 import dataclasses
-import os
 
 import jax
 import numpy as np
 
 from compress import structured
 from launch.run import checkpoint as ckpt_lib
+from launch.run import inputs
+from launch.run import paths
 from launch.run import state as ts
 from launch.run.config import Config
 from launch.run.plan import make_plan
@@ -24,7 +25,7 @@ from lm.data import loader
 
 def calibration_batches(cfg: Config, num_batches: int) -> list[dict[str, np.ndarray]]:
   """The first `num_batches` training batches ({"inputs", "targets"}: int [B, L]) of cfg's corpus and seed."""
-  tokenizer = loader.prepare_from_config(cfg.data, cfg.model.vocab_size)
+  tokenizer = loader.prepare_from_config(inputs.localize(cfg.data), cfg.model.vocab_size)
   it = loader.train_iterator(cfg.data.data_dir, tokenizer, seq_len=cfg.data.seq_len,
                              global_batch_size=cfg.train.global_batch_size, seed=cfg.seed)
   return [{k: np.asarray(v) for k, v in next(it).items() if k in ("inputs", "targets")}
@@ -50,7 +51,7 @@ def prune_structured(cfg: Config, workdir: str) -> dict:
   check_compatible(cfg, saved, "init", f"prune.init_checkpoint={source}")
   small_cfg = pruned_config(cfg)
   small_plan = make_plan(small_cfg)  # raises if the new shapes do not divide over the mesh
-  out_dir = os.path.join(workdir, "checkpoints")
+  out_dir = paths.join(workdir, "checkpoints")
   checkpointer = ckpt_lib.Checkpointer(out_dir, async_save=False)
   try:
     if checkpointer.steps():

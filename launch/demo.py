@@ -9,12 +9,12 @@ Running it again on a finished workdir skips training and reports from the saved
 """
 
 import math
-import os
 
 import jax
 from absl import flags
 
 from launch.run import cli
+from launch.run import paths
 from launch.run.devices import simulate_cpu_devices
 from launch.run.loop import train
 from launch.run.preemption import StopRequest
@@ -69,14 +69,12 @@ def main(argv):
       ("MFU", "n/a" if math.isnan(result.mfu) else f"{100 * result.mfu:.1f}% of {result.peak_source}"),
       ("devices", f"{len(jax.devices())} x {jax.devices()[0].platform} (mesh {cfg.mesh.rules})"),
       ("checkpoint", result.checkpoint_dir),
-      ("loss curve", os.path.join(os.path.abspath(workdir), "loss_curve.png")),
+      ("loss curve", paths.join(paths.normalize(workdir), "loss_curve.png")),
   ]
   table = summary_table(rows)
   print("\n" + table)
-  with open(os.path.join(workdir, "summary.md"), "w") as f:
-    f.write("# Demo summary\n\n" + table + "\n\n## Samples\n\n")
-    for text in samples:
-      f.write("```\n" + text + "\n```\n\n")
+  paths.write_text(paths.join(workdir, "summary.md"), "# Demo summary\n\n" + table + "\n\n## Samples\n\n"
+                   + "".join("```\n" + text + "\n```\n\n" for text in samples))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import json
 from absl import flags
 
 from launch.run import cli
+from launch.run import paths
 from launch.run.restore import load_checkpoint
 from lm.config import DTYPES, KV_CACHE_DTYPES
 from lm.data.chat import chat_format
@@ -51,10 +52,9 @@ FLAGS = flags.FLAGS
 def read_prompts(path: str) -> list[str]:
   """The non-blank lines of `path`; ValueError if it has none or cannot be read."""
   try:
-    with open(path, encoding="utf-8") as f:
-      prompts = [line.rstrip("\n") for line in f if line.strip()]
+    prompts = [line for line in paths.read_text(path).splitlines() if line.strip()]
   except OSError as e:
-    raise ValueError(f"--prompts_file={path}: {e.strerror}.") from e
+    raise ValueError(f"--prompts_file={path}: {e.strerror or e}.") from e
   if not prompts:
     raise ValueError(f"--prompts_file={path} holds no prompts (one per line).")
   return prompts

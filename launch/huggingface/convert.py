@@ -9,13 +9,15 @@ Every check runs before anything is written.
 """
 
 import os
-import shutil
+import tempfile
 
 import jax
 
 from configs.base import base_config
 from launch.huggingface import checkpoint as hf_lib
+from launch.run import bucket
 from launch.run import checkpoint as ckpt_lib
+from launch.run import paths
 from launch.run import state as ts
 from launch.run.config import validate
 from launch.run.plan import make_plan
@@ -31,16 +33,20 @@ TOKENIZER_DIR = "tokenizer"
 
 
 def _check_out_dir(out: str) -> None:
-  if os.path.exists(out) and os.listdir(out):
+  """Raises ValueError when `out` (local or gs://) holds anything; probes a bucket's write access."""
+  if paths.isdir(out) and paths.listdir(out):
     raise ValueError(f"--out {out} is not empty; choose a new directory (nothing was written).")
+  bucket.probe(out)
 
 
 def import_hf(hf_dir: str, out: str, raw_config=None, param_dtype: str | None = None) -> dict:
   """Converts the HF checkpoint in `hf_dir` into a params-only checkpoint in `out`; returns its config dict.
 
   `raw_config` (a ConfigDict, default base_config()) supplies everything but the model's shapes.
+  `hf_dir` and `out` may be gs:// URLs (the HF files are read from a local cached copy).
   """
   _check_out_dir(out)
+  source, hf_dir = hf_dir, paths.local_copy(hf_dir)
   hf_config = hf_lib.read_hf_config(hf_dir)
   fields = hf_lib.model_fields_from_hf(hf_config)
   raw = base_config() if raw_config is None else raw_config
@@ -55,7 +61,7 @@ def import_hf(hf_dir: str, out: str, raw_config=None, param_dtype: str | None = 
   if has_tokenizer and not raw.data.tokenizer_path:  # the model's own tokenizer, copied below
     tokenizer_lib.load_tokenizer("huggingface", "", fields["vocab_size"], hf_dir)  # checks the vocabulary
     raw.data.tokenizer = "huggingface"
-    raw.data.tokenizer_path = os.path.join(os.path.abspath(out), TOKENIZER_DIR, "tokenizer.json")
+    raw.data.tokenizer_path = paths.join(paths.normalize(out), TOKENIZER_DIR, "tokenizer.json")
   cfg = validate(raw)
   plan = make_plan(cfg)  # the mesh and rule table the run will use; checks they fit the model
   with hf_lib.HfTensors(hf_dir) as tensors:
@@ -64,19 +70,20 @@ def import_hf(hf_dir: str, out: str, raw_config=None, param_dtype: str | None = 
     jax.block_until_ready(params)
   checkpointer = ckpt_lib.Checkpointer(out, keep=1, async_save=False)
   checkpointer.save_params(0, params, {"data_state": None, "config": cfg.to_dict(), "hf_config": hf_config,
-                                      "source": os.path.abspath(hf_dir)})
+                                      "source": paths.normalize(source)})
   checkpointer.close()
   if has_tokenizer:
-    copy_tokenizer_files(hf_dir, os.path.join(out, TOKENIZER_DIR))
+    copy_tokenizer_files(hf_dir, paths.join(out, TOKENIZER_DIR))
   return cfg.to_dict()
 
 
 def copy_tokenizer_files(source: str, dest: str) -> list[str]:
-  """Copies the TOKENIZER_FILES present in `source` into `dest` (created); returns their names."""
-  names = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(source, f))]
-  os.makedirs(dest, exist_ok=True)
+  """Copies the TOKENIZER_FILES present in `source` into `dest` (created; either may be gs://);
+  returns their names."""
+  names = [f for f in TOKENIZER_FILES if paths.isfile(paths.join(source, f))]
+  paths.makedirs(dest)
   for name in names:
-    shutil.copyfile(os.path.join(source, name), os.path.join(dest, name))
+    paths.write_bytes(paths.join(dest, name), paths.read_bytes(paths.join(source, name)))
   return names
 
 
@@ -85,8 +92,14 @@ def export_hf(ckpt_dir: str, out: str, step: int | None = None, dtype: str | Non
 
   Parameters are restored onto one host device (the export gathers every tensor to host memory).
   The tokenizer files beside the run's `data.tokenizer_path` (a Hugging Face tokenizer) are copied too.
+  `ckpt_dir` and `out` may be gs:// URLs (a bucket `out` is written locally first, then uploaded).
   """
   _check_out_dir(out)
+  if paths.is_url(out):
+    with tempfile.TemporaryDirectory(prefix="shardlm-hf-") as staging:
+      if export_hf(ckpt_dir, staging, step, dtype):
+        return paths.upload_tree(staging, out)
+      return []
   checkpointer = ckpt_lib.Checkpointer(ckpt_dir, read_only=True)
   meta = checkpointer.read_meta(step)
   run_cfg = saved_config(meta, ckpt_dir)
@@ -103,8 +116,8 @@ def export_hf(ckpt_dir: str, out: str, step: int | None = None, dtype: str | Non
   single = jax.sharding.SingleDeviceSharding(device)
   params, _ = restore_params(ckpt_dir, mdef, jax.tree.map(lambda _: single, mdef.abstract_params), meta["step"])
   files = hf_lib.write_hf(out, params, cfg, dtype or cfg.param_dtype, _imported_hf_config(meta))
-  if files and run_cfg.data.tokenizer == "huggingface" and os.path.isfile(run_cfg.data.tokenizer_path):
-    copy_tokenizer_files(os.path.dirname(run_cfg.data.tokenizer_path), out)
+  if files and run_cfg.data.tokenizer == "huggingface" and paths.isfile(run_cfg.data.tokenizer_path):
+    copy_tokenizer_files(paths.dirname(run_cfg.data.tokenizer_path), out)
     files = sorted(os.listdir(out))
   return files
 
@@ -114,7 +127,7 @@ def _imported_hf_config(meta: dict) -> dict | None:
   if "hf_config" in meta:
     return meta["hf_config"]
   source = meta.get("config", {}).get("train", {}).get("init_checkpoint")
-  if source and os.path.isdir(source):
+  if source and paths.isdir(source):
     checkpointer = ckpt_lib.Checkpointer(source, read_only=True)
     try:
       return checkpointer.read_meta().get("hf_config")

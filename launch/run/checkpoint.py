@@ -5,7 +5,12 @@ mesh), and `meta` (JSON: step, data-iterator state, the config that made the run
 checksum of every array). orbax writes each step into a temporary directory and renames it when
 complete, so a run killed mid-save leaves the previous checkpoints intact and the half-written one
 invisible. Old steps are first renamed into `.deleting/` and only then removed, so a kill during a
-deletion never leaves a half-deleted step among the listed ones. Every restore recomputes the
+deletion never leaves a half-deleted step among the listed ones.
+
+On object storage (a gs:// directory) there is no rename: orbax writes the step in place and marks it
+done last with `commit_success.txt`, and a step counts only with every marker present. Old steps are
+deleted here (not by orbax) marker first, so a kill during a deletion leaves a step without its
+marker, which is never listed, and set-aside steps are copied whole before their markers go. Every restore recomputes the
 checksums of what it read and refuses a mismatch, naming the array and the step.
 """
 
@@ -19,12 +24,15 @@ import jax
 import orbax.checkpoint as ocp
 
 from launch.run import checksum
+from launch.run import paths
 from launch.run.errors import NonFiniteError, SaveError, storage_reason
 
 ITEMS = ("params", "opt_state", "meta")
 PARAMS_ONLY = "params_only"  # meta key of a step saved by save_params
 CHECKSUMS = "checksums"      # meta key: {item: {array path: [hex checksum, dtype]}}
 DELETING = ".deleting"       # old steps are renamed here (atomic) before they are removed
+COMMIT = "commit_success.txt"  # orbax's marker of a finished step or item on object storage
+STEP_MARKERS = (COMMIT, "_CHECKPOINT_METADATA")  # removed first when a step is deleted from a bucket
 
 
 class CheckpointError(ValueError):
@@ -42,20 +50,24 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, keep: int | None = None, async_save: bool = False, read_only: bool = False,
                checksums: bool = True):
-    self.directory = os.path.abspath(directory)
+    self.directory = paths.normalize(directory)
+    self.on_bucket = paths.is_url(self.directory)
+    self.keep = keep
     self.checksums = checksums
     self.read_only = read_only
     self.primary = jax.process_index() == 0
     self._in_flight = None   # the step an async save is still writing
-    if read_only and not os.path.isdir(self.directory):
+    if read_only and not paths.isdir(self.directory):
       raise CheckpointError(f"No checkpoint directory at {self.directory}; pass the run's checkpoint "
                             "directory (<workdir>/checkpoints) or train first.")
+    # On a bucket orbax would delete old steps object by object in any order: we do it marker first.
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=not read_only, read_only=read_only,
+        max_to_keep=None if self.on_bucket else keep, create=not read_only, read_only=read_only,
         enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only,
-        todelete_subdir=None if read_only else DELETING)
+        todelete_subdir=None if read_only or self.on_bucket else DELETING)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
     if not read_only:
+      self._remove_partial_steps()
       self._purge_deleted()
 
   def steps(self) -> list[int]:
@@ -64,14 +76,15 @@ class Checkpointer:
 
   def _whole(self, step: int) -> bool:
     """True when every item of `step` has its commit marker and metadata (nothing was removed)."""
-    root = os.path.join(self.directory, str(step))
+    root = paths.join(self.directory, str(step))
     def has(*parts):
-      return os.path.exists(os.path.join(root, *parts))
+      return paths.exists(paths.join(root, *parts))
+    if self.on_bucket and not has(COMMIT):
+      return False
     if not (has("_CHECKPOINT_METADATA") and has("meta", "metadata") and has("meta", "commit_success.txt")):
       return False
     try:
-      with open(os.path.join(root, "meta", "metadata")) as f:
-        params_only = json.load(f).get(PARAMS_ONLY, False)
+      params_only = json.loads(paths.read_text(paths.join(root, "meta", "metadata"))).get(PARAMS_ONLY, False)
     except (OSError, ValueError):
       return False
     arrays = ("params",) if params_only else ("params", "opt_state")
@@ -135,11 +148,41 @@ class Checkpointer:
         "start). Free space or fix the permissions, then continue with --resume.") from error
 
   def _purge_deleted(self) -> None:
-    """Removes the steps orbax renamed into .deleting/ (only process 0 renames or removes)."""
+    """Removes the steps orbax renamed into .deleting/ (only process 0 renames or removes); on a
+    bucket, deletes the whole steps beyond the newest `keep`, each marker first."""
+    if not self.primary or self.read_only:
+      return
+    if self.on_bucket:
+      whole = self.steps()
+      old = whole[:-self.keep] if self.keep else []
+      for step in old:
+        self._delete_from_bucket(paths.join(self.directory, str(step)))
+      if old:
+        self.manager.reload()
+      return
     trash = os.path.join(self.directory, DELETING)
-    if self.primary and not self.read_only and os.path.isdir(trash):
+    if os.path.isdir(trash):
       for name in os.listdir(trash):
         shutil.rmtree(os.path.join(trash, name), ignore_errors=True)
+
+  def _remove_partial_steps(self) -> None:
+    """On a bucket, deletes what an interrupted save left (a step directory without its markers), as
+    orbax removes its temporary directories on disk, so the step can be saved again cleanly."""
+    if not (self.on_bucket and self.primary):
+      return
+    partial = [name for name in (paths.listdir(self.directory) if paths.isdir(self.directory) else [])
+               if name.isdigit() and not self._whole(int(name))]
+    for name in partial:
+      self._delete_from_bucket(paths.join(self.directory, name))
+    if partial:
+      self.manager.reload()
+
+  @staticmethod
+  def _delete_from_bucket(step_dir: str) -> None:
+    """Deletes a step on object storage so that no listing ever sees it half-deleted but whole."""
+    for marker in STEP_MARKERS:
+      paths.remove(paths.join(step_dir, marker))
+    paths.rmtree(step_dir)
 
   def _last_good(self) -> str:
     steps = self.steps()
@@ -157,12 +200,17 @@ class Checkpointer:
     """
     target = self.directory + ".set_aside"
     if self.primary:
-      os.makedirs(target, exist_ok=True)
+      paths.makedirs(target)
       for step in steps:
-        dest, n = os.path.join(target, str(step)), 1
-        while os.path.exists(dest):
-          dest, n = os.path.join(target, f"{step}.{n}"), n + 1
-        os.rename(os.path.join(self.directory, str(step)), dest)
+        dest, n = paths.join(target, str(step)), 1
+        while paths.exists(dest):
+          dest, n = paths.join(target, f"{step}.{n}"), n + 1
+        source = paths.join(self.directory, str(step))
+        if self.on_bucket:  # no rename: a whole copy first, then the original, marker first
+          paths.copy_tree(source, dest)
+          self._delete_from_bucket(source)
+        else:
+          os.rename(source, dest)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices("shardlm:set_aside")

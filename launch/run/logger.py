@@ -1,16 +1,25 @@
-"""Progress and metrics for long runs: a console bar with ETA, JSON lines, TensorBoard, a loss plot."""
+"""Progress and metrics for long runs: a console bar with ETA, JSON lines, TensorBoard, a loss plot.
 
+A local workdir gets <workdir>/metrics.jsonl (appended) and tensorboard/; a workdir in a bucket gets
+immutable objects per flush period instead (launch/run/metric_chunks.py), and `read_metrics` reads both.
+"""
+
+import io
 import json
 import os
 import sys
 
 from tqdm import tqdm
 
+from launch.run import paths
+from launch.run.metric_chunks import ChunkWriter, read_chunks
+
 
 class MetricLogger:
   """Writes each logged step to <workdir>/metrics.jsonl and TensorBoard; shows a progress bar.
 
-  Only the primary process (process 0) writes or prints.
+  Only the primary process (process 0) writes or prints. In a bucket (a gs:// workdir) records and
+  scalars are buffered and written per flush period (`flush()`: the loop calls it at each save).
   """
 
   def __init__(self, workdir: str, *, total_steps: int, start_step: int, tensorboard: bool,
@@ -18,11 +27,15 @@ class MetricLogger:
     self.primary = primary
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.writer = None
+    self.chunks = None
     self.bar = None
     if not primary:
       return
-    os.makedirs(workdir, exist_ok=True)
-    if tensorboard:
+    if paths.is_url(workdir):
+      self.chunks = ChunkWriter(workdir, tensorboard=tensorboard)
+    else:
+      os.makedirs(workdir, exist_ok=True)
+    if tensorboard and self.chunks is None:
       from tensorboardX import SummaryWriter
       self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
     self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
@@ -37,8 +50,11 @@ class MetricLogger:
     if not self.primary:
       return
     record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    if self.chunks is not None:
+      self.chunks.add(record, metrics)
+    else:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(record) + "\n")
     if self.writer is not None:
       for key, value in metrics.items():
         self.writer.add_scalar(key, float(value), step)
@@ -48,11 +64,19 @@ class MetricLogger:
       text = " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())
       (self.bar.write if self.bar else print)(f"step {step:>6d} | {text}")
 
+  def flush(self) -> None:
+    """Writes what a bucket workdir has buffered as new objects (local files are written at once)."""
+    if self.chunks is not None:
+      self.chunks.flush()
+
   def close(self) -> None:
+    """Closes the bar and writes out everything still buffered."""
     if self.bar is not None:
       self.bar.close()
     if self.writer is not None:
       self.writer.close()
+    if self.chunks is not None:
+      self.chunks.close()
 
 
 def _fmt(value: float) -> str:
@@ -61,12 +85,13 @@ def _fmt(value: float) -> str:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  """Returns the records of <workdir>/metrics.jsonl in order (the last record wins for a repeated step)."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  """Returns the records of <workdir>/metrics.jsonl, then of its metrics/ chunks (a run in a bucket), in
+  order (the last record wins for a repeated step)."""
+  records = []
+  path = paths.join(workdir, "metrics.jsonl")
+  if paths.exists(path):
+    records = [json.loads(line) for line in paths.read_text(path).splitlines() if line.strip()]
+  return records + read_chunks(workdir)
 
 
 def plot_loss_curve(workdir: str, out_path: str | None = None) -> str:
@@ -76,7 +101,7 @@ def plot_loss_curve(workdir: str, out_path: str | None = None) -> str:
   import matplotlib.pyplot as plt
 
   records = read_metrics(workdir)
-  out_path = out_path or os.path.join(workdir, "loss_curve.png")
+  out_path = out_path or paths.join(workdir, "loss_curve.png")
   train = {r["step"]: r["loss"] for r in records if "loss" in r}
   val = {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
   fig, ax = plt.subplots(figsize=(7, 4))
@@ -91,6 +116,8 @@ def plot_loss_curve(workdir: str, out_path: str | None = None) -> str:
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  fig.savefig(out_path, dpi=120)
+  image = io.BytesIO()
+  fig.savefig(image, format="png", dpi=120)
   plt.close(fig)
+  paths.write_bytes(out_path, image.getvalue())
   return out_path

@@ -2,19 +2,23 @@
 
 The run writes <workdir>/checkpoints, metrics.jsonl, tensorboard/ and loss_curve.png. A workdir
 that already holds checkpoints is continued with resume=True and never overwritten without it, and
-one workdir holds one run at a time (<workdir>/run.lock). A NaN or inf loss or gradient norm stops
-the run before it is saved (train.nonfinite). The command-line entry point is launch/train.py.
+one workdir holds one run at a time (<workdir>/run.lock). A workdir may be a gs:// URL (its bucket
+is probed first; metrics go there as one object per save period: docs/training.md, "Runs in a
+bucket"). A NaN or inf loss or gradient norm stops the run before it is saved (train.nonfinite).
+The command-line entry point is launch/train.py.
 """
 
 import dataclasses
 import math
-import os
 import time
 
 import jax
 import numpy as np
 
+from launch.run import bucket
 from launch.run import checkpoint as ckpt_lib
+from launch.run import inputs
+from launch.run import paths
 from launch.run import data_state as data_states
 from launch.run import throughput as throughput_lib
 from launch.run import state as ts
@@ -109,10 +113,12 @@ def train(cfg: Config, workdir: str, *, resume: bool = False, resume_step: int |
   fresh state when no checkpoint exists) and `loss_hook` (a training loss with extra inputs, e.g. a
   teacher). Evaluation is always the plain cross-entropy.
 
-  Raises ValueError for bad input before anything is written, WorkdirLocked when another run holds
-  `workdir`, NonFiniteError when the loss diverges (train.nonfinite) and SaveError when the disk
-  refuses a checkpoint.
+  `workdir` may be a gs:// URL (docs/training.md, "Runs in a bucket"); its bucket is probed first.
+  Raises ValueError for bad input (a missing or unwritable bucket too) before anything is written,
+  WorkdirLocked when another run holds `workdir`, NonFiniteError when the loss diverges
+  (train.nonfinite) and SaveError when the disk refuses a checkpoint.
   """
+  bucket.probe(workdir)  # a missing bucket or permission: one error line now, not a hang at the first save
   if cfg.model.quant != "none":
     raise ValueError(f"model.quant={cfg.model.quant!r} is for inference: int8 weights have no gradient. "
                      "Train (or fine-tune) the float model, then run python -m launch.quantize.")
@@ -128,8 +134,8 @@ def _train_locked(cfg: Config, workdir: str, *, resume: bool, resume_step: int |
                   on_step, plan: RunPlan, init_state, loss_hook: LossHook | None) -> TrainResult:
   """The body of `train`, run while this process holds the workdir's lock."""
   primary = jax.process_index() == 0
-  tokenizer = loader.prepare_from_config(cfg.data, cfg.model.vocab_size)
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep,
+  tokenizer = loader.prepare_from_config(inputs.localize(cfg.data), cfg.model.vocab_size)
+  checkpointer = ckpt_lib.Checkpointer(paths.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep,
                                        async_save=cfg.checkpoint.async_save)
   try:
     if init_state is None and cfg.train.init_checkpoint:
@@ -257,6 +263,7 @@ def _loop(cfg: Config, workdir: str, checkpointer: ckpt_lib.Checkpointer, state,
         checkpointer.save(step, state, {"data_state": data_states.gather_states(last_data_state),
                                         "config": cfg.to_dict(),
                                         "plan": plan.meta()})
+        logger.flush()  # a bucket's metrics: one object per save period
         timer["start"], timer["steps"] = None, 0
       if stop.requested:
         if logger.bar is not None:

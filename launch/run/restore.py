@@ -7,11 +7,12 @@ code no longer knows are refused (the checkpoint was written by another version)
 """
 
 import dataclasses
-import os
 from typing import Any
 
 from configs.base import base_config
 from launch.run import checkpoint as ckpt_lib
+from launch.run import inputs
+from launch.run import paths
 from launch.run import state as ts
 from launch.run.config import Config, validate, with_overrides
 from launch.run.plan import RunPlan, make_plan
@@ -86,12 +87,12 @@ def _tokenizer_beside(cfg: Config, checkpoint_dir: str) -> Config:
   """`cfg` with data.tokenizer_path moved into `checkpoint_dir`/tokenizer/ when the saved path is gone
   and the checkpoint carries a file of that name (a converted checkpoint that was moved or copied)."""
   path = cfg.data.tokenizer_path
-  if not path or os.path.exists(path):
+  if not path or paths.exists(path):
     return cfg
-  beside = os.path.join(checkpoint_dir, "tokenizer", os.path.basename(path.rstrip("/")))
-  if not os.path.exists(beside):
+  beside = paths.join(paths.normalize(checkpoint_dir), "tokenizer", path.rstrip("/").rsplit("/", 1)[-1])
+  if not paths.exists(beside):
     return cfg
-  return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer_path=os.path.abspath(beside)))
+  return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer_path=beside))
 
 
 def restore_params(checkpoint_dir: str, mdef: ts.ModelDef, shardings: ts.Params,
@@ -175,7 +176,7 @@ def load_checkpoint(checkpoint_dir: str, step: int | None = None, devices: list 
   missing or unreadable checkpoint before anything compiles.
   """
   cfg, step = read_saved_config(checkpoint_dir, step, overrides)
-  tokenizer = loader.prepare_from_config(cfg.data, cfg.model.vocab_size)
+  tokenizer = loader.prepare_from_config(inputs.localize(cfg.data), cfg.model.vocab_size)
   plan = make_plan(cfg, devices)
   params, _ = restore_params(checkpoint_dir, plan.mdef, plan.shardings.params, step)
   return LoadedModel(cfg, plan, params, tokenizer, step)

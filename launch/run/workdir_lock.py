@@ -5,6 +5,8 @@ so the second one stops at once and names the first. A lock left by a process th
 power loss) is recognised when its pid no longer runs on this host, and taken over with a note. A
 lock from another host cannot be checked from here: the message says which file to delete if that
 run is gone. In a multi-process run only process 0 takes the lock; the others learn its outcome.
+A workdir in a bucket (gs://) gets a lock object instead (launch/run/bucket_lock.py: create-if-absent
+with a heartbeat, and its own stale rule).
 """
 
 import json
@@ -15,6 +17,7 @@ import time
 import jax
 import numpy as np
 
+from launch.run import paths
 from launch.run.errors import WorkdirLocked
 
 LOCK_NAME = "run.lock"
@@ -42,8 +45,12 @@ class WorkdirLock:
   """The lock on `workdir`; `acquire()` then `release()` (or use it as a context manager)."""
 
   def __init__(self, workdir: str):
-    self.path = os.path.join(os.path.abspath(workdir), LOCK_NAME)
+    self.path = paths.join(paths.normalize(workdir), LOCK_NAME)
     self.held = False
+    self.bucket_lock = None
+    if paths.is_url(self.path) and jax.process_index() == 0:
+      from launch.run.bucket_lock import BucketLock
+      self.bucket_lock = BucketLock(self.path)
 
   def _try_create(self) -> bool:
     try:
@@ -56,6 +63,8 @@ class WorkdirLock:
 
   def _acquire_here(self) -> str | None:
     """Takes the lock from this process; returns a note if a stale one was taken over."""
+    if self.bucket_lock is not None:
+      return self.bucket_lock.acquire_here()
     os.makedirs(os.path.dirname(self.path), exist_ok=True)
     if self._try_create():
       return None
@@ -97,14 +106,16 @@ class WorkdirLock:
       from jax.experimental import multihost_utils
       ok = multihost_utils.broadcast_one_to_all(np.int32(error is None))
       if not int(ok) and error is None:
-        error = WorkdirLocked(f"the workdir {os.path.dirname(self.path)} is in use by another run "
+        error = WorkdirLocked(f"the workdir {paths.dirname(self.path)} is in use by another run "
                               "(process 0 could not take its lock; see its message).")
     if error is not None:
       raise error
 
   def release(self) -> None:
     """Removes the lock if this process holds it (and it still names this process)."""
-    if self.held and _read(self.path).get("pid") == os.getpid():
+    if self.bucket_lock is not None:
+      self.bucket_lock.release()
+    elif self.held and _read(self.path).get("pid") == os.getpid():
       os.remove(self.path)
     self.held = False
 
