@@ -93,11 +93,11 @@ def _not_fit_error(plan: RunPlan, program: str, error: Exception) -> ValueError:
   """The one-line ValueError for a program the chip's HBM cannot hold, with the compiler's numbers."""
   chip = chip_of(list(plan.mesh.devices.flat))
   text = " ".join(str(error).split())
-  used = re.search(r"[Uu]sed\s+([\d.]+[KMGT]?i?B?)\s+of\s+([\d.]+[KMGT]?i?B?)", text)
-  over = re.search(r"([\d.]+[KMGT]i?B?)\s+(?:over|more than)", text)
-  numbers = (f"the TPU compiler needs {used.group(1)} of {used.group(2)} per chip" if used else
-             f"the TPU compiler is {over.group(1)} over" if over else
-             f"the TPU compiler says: {text[:200]}")
+  # libtpu: "Ran out of memory on HBM, the total memory required for HLO temporaries (119.62G)
+  # exceeds available HBM (95.74G)."
+  need = re.search(r"required for (.+?) \(([\d.]+\s*[KMGT]i?B?)\) exceeds available HBM \(([\d.]+\s*[KMGT]i?B?)\)", text)
+  numbers = (f"the TPU compiler needs {need.group(2)} for {need.group(1)}, more than the {need.group(3)} "
+             "of HBM it can use" if need else f"the TPU compiler says: {text[:200]}")
   return ValueError(f"{program} step does not fit on {chip.name} ({chip.hbm_gib:.0f} GiB HBM): {numbers}, on a "
                     f"mesh {mesh_text(plan)}; shard more (mesh.fsdp / mesh.tensor), recompute more "
                     f"(model.remat=full) or lower train.global_batch_size.")
