@@ -141,11 +141,25 @@ def test_a_model_too_big_for_the_chip_is_one_error_line_without_libtpu_noise():
   assert lines[0].startswith("error: train step does not fit on TPU v5p (95 GiB HBM): the TPU compiler")
 
 
-def test_bad_topology_names_are_one_line_errors():
+def test_bad_topology_names_are_one_line_errors(tmp_path):
+  from launch.measure.sweep import run_sweep
   with pytest.raises(ValueError, match="is not a TPU topology name"):
     topology_devices("v5p-128")
+  with pytest.raises(ValueError, match="is not a TPU topology name"):  # before any point runs
+    run_sweep(os.path.join(REPO, "configs/smoke.py"), "mesh=data8", str(tmp_path / "sweep"), topology="v5p-128")
+  assert not (tmp_path / "sweep").exists()
   with pytest.raises(ValueError, match="libtpu cannot describe this slice"):
     topology_devices("v5p:3x3x3")
   with pytest.raises(ValueError, match="mesh stage=1 x data=3"):
     make_plan(make_config("dp", dict(stage=1, data=3, fsdp=1, sequence=1, tensor=1)),
               topology_devices(TOPOLOGY), platform="tpu")
+
+
+def test_two_slices_split_the_dcn_axis_across_slices():
+  devices = topology_devices("v5p:2x2x1", num_slices=2)
+  assert len(devices) == 8 and {d.slice_index for d in devices} == {0, 1}
+  plan = make_plan(make_config("fsdp", dict(stage=1, data=1, fsdp=4, sequence=1, tensor=1),
+                               **{"mesh.dcn_data": 2}), devices, platform="tpu")
+  assert dict(plan.mesh.shape)["data"] == 2 and dict(plan.mesh.shape)["fsdp"] == 4
+  grid = plan.mesh.devices.reshape(2, 4)  # data x fsdp: each data index is one whole slice
+  assert [{d.slice_index for d in row} for row in grid] == [{0}, {1}]
