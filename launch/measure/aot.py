@@ -99,8 +99,13 @@ def _not_fit_error(plan: RunPlan, program: str, error: Exception) -> ValueError:
   numbers = (f"the TPU compiler needs {need.group(2)} for {need.group(1)}, more than the {need.group(3)} "
              "of HBM it can use" if need else f"the TPU compiler says: {text[:200]}")
   return ValueError(f"{program} step does not fit on {chip.name} ({chip.hbm_gib:.0f} GiB HBM): {numbers}, on a "
-                    f"mesh {mesh_text(plan)}; shard more (mesh.fsdp / mesh.tensor), recompute more "
-                    f"(model.remat=full) or lower train.global_batch_size.")
+                    f"mesh {mesh_text(plan)}; {_fix_hint(plan)}")
+
+
+def _fix_hint(plan: RunPlan) -> str:
+  """What to change when a step does not fit: more shards, more recomputation (unless full), less batch."""
+  remat = "" if plan.cfg.model.remat == "full" else ", recompute more (model.remat=full)"
+  return f"shard more (mesh.fsdp / mesh.tensor){remat} or lower train.global_batch_size."
 
 
 def mesh_text(plan: RunPlan) -> str:
@@ -196,8 +201,7 @@ def check_fits(report: ProgramReport, plan: RunPlan) -> None:
     raise ValueError(
         f"{report.name} step does not fit on {chip.name} ({chip.hbm_gib:.0f} GiB HBM): the TPU compiler's "
         f"peak is {format_bytes(report.total_bytes)} per chip (arguments {format_bytes(report.argument_bytes)}"
-        f", temporaries {format_bytes(report.temp_bytes)}) on a mesh {mesh_text(plan)}; shard more "
-        "(mesh.fsdp / mesh.tensor), recompute more (model.remat=full) or lower train.global_batch_size.")
+        f", temporaries {format_bytes(report.temp_bytes)}) on a mesh {mesh_text(plan)}; {_fix_hint(plan)}")
 
 
 class _Lowered:
