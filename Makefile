@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh machine:
 #   make demo   - create .venv, install, train the demo LM on 8 simulated CPU devices, eval, generate.
-#   make test   - create .venv, install with the dev extra, run the test suite.
+#   make test   - create .venv, install with the dev and tpu extras, run the test suite (the tpu extra,
+#                 libtpu for compiling ahead of time for TPU slices, installs on Linux x86_64 only).
 # CI (.ci/run) also runs the suite on Python 3.12 with the newest jax/flax the index serves:
 #   make test-py312 - make test PYTHON=<python3.12> VENV=.venv-py312, reinstalled with --upgrade.
 # And one that regenerates the docs' figures:
@@ -22,7 +23,12 @@ VENV312 := .venv-py312
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(INSTALL_FLAGS) -e '.[dev]'
+	$(PY) -m pip install -q $(INSTALL_FLAGS) -e .
+	touch $@
+
+# The test extras: pytest, and libtpu (the `tpu` extra, Linux x86_64 only) for the TPU compile tests.
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PY) -m pip install -q $(INSTALL_FLAGS) -e '.[dev,tpu]'
 	touch $@
 
 setup: $(VENV)/.installed
@@ -34,7 +40,7 @@ demo: setup
 # compiled functions stay shared within it): one pytest process keeps only one of two cores busy.
 TEST_WORKERS ?= auto
 
-test: setup
+test: $(VENV)/.installed-test
 	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile
 
 # The same suite on Python 3.12, re-resolved every time to the newest jax/flax the index serves.
@@ -43,17 +49,17 @@ test-py312:
 	  echo "error: no Python 3.12 found (tried pyenv latest 3.12, \$$(pyenv root)/versions/3.12.*," \
 	    "python3.12 on PATH; got '$(PYTHON312)'): pyenv install 3.12, or make test-py312 PYTHON312=/path/to/python3.12" >&2; \
 	  exit 1; }
-	rm -f $(VENV312)/.installed
-	$(MAKE) setup PYTHON="$(PYTHON312)" VENV=$(VENV312) INSTALL_FLAGS="--upgrade --upgrade-strategy eager"
+	rm -f $(VENV312)/.installed $(VENV312)/.installed-test
+	$(MAKE) $(VENV312)/.installed-test PYTHON="$(PYTHON312)" VENV=$(VENV312) INSTALL_FLAGS="--upgrade --upgrade-strategy eager"
 	@$(VENV312)/bin/python -c 'import sys; print("Python", sys.version.split()[0])'
-	@$(VENV312)/bin/python -m pip list --format=freeze | grep -E '^(jax|jaxlib|flax|optax|orbax-checkpoint)=='
+	@$(VENV312)/bin/python -m pip list --format=freeze | grep -E '^(jax|jaxlib|libtpu|flax|optax|orbax-checkpoint)=='
 	$(MAKE) test PYTHON="$(PYTHON312)" VENV=$(VENV312)
 
 # --- make reproduce: one step per table or figure; each prints its progress --------------------
 R := runs/reproduce
-step = @echo; echo "=== [$(1)/13] $(2)  ($$(date +%H:%M:%S))"
+step = @echo; echo "=== [$(1)/14] $(2)  ($$(date +%H:%M:%S))"
 
-reproduce: setup
+reproduce: $(VENV)/.installed-test
 	$(call step,0,snapshot of the committed docs/results -> $(R)/committed)
 	rm -rf $(R)/committed && mkdir -p $(R)/committed
 	git archive HEAD docs/results | tar -x -C $(R)/committed --strip-components=2 \
@@ -104,7 +110,13 @@ reproduce: setup
 	$(PY) -m launch.reproduce.sequence_cost --out docs/results
 	rm -rf docs/results/sequence_memory/sweep
 	$(PY) -m launch.reproduce.sequence_memory --out docs/results/sequence_memory
-	$(call step,13,summary: regenerated vs committed -> $(R)/summary.md)
+	$(call step,13,pod sweeps compiled offline by the TPU compiler: llama_8b on v5p:4x4x8 and llama_70b on v5p:8x8x4 (~1 h) -> docs/results/pod_sweep)
+	rm -rf docs/results/pod_sweep/llama_8b/points docs/results/pod_sweep/llama_70b/points
+	$(PY) -m launch.sweep --config configs/llama_8b.py --topology v5p:4x4x8 --out docs/results/pod_sweep/llama_8b \
+	  --timeout 1500 --grid 'mesh=fsdp128,fsdp32.tensor4,fsdp16.tensor8;remat=full,none;batch=128,256'
+	$(PY) -m launch.sweep --config configs/llama_70b.py --topology v5p:8x8x4 --out docs/results/pod_sweep/llama_70b \
+	  --timeout 900 --grid 'mesh=fsdp256,fsdp64.tensor4,fsdp32.tensor8;remat=full,none;batch=256,512'
+	$(call step,14,summary: regenerated vs committed -> $(R)/summary.md)
 	$(PY) -m launch.reproduce.summary --committed $(R)/committed --regenerated docs/results --out $(R)/summary.md
 
 clean:

@@ -6,6 +6,11 @@
 Runs on --devices (8) simulated CPU devices unless accelerators are present. With --png, draws how one MLP weight
 [embed, mlp] and one batch [batch, length] are split, each block labelled with the devices that hold
 it (read from the real NamedShardings).
+
+  python -m launch.layout --config configs/llama_8b.py --topology v5p:4x4x8   # a TPU slice's 128 chips
+
+With --topology (the `tpu` extra) the plan is made for that TPU slice's devices (launch/run/topology.py),
+so the mesh, rules and per-device shapes are the ones a pod run would get.
 """
 
 import math
@@ -16,18 +21,24 @@ from launch.measure.layout import draw, layout_rows
 from launch.run import cli
 from launch.run.plan import make_plan
 from launch.run.devices import simulate_cpu_devices
+from launch.run.topology import topology_devices
 
 flags.DEFINE_string("png", None, "Also draw the weight and batch split into this PNG.")
 flags.DEFINE_integer("devices", 8, "Simulated CPU devices (CPU only).")
+flags.DEFINE_string("topology", None, "Plan for this TPU slice instead, e.g. v5p:4x4x8 (tpu extra).")
+flags.DEFINE_integer("num_slices", 1, "Slices of --topology joined over DCN (mesh.dcn_* split them).")
 FLAGS = flags.FLAGS
 
 
 def main(argv):
   del argv
   cli.quiet_logs()
-  simulate_cpu_devices(FLAGS.devices)
   cfg = cli.load_config()
-  plan = make_plan(cfg)
+  if FLAGS.topology:
+    plan = make_plan(cfg, topology_devices(FLAGS.topology, FLAGS.num_slices), platform="tpu")
+  else:
+    simulate_cpu_devices(FLAGS.devices)
+    plan = make_plan(cfg)
   print(f"mesh {dict(plan.mesh.shape)} | rules {cfg.mesh.custom_rules or cfg.mesh.rules}")
   print("| parameter | shape | logical names | PartitionSpec | per device |\n|---|---|---|---|---|")
   per_device = 0

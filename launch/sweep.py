@@ -17,6 +17,15 @@ product (the first dimension varies slowest). Keys:
   a.b     any config key, e.g. `model.d_model=128,256` or `mesh.custom_rules=...` (no commas inside)
 `--config.a.b=value` flags after the sweep's own flags apply to every point.
 
+  python -m launch.sweep --config configs/llama_8b.py --topology v5p:4x4x8 --out docs/results/pod_sweep/llama_8b \
+      --grid "mesh=fsdp128,fsdp32.tensor4;remat=full,none;batch=256,512"
+
+With --topology (a TPU slice, e.g. v5p:4x4x8; the `tpu` extra) every point is compiled by the TPU
+compiler for that slice from this CPU host and nothing runs: per-chip memory from the compiler,
+whether it fits the chip's HBM, collectives per step, and XLA's estimated step time, tokens/s and MFU
+(its cost model, never a measurement), written also as estimates.md/.csv and estimates.png with the
+best point marked (launch/measure/sweep_estimates.py).
+
 Each point runs `python -m launch.sweep_point` (compile, memory_analysis, timed steps) with a
 timeout; invalid, out-of-memory, failing and timed-out points get a status and reason and the sweep
 goes on (a crashed point is first retried --retries times). Results: <out>/points/<point>.json
@@ -42,6 +51,8 @@ flags.DEFINE_integer("devices", 8, "Simulated CPU devices per point (CPU only)."
 flags.DEFINE_float("timeout", 600, "Seconds before a point is killed.")
 flags.DEFINE_bool("retry_failed", False, "Rerun recorded error/timeout/oom points.")
 flags.DEFINE_integer("retries", 1, "Extra attempts for a point that crashes.")
+flags.DEFINE_string("topology", None, "Compile every point for this TPU slice, e.g. v5p:4x4x8 (compile only).")
+flags.DEFINE_integer("num_slices", 1, "Slices of --topology joined over DCN (mesh.dcn_* split them).")
 FLAGS = flags.FLAGS
 
 
@@ -51,7 +62,7 @@ def main(argv):
   command = "python -m launch.sweep " + shlex.join(sys.argv[1:])
   run_sweep(cli.config_path(), FLAGS.grid, FLAGS.out, cli.config_overrides(sys.argv[1:]), FLAGS.compile_only,
             FLAGS.steps, FLAGS.warmup, FLAGS.devices, FLAGS.timeout, FLAGS.retry_failed, command,
-            retries=FLAGS.retries)
+            retries=FLAGS.retries, topology=FLAGS.topology, num_slices=FLAGS.num_slices)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from launch.run.plan import decide, make_plan
 from sharding import mesh as mesh_lib
 from sharding import rules as rules_lib
 
-PRESETS = ["smoke", "demo", "bench", "llama_125m", "llama_1b", "llama_8b"]
+PRESETS = ["smoke", "demo", "bench", "llama_125m", "llama_1b", "llama_8b", "llama_70b"]
 
 
 def load(name):
@@ -28,6 +28,7 @@ def test_preset_validates(name):
     ("llama_125m", 8, (110, 140)),       # one GPU node
     ("llama_1b", 64, (1100, 1400)),      # e.g. a v5p-128 slice (64 chips)
     ("llama_8b", 256, (7500, 8500)),     # e.g. 32 nodes x 8 GPUs with tensor=8
+    ("llama_70b", 256, (70000, 71000)),  # a v5p slice of 256 chips (v5p:8x8x4); Llama 3 70B is 70.6B
 ])
 def test_real_size_presets_fit_their_meshes(name, devices, expected_millions):
   """Shapes and divisibility of every parameter on a mesh this machine does not have (no allocation)."""

@@ -160,6 +160,32 @@ def test_collective_bytes_prices_each_kind():
   assert sent["collective-permute"] == {"count": 1, "bytes": 2 * 16 * 4 + 8 * 4}
 
 
+def test_collectives_per_step_multiply_loop_bodies_and_read_tpu_forms():
+  # A TPU-style module: an async all-gather in ENTRY, and an all-reduce (mesh groups with reordered
+  # device ids) inside a while body whose condition runs it 3 times.
+  from launch.measure.collectives import collective_bytes, collective_bytes_per_step
+  hlo = "\n".join([
+      "%body (p: (s32[], f32[8])) -> (s32[], f32[8]) {",
+      "  %r = f32[8]{0:T(128)} all-reduce(f32[8] %x), replica_groups=mesh['axis_0'=2,'axis_1'=4], "
+      "device_ids=([2,4]T(1,0)) {'axis_1'}, to_apply=%add",
+      "}",
+      "%cond (p: (s32[], f32[8])) -> pred[] {",
+      "  %c = s32[]{:T(128)} constant(3)",
+      "  ROOT %lt = pred[] compare(%i, %c), direction=LT",
+      "}",
+      "ENTRY %main (a: bf16[2,16]) -> bf16[2,64] {",
+      "  %ags = (bf16[2,16]{1,0}, bf16[2,64]{1,0}) all-gather-start(bf16[2,16]{1,0} %a), "
+      "replica_groups=[2,4]<=[8], dimensions={1}",
+      "  %w = (s32[], f32[8]) while(%t), condition=%cond, body=%body",
+      "}"])
+  once, per_step = collective_bytes(hlo), collective_bytes_per_step(hlo)
+  gathered = 2 * 64 * 2 * 3 // 4          # the result's other 3 shards, bf16
+  reduced = 2 * 8 * 4 * 3 // 4            # all-reduce of 8 floats over 4 devices
+  assert once["all-gather"] == per_step["all-gather"] == {"count": 1, "bytes": gathered}
+  assert once["all-reduce"] == {"count": 1, "bytes": reduced}
+  assert per_step["all-reduce"] == {"count": 3, "bytes": 3 * reduced}
+
+
 def test_bfloat16_inputs_stay_close_to_float32_reference():
   # The training dtype: bf16 q/k/v in, bf16 out, float32 statistics inside. Against the float32
   # reference the error is bf16 rounding (seen: <= 0.8% of the largest value), not a wrong block.

@@ -21,6 +21,7 @@ import time
 from launch.measure import sweep_report
 
 from launch.run.cli import config_from_file
+from launch.run.topology import topology_devices
 from sharding.mesh import MESH_AXES
 from sharding.rules import preset_for_mesh
 
@@ -135,12 +136,15 @@ def is_finished(record: dict | None, compile_only: bool, retry_failed: bool) -> 
 
 
 def run_point_process(point: Point, config: str, base: list[str], path: str, compile_only: bool,
-                      steps: int, warmup: int, devices: int, timeout: float) -> dict:
-  """Runs launch.sweep_point for `point` (output to <path>.log); returns its record, never raises."""
+                      steps: int, warmup: int, devices: int, timeout: float, topology: str | None = None,
+                      num_slices: int = 1) -> dict:
+  """Runs launch.sweep_point for `point` (output to <path>.log); returns its record, never raises.
+  With `topology` the point compiles for that TPU slice (x `num_slices`) and runs nothing."""
   overrides = [*base, *point.overrides]
   cmd = [sys.executable, "-m", "launch.sweep_point", f"--config={config}", *overrides, f"--out={path}",
          f"--steps={steps}", f"--warmup={warmup}", f"--devices={devices}"]
   cmd += ["--compile_only"] if compile_only else []
+  cmd += [f"--topology={topology}", f"--num_slices={num_slices}"] if topology else []
   env = {**os.environ, "PYTHONUNBUFFERED": "1",
          "PYTHONPATH": os.pathsep.join(filter(None, [_REPO, os.environ.get("PYTHONPATH")]))}
   if os.path.exists(path):
@@ -188,18 +192,25 @@ def _exit_reason(code: int, log_path: str) -> str:
 
 def run_sweep(config: str, grid: str, out: str, base_overrides: list[str] = (), compile_only: bool = False,
               steps: int = 5, warmup: int = 2, devices: int = 8, timeout: float = 600,
-              retry_failed: bool = False, command: str = "", echo=None, retries: int = 1) -> list[dict]:
+              retry_failed: bool = False, command: str = "", echo=None, retries: int = 1,
+              topology: str | None = None, num_slices: int = 1) -> list[dict]:
   """Runs (or resumes) the sweep and writes its reports; returns one record per point, in grid order.
 
-  A point that crashes (`error`) is run up to `retries` more times before it is recorded.
+  A point that crashes (`error`) is run up to `retries` more times before it is recorded. With
+  `topology` (a TPU slice name, x `num_slices`) every point is compiled for that slice by the TPU
+  compiler and nothing runs (compile-only): memory, fits, collectives and XLA's estimated step time.
 
-  Raises ValueError before running anything for a malformed grid, an unknown key or a bad value.
+  Raises ValueError before running anything for a malformed grid, an unknown key or a bad value, or
+  a topology libtpu cannot describe.
   """
   echo = echo or (lambda line: print(line, flush=True))
   points = expand_grid(parse_grid(grid))
   base = list(base_overrides)
   for point in points:  # every key and value parses before any point runs
     config_from_file(config, [*base, *point.overrides])
+  if topology:
+    topology_devices(topology, num_slices)  # the name and libtpu, checked before any point
+    compile_only = True
   os.makedirs(os.path.join(out, "points"), exist_ok=True)
   records, durations = [], []
   for i, point in enumerate(points, 1):
@@ -211,7 +222,8 @@ def run_sweep(config: str, grid: str, out: str, base_overrides: list[str] = (), 
       for attempt in range(1 + retries):
         if attempt:
           echo(f"[{i}/{len(points)}] {point.name}: {record['status']} ({record['reason'][:100]}); retrying")
-        record = run_point_process(point, config, base, path, compile_only, steps, warmup, devices, timeout)
+        record = run_point_process(point, config, base, path, compile_only, steps, warmup, devices, timeout,
+                                   topology, num_slices)
         durations.append(record["wall_s"])
         if record["status"] != "error":
           break

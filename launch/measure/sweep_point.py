@@ -18,13 +18,15 @@ import subprocess
 import sys
 import traceback
 
+from launch.measure.aot import compile_programs, state_bytes, train_estimate
 from launch.measure.memory import compile_train_step, memory_report
 from launch.measure.timing import mesh_label, time_train_step
 from launch.run.config import validate
 from launch.run.plan import RunPlan, make_plan
 from launch.run.throughput import throughput
+from launch.run.topology import chip_of
 
-_OOM_MARKERS = ("RESOURCE_EXHAUSTED", "out of memory", "Out of memory", "OOM")
+_OOM_MARKERS = ("RESOURCE_EXHAUSTED", "out of memory", "Out of memory", "OOM", "does not fit")
 
 
 def _first_lines(text: str, limit: int = 600) -> str:
@@ -42,6 +44,28 @@ def measure_memory(plan: RunPlan) -> dict:
           "params_bytes": report.params_bytes, "optimizer_bytes": report.optimizer_bytes,
           "argument_bytes": report.argument_bytes, "temp_bytes": report.temp_bytes,
           "peak_bytes": report.total_bytes}
+
+
+def measure_on_topology(plan: RunPlan) -> dict:
+  """Compiles the train step for the plan's TPU devices (a topology, launch/run/topology.py) and returns
+  the memory columns from the TPU compiler, `fits` (peak within the chip's HBM), collectives per
+  step, and XLA's estimate (`est_step_s`, `est_tokens_per_s`, `est_mfu`: its cost model, not a
+  measurement; absent when the compiler gives none)."""
+  cfg, devices = plan.cfg, list(plan.mesh.devices.flat)
+  train = compile_programs(plan, ("train",), check_fit=False)[0]
+  params_b, opt_b = state_bytes(plan)
+  chip = chip_of(devices)
+  row = {"devices": plan.num_devices, "mesh_shape": mesh_label(plan), "rules": cfg.mesh.custom_rules or cfg.mesh.rules,
+         "platform": "tpu", "chip": chip.name, "hbm_bytes": int(chip.hbm_gib * 2**30), "dtype": cfg.model.dtype,
+         "compile_s": train.compile_s, "params_bytes": params_b, "optimizer_bytes": opt_b,
+         "argument_bytes": train.argument_bytes, "temp_bytes": train.temp_bytes, "peak_bytes": train.total_bytes,
+         "fits": train.total_bytes <= chip.hbm_gib * 2**30, "collective_count": train.collective_count,
+         "collective_bytes": train.collective_bytes, "mosaic_kernels": train.mosaic_kernels,
+         "tokens_per_step": cfg.train.global_batch_size * cfg.data.seq_len}
+  estimate = train_estimate(train, plan) if row["fits"] else None  # (a second compile)
+  if estimate:
+    row.update(est_step_s=estimate["step_s"], est_tokens_per_s=estimate["tokens_per_s"], est_mfu=estimate["mfu"])
+  return row
 
 
 def measure_speed(plan: RunPlan, steps: int, warmup: int) -> dict:
@@ -76,17 +100,21 @@ def speed_in_subprocess(argv: list[str], out: str) -> dict:
 
 
 def run_point(raw_config, compile_only: bool, steps: int, warmup: int, timing_only: bool = False,
-              out: str = "", argv: list[str] = ()) -> dict:
+              out: str = "", argv: list[str] = (), devices: list | None = None) -> dict:
   """Returns {"status", "reason", ...columns} for one config; never raises for a bad point.
 
+  `devices`: a TPU topology's devices (launch/run/topology.py) to compile for instead of the host's;
+  then nothing runs (`measure_on_topology`), and a step the chip cannot hold is `oom`.
   A ValueError while validating the config or building the run's context (mesh, batch split,
   rule divisibility, remat support) makes the point `invalid`; a failure after that is `oom` or `error`.
   """
   try:
-    plan = make_plan(validate(raw_config))
+    plan = make_plan(validate(raw_config), devices, platform="tpu" if devices else None)
   except ValueError as e:
     return {"status": "invalid", "reason": _first_lines(str(e))}
   try:
+    if devices:
+      return {"status": "ok", "reason": "", **measure_on_topology(plan)}
     if timing_only:
       return {"status": "ok", "reason": "", **measure_speed(plan, steps, warmup)}
     row = {"status": "ok", "reason": "", **measure_memory(plan)}

@@ -7,10 +7,15 @@ columns launch/sweep_point.py measured (bytes per device, seconds, tokens/s over
 import csv
 import os
 
+from launch.measure import sweep_estimates
+
 MIB = 1024 ** 2
 MEASURED = ["devices", "mesh_shape", "rules", "params_bytes", "optimizer_bytes", "argument_bytes",
             "temp_bytes", "peak_bytes", "compile_s", "step_s", "spread", "tokens_per_s", "model_tflops",
-            "mfu", "peak_tflops", "peak_source", "mfu_own_peak", "mode", "wall_s"]
+            "mfu", "peak_tflops", "peak_source", "mfu_own_peak", "mode", "wall_s",
+            # a --topology sweep's: the chip, its HBM, and XLA's estimates (not measurements)
+            "chip", "hbm_bytes", "fits", "collective_count", "collective_bytes", "mosaic_kernels",
+            "est_step_s", "est_tokens_per_s", "est_mfu"]
 
 
 def summary(record: dict) -> str:
@@ -18,6 +23,11 @@ def summary(record: dict) -> str:
   if record["status"] != "ok":
     return f"{record['status'].upper()}: {record['reason'][:160]}"
   text = f"ok, {record['peak_bytes'] / MIB:.1f} MiB/device, compiled in {record['compile_s']:.1f}s"
+  if "hbm_bytes" in record:
+    text += f", {'fits' if record['fits'] else 'does not fit'} {record.get('chip', '')} HBM"
+  if record.get("est_mfu") is not None:
+    text += (f", XLA's estimate: {record['est_step_s']:.2f} s/step, {record['est_tokens_per_s']:,.0f} tok/s, "
+             f"MFU {record['est_mfu']:.1%}")
   if "tokens_per_s" in record:
     text += f", {record['step_s'] * 1e3:.0f} ms/step, {record['tokens_per_s']:,.0f} tok/s, MFU {record['mfu']:.1%}"
   return text
@@ -166,3 +176,5 @@ def write_reports(records: list[dict], keys: list[str], out: str, command: str =
   write_csv(records, keys, os.path.join(out, "results.csv"))
   write_markdown(records, keys, os.path.join(out, "results.md"), command)
   write_plots(records, keys, out)
+  if sweep_estimates.is_topology_sweep(records):
+    sweep_estimates.write_estimates(records, keys, out, command)

@@ -16,6 +16,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from launch.run.config import Config, unknown_key_error, validate
+from launch.run.devices import skip_absent_tpu
 from launch.run.errors import RunError, storage_reason
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -170,7 +171,8 @@ def _quiet_unraisable(unraisable) -> None:
 
 def run(main: Callable[[list[str]], int | None]) -> None:
   """Runs `main(argv)` under absl with the error edge: every project error (see `exit_status`) prints
-  one `error: ...` line on stderr and exits 2 (bad input) or 1 (the run could not go on)."""
+  one `error: ...` line on stderr and exits 2 (bad input) or 1 (the run could not go on). Where
+  libtpu is installed but no TPU is attached, jax is kept on CPU first (`devices.skip_absent_tpu`)."""
   def guarded(argv):
     try:
       return main(argv)
@@ -179,6 +181,7 @@ def run(main: Callable[[list[str]], int | None]) -> None:
         _report(e, sys.argv)
       raise
 
+  skip_absent_tpu()  # libtpu installed for compiling ahead of time, no TPU here: no warnings
   if not _tracebacks_wanted(sys.argv):
     sys.unraisablehook = _quiet_unraisable
   try:

@@ -42,3 +42,25 @@ def simulate_cpu_devices(count: int | None, memory_schedule: bool = False) -> No
                          "the first jax operation.")
     return
   os.environ["XLA_FLAGS"] = xla_flags(count, memory_schedule)
+
+
+def _tpu_attached() -> bool:
+  """Whether this host has a TPU (the device files a TPU VM exposes)."""
+  return any(os.path.exists(p) for p in ("/dev/accel0", "/dev/vfio/0"))
+
+
+def skip_absent_tpu() -> None:
+  """Keeps jax off the TPU backend where libtpu is installed (the `tpu` extra, for compiling ahead
+  of time) but no TPU is attached: otherwise every first use of jax prints libtpu's warnings about
+  the missing chip. Selects the CPU platform (JAX_PLATFORMS=cpu, inherited by child processes), or
+  CUDA and CPU where a CUDA plugin is installed. Does nothing when JAX_PLATFORMS is set, on a TPU
+  host, without libtpu, or once jax has started.
+  """
+  import importlib.util
+  if (os.environ.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None or _tpu_attached()
+      or jax_internals.backends_started()):
+    return
+  cuda = any(importlib.util.find_spec(f"jax_cuda{v}_plugin") for v in (12, 13))
+  os.environ["JAX_PLATFORMS"] = "cuda,cpu" if cuda else "cpu"
+  import jax
+  jax.config.update("jax_platforms", os.environ["JAX_PLATFORMS"])
