@@ -36,7 +36,7 @@ from launch.run.plan import RunPlan, make_plan
 from launch.run.step import batch_sharding, jit_eval_step, under_plan
 from launch.run.throughput import throughput
 from launch.run.topology import chip_of
-from lm import generate as gen_lib
+from lm import decoding
 
 PROGRAMS = ("train", "eval", "prefill", "decode")
 GIB = 2 ** 30
@@ -139,12 +139,12 @@ def prompt_length(plan: RunPlan) -> int:
 
 
 def _prefill_fn(params, prompt_BxP, *, graphdef, cache_len: int):
-  return gen_lib.prefill(gen_lib.build_model(graphdef, params), prompt_BxP, cache_len)
+  return decoding.prefill(decoding.build_model(graphdef, params), prompt_BxP, cache_len)
 
 
 def _decode_fn(params, cache, token_B, *, graphdef, start: int):
   greedy = lambda logits_BxV, step: jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-  return gen_lib.decode_steps(gen_lib.build_model(graphdef, params), cache, token_B,
+  return decoding.decode_steps(decoding.build_model(graphdef, params), cache, token_B,
                               jnp.zeros(token_B.shape, bool), start=start, steps=1, sample=greedy)
 
 
