@@ -306,8 +306,14 @@ def estimated_step_seconds(report: ProgramReport, plan: RunPlan) -> float | None
   twice = compile_programs(doubled, ("train",), check_fit=False)[0].estimated_s
   if twice is None:
     return None
-  per_layer = max(twice - report.estimated_s, 0.0) / unroll
-  return report.estimated_s + (m.num_layers - unroll) * per_layer + attention
+  return over_layers(report.estimated_s, twice, unroll, m.num_layers) + attention
+
+
+def over_layers(at_unroll: float, at_twice: float, unroll: int, layers: int) -> float:
+  """A loop-priced-once figure (seconds, FLOPs) for the whole layer stack, from the same program
+  compiled with `unroll` and 2 * `unroll` layers per scan iteration: base + layers * per-layer."""
+  per_layer = max(at_twice - at_unroll, 0.0) / unroll
+  return at_unroll + (layers - unroll) * per_layer
 
 
 def train_estimate(report: ProgramReport, plan: RunPlan) -> dict | None:
