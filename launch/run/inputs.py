@@ -5,7 +5,8 @@ path. A config whose data.tokenizer_path, data.path or data.validation_path is a
 gets those objects copied into the local cache (launch/run/paths.py: `local_copy`, under
 $SHARDLM_GCS_CACHE) and the keys pointed at the copies, just before the data loader reads them; lm/
 never sees a URL.
-data.data_dir, where the prepared shards are written, stays local.
+data.data_dir, where the prepared shards are written and read with random access, stays local: a
+gs:// data.data_dir is refused when the config is validated (launch/run/config.py says why).
 """
 
 import dataclasses
@@ -33,12 +34,8 @@ def localize(data: DataConfig) -> DataConfig:
   copy; unchanged when none is a URL. Only the data loader gets the result: the run's saved config
   keeps the URLs, so it stays valid on any host.
 
-  Raises ValueError for data.data_dir on a bucket (prepared shards are written there) and for a glob
-  that matches nothing.
+  Raises ValueError for a glob that matches nothing or a tokenizer object that does not exist.
   """
-  if paths.is_url(data.data_dir):
-    raise ValueError(f"data.data_dir={data.data_dir!r}: the prepared shards are written there and must be "
-                     "local (a per-host cache); keep the raw corpus in the bucket with data.path instead.")
   changes = {}
   if paths.is_url(data.tokenizer_path):
     if not paths.isfile(data.tokenizer_path):
