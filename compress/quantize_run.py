@@ -31,8 +31,8 @@ def checkpoint_bytes(checkpoint_dir: str, step: int, item: str = "params") -> in
 def calibration_data(loaded: LoadedModel, num_batches: int) -> list[np.ndarray]:
   """The first `num_batches` training batches (int tokens [B, L]) of the run's corpus and seed."""
   cfg = loaded.cfg
-  it = loader.train_iterator(cfg.data.data_dir, loaded.tokenizer, seq_len=cfg.data.seq_len,
-                             global_batch_size=cfg.train.global_batch_size, seed=cfg.seed)
+  it = loader.train_iterator_for(cfg.data, loaded.tokenizer, global_batch_size=cfg.train.global_batch_size,
+                                 seed=cfg.seed)
   return [np.asarray(next(it)["inputs"]) for _ in range(num_batches)]
 
 

@@ -11,7 +11,8 @@ attention where the plan says so, compiled by Mosaic) and compiles the train ste
 prefill and one decode step with the TPU compiler. Prints per device: parameters and optimizer state
 (from the shardings), each program's arguments, temporaries and peak from the compiler; whether the
 train step fits the chip's HBM (launch/run/chips.py); collectives per step from the compiled HLO;
-and XLA's estimated step time, tokens/s and MFU (its cost model: an estimate, not a measurement).
+and the estimated step time, tokens/s and MFU (XLA's cost model plus the splash kernels it cannot
+price: a roofline ceiling, not a measurement; docs/tpu.md).
 With several slices (--num_slices), the config's mesh.dcn_* factors split the mesh across them.
 A program that does not fit stops with one `error: ... does not fit on <chip> ...` line.
 """
@@ -72,7 +73,8 @@ def main(argv):
                       if v["count"])
     print(f"train step collectives per chip: {kinds or 'none'}")
   if estimate:
-    print(f"XLA's estimate (cost model, not a measurement): step {estimate['step_s'] * 1e3:,.1f} ms, "
+    print(f"estimated (XLA's cost model, plus {estimate['attention_s'] * 1e3:,.1f} ms of splash kernels at "
+          f"peak; a roofline ceiling, not a measurement): step {estimate['step_s'] * 1e3:,.1f} ms, "
           f"{estimate['tokens_per_s']:,.0f} tokens/s, MFU {estimate['mfu']:.1%} of {chip.name}'s "
           f"{chip.bf16_tflops:.0f} TFLOP/s bf16 peak")
 

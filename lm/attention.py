@@ -39,6 +39,7 @@ IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 # Platforms `select` knows: jax's "gpu" is split by vendor because only NVIDIA has cuDNN.
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 _SPLASH_BLOCK = 128          # splash tiles the sequence in blocks of this many positions (or fewer)
+SPLASH_KERNEL_BLOCK = 512    # the block sizes the splash kernels are built with (or the length, if shorter)
 _MASKED = -0.7 * float(np.finfo(np.float32).max)  # finite, so a fully masked row cannot make NaNs
 
 
@@ -328,7 +329,7 @@ def cudnn_attention(q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL=None):
 def _splash_kernel(length: int, heads_per_group: int, interpret: bool):
   # Built at every trace, never cached: the kernel holds arrays made inside the trace that calls it.
   from jax.experimental.pallas.ops.tpu import splash_attention as splash
-  block = min(512, length)
+  block = min(SPLASH_KERNEL_BLOCK, length)
   sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                             block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block,
                             block_kv_dq=block)

@@ -21,7 +21,7 @@ if not (sys.platform == "linux" and platform.machine() in ("x86_64", "AMD64")):
   pytest.skip("libtpu (the TPU compiler) is published for Linux x86_64 only", allow_module_level=True)
 
 from configs.smoke import get_config  # noqa: E402
-from launch.measure.aot import compile_programs, state_bytes  # noqa: E402
+from launch.measure.aot import attention_kernel_flops, compile_programs, state_bytes  # noqa: E402
 from launch.run.config import validate, with_overrides  # noqa: E402
 from launch.run.plan import make_plan  # noqa: E402
 from launch.run.topology import libtpu_installed, topology_devices  # noqa: E402
@@ -108,11 +108,63 @@ def test_parameter_bytes_per_chip_are_the_closed_form_count_over_the_shards(case
   assert state_bytes(plan)[0] == expected
 
 
+def test_data_parallel_collectives_are_the_closed_form_gradient_all_reduce(compiled):
+  # Replicated parameters: one all-reduce of every gradient, 2 * bytes * (n - 1) / n per chip
+  # (launch/measure/collectives.py), nothing gathered. The block matmuls' weight gradients come out of
+  # bfloat16 matmuls and XLA sums them before the cast to float32: 2 bytes each; the embedding and
+  # the norms' gradients are float32. Plus one float32 scalar.
+  plan, train = compiled("dp")
+  m, n = plan.cfg.model, plan.num_devices
+  d, k = m.d_model, m.head_dim
+  block_matmuls = m.num_layers * (2 * d * m.num_heads * k + 2 * d * m.num_kv_heads * k + 3 * d * m.mlp_dim)
+  sent = 2 * (n - 1) / n * (2 * block_matmuls + 4 * (m.num_params() - block_matmuls) + 4)
+  assert train.collectives["all-reduce"]["bytes"] == pytest.approx(sent, abs=8)
+  assert train.collectives["all-gather"]["bytes"] == 0
+
+
 def test_xla_attention_compiles_no_mosaic_kernel(devices):
   # 192 tokens are not whole splash tiles: `auto` plans XLA, and the compiled step has no Mosaic call.
   plan = make_plan(make_config("dp", EXAMPLE_MESHES_8["dp"], **{"data.seq_len": 192}), devices, platform="tpu")
   assert plan.attention.full.implementation == "xla"
   assert compile_programs(plan, ("train",))[0].mosaic_kernels == 0
+
+
+def test_xla_prices_splash_at_nothing_so_the_estimate_adds_the_kernels_it_runs(devices, compiled):
+  # The same step with XLA's attention: XLA counts its score matrix whole, 7 matmuls a layer (forward
+  # QK^T and PV, QK^T again in the backward, which recomputes the scores under remat=none, and 4
+  # backward), and nothing for the Mosaic kernels that replace them. cost_analysis prices the layer
+  # scan's body once, so the difference is one layer's.
+  plan, splash = compiled("fsdp")
+  xla = compile_programs(make_plan(make_config("fsdp", EXAMPLE_MESHES_8["fsdp"], **{"model.attention": "xla"}),
+                                   devices, platform="tpu"), ("train",))[0]
+  cfg, m = plan.cfg, plan.cfg.model
+  one_matmul = (2 * cfg.train.global_batch_size * cfg.data.seq_len ** 2 * m.num_heads * m.head_dim
+                * m.num_layers / plan.num_devices)
+  assert plan.cfg.model.remat == "none"
+  assert xla.flops - splash.flops == pytest.approx(7 * one_matmul / m.num_layers, rel=0.05)
+  # The kernels the compiled step runs, read through the layer scan's trip count: one forward and
+  # one backward (dq, dkv) per layer, and a second forward per layer where remat recomputes it.
+  layers = m.num_layers
+  assert splash.splash_calls == {"fwd": layers, "dq": layers, "dkv": layers}
+  full = compile_programs(make_plan(make_config("fsdp", EXAMPLE_MESHES_8["fsdp"], **{"model.remat": "full"}),
+                                    devices, platform="tpu"), ("train",))[0]
+  assert full.splash_calls == {"fwd": 2 * layers, "dq": layers, "dkv": layers}
+  # 256 tokens are one splash block, computed whole: forward 2 matmuls, dq 3, dkv 4.
+  assert attention_kernel_flops(splash, plan) == pytest.approx(9 * one_matmul)
+
+
+def test_a_topology_sweep_marks_the_best_point_with_estimates_below_the_peak(tmp_path):
+  from launch.measure.sweep import run_sweep
+  base = [f"--config.{k}={v}" for k, v in {**SHAPE, "data.seq_len": 256, "mesh.rules": "fsdp",
+                                           **{f"mesh.{a}": n for a, n in EXAMPLE_MESHES_8["fsdp"].items()}}.items()]
+  records = run_sweep(os.path.join(REPO, "configs/smoke.py"), "remat=none,full", str(tmp_path), base, topology=TOPOLOGY)
+  none, full = records
+  assert [r["status"] for r in records] == ["ok", "ok"] and none["fits"] and full["fits"]
+  for r in records:
+    assert 0 < r["est_attention_s"] < r["est_step_s"] and 0 < r["est_mfu"] < 1
+  assert full["est_attention_s"] > none["est_attention_s"]  # remat=full runs each splash forward twice
+  table = (tmp_path / "estimates.md").read_text()
+  assert table.count("**best**") == 1 and (tmp_path / "estimates.png").stat().st_size > 0
 
 
 def test_eval_prefill_and_decode_compile(compiled):

@@ -94,6 +94,28 @@ def collective_bytes_per_step(hlo_text: str) -> dict[str, dict[str, int]]:
   Takes the text of `compiled.as_text()`; a loop whose trip count cannot be read (its condition holds
   not exactly one s32 constant) counts once.
   """
+  totals = {kind: collections.Counter() for kind in KINDS}
+
+  def count(line: str, times: int) -> bool:
+    found = _sent_bytes(line)
+    if found:
+      totals[found[0]]["count"] += times
+      totals[found[0]]["bytes"] += found[1] * times
+    return bool(found)
+
+  if not visit_per_step(hlo_text, count):
+    return collective_bytes(hlo_text)
+  return {kind: {"count": c["count"], "bytes": c["bytes"]} for kind, c in totals.items()}
+
+
+def visit_per_step(hlo_text: str, visit_line) -> bool:
+  """Calls `visit_line(line, times)` for every instruction one execution of the module's ENTRY runs,
+  `times` being how often it runs: the product of the trip counts of the while loops around it.
+  `visit_line` returns True when it consumed the line (its callees are then not entered).
+
+  Returns False (visiting nothing) when the text has no ENTRY computation. A loop whose trip count
+  cannot be read (its condition holds not exactly one s32 constant) counts once.
+  """
   bodies, entry, name = {}, None, None
   for line in hlo_text.splitlines():
     header = _COMPUTATION.match(line)
@@ -103,24 +125,20 @@ def collective_bytes_per_step(hlo_text: str) -> dict[str, dict[str, int]]:
       bodies[name] = []
     elif name is not None:
       bodies[name].append(line)
+  if entry is None:
+    return False
   trips = {comp: _TRIP.findall("\n".join(lines)) for comp, lines in bodies.items()}
-  totals = {kind: collections.Counter() for kind in KINDS}
 
   def visit(comp: str, times: int, depth: int = 0) -> None:
     for line in bodies.get(comp, ()):
-      found = _sent_bytes(line)
-      if found:
-        totals[found[0]]["count"] += times
-        totals[found[0]]["bytes"] += found[1] * times
-      elif (loop := _WHILE.search(line)) and depth < 32:
+      if visit_line(line, times):
+        continue
+      if (loop := _WHILE.search(line)) and depth < 32:
         trip = trips.get(loop.group(1), [])
         visit(loop.group(2), times * (int(trip[0]) if len(trip) == 1 else 1), depth + 1)
       elif depth < 32:
         for called in _CALLS.findall(line):
           visit(called, times, depth + 1)
 
-  if entry is None:
-    return collective_bytes(hlo_text)
   visit(entry, 1)
-  return {kind: {"count": c["count"], "bytes": c["bytes"]} for kind, c in totals.items()}
-
+  return True

@@ -2,7 +2,8 @@
 
 Rows are the records of `launch.sweep --topology ...` (launch/measure/sweep_point.py
 `measure_on_topology`): everything was compiled by the TPU compiler on a CPU host and nothing ran, so
-step time, tokens/s and MFU are XLA's cost-model estimates (`optimal_seconds`), never measurements.
+step time, tokens/s and MFU are estimates (XLA's cost model, `optimal_seconds`, plus the splash kernels
+it cannot price, launch/measure/aot.py), never measurements.
 Writes estimates.md / estimates.csv (launch/measure/tables.py) and estimates.png.
 """
 
@@ -38,9 +39,10 @@ def estimate_rows(records: list[dict], keys: list[str]) -> list[dict]:
         "peak GiB/chip": f"{r['peak_bytes'] / GIB:.2f}" if ok else "",
         "fits HBM": ("yes" if r.get("fits") else "no") if ok else ("no" if r["status"] == "oom" else ""),
         "collectives GiB/step": f"{r['collective_bytes'] / GIB:.2f}" if ok else "",
-        "XLA est. step s": f"{r['est_step_s']:.2f}" if est else "",
-        "XLA est. tokens/s": f"{r['est_tokens_per_s']:,.0f}" if est else "",
-        "XLA est. MFU": f"{r['est_mfu']:.1%}" if est else "",
+        "est. step s": f"{r['est_step_s']:.2f}" if est else "",
+        "of it splash s": f"{r['est_attention_s']:.2f}" if est and r.get("est_attention_s") is not None else "",
+        "est. tokens/s": f"{r['est_tokens_per_s']:,.0f}" if est else "",
+        "est. MFU": f"{r['est_mfu']:.1%}" if est else "",
         "best": "**best**" if i == best else "",
         "note": _short(r.get("reason", "")) if not ok else ""})
   return rows
@@ -63,11 +65,15 @@ def write_estimates(records: list[dict], keys: list[str], out: str, command: str
            "peak = arguments + temporaries); `fits HBM` compares the peak with the chip's HBM "
            "(launch/run/chips.py); an `oom` point is one the TPU compiler refused (CompileTimeHbmOom). "
            "Collectives are bytes one chip sends per step, read from the compiled HLO with loops "
-           "unrolled. Step time, tokens/s and MFU are **XLA's estimates** (`cost_analysis()` "
-           "`optimal_seconds`, its cost model), not measurements; MFU uses the chip's spec-sheet bf16 "
-           "peak. `best` marks the highest estimated MFU among points that fit.")
+           "unrolled. Step time, tokens/s and MFU are **estimates, not measurements**: XLA's cost model "
+           "(`cost_analysis()` `optimal_seconds`: every op at the chip's peak FLOP/s or HBM bandwidth, "
+           "extrapolated over the layer loop) plus the splash attention kernels, which XLA prices at "
+           "nothing, at the chip's peak (`of it splash s`, a closed form over the kernels the compiled "
+           "step runs). Being a roofline, the estimate is a ceiling no run reaches (docs/tpu.md sets it "
+           "beside MaxText's measurements). MFU uses the chip's spec-sheet bf16 peak and counts causal "
+           "attention whole (lm/flops.py). `best` marks the highest estimated MFU among points that fit.")
   markdown = write_table(estimate_rows(records, keys), out, "estimates",
-                         f"Pod sweep: XLA's estimates for {chip} (compiled offline, nothing ran)", command, notes)
+                         f"Pod sweep: the TPU compiler's memory and estimated speed for {chip} (compiled offline, nothing ran)", command, notes)
   write_plot(records, keys, paths.join(out, "estimates.png"))
   return markdown
 
@@ -104,10 +110,10 @@ def write_plot(records: list[dict], keys: list[str], path: str) -> str:
       ax_mfu.text(bar.get_width(), bar.get_y() + bar.get_height() / 2,
                   f" {mfus[i]:.1f}%" + ("  <- best" if i == best_row else ""), va="center", fontsize=7)
   ax_mfu.set_xlim(0, max(mfus + [1]) * 1.3)
-  ax_mfu.set_xlabel("MFU, XLA's estimate (cost model, not measured)")
+  ax_mfu.set_xlabel("MFU, estimated (XLA's cost model + splash at peak; a ceiling, not measured)")
   devices = ok[0].get("devices", "?") if ok else "?"
   fig.suptitle(f"{devices} x {chip}: compiled offline by the TPU compiler on a 2-core CPU host "
-               "(nothing ran; times are XLA's estimates)", fontsize=10)
+               "(nothing ran; times are estimates)", fontsize=10)
   fig.tight_layout()
   paths.save_figure(fig, path, dpi=110)
   plt.close(fig)

@@ -50,7 +50,8 @@ def measure_memory(plan: RunPlan) -> dict:
 def measure_on_topology(plan: RunPlan) -> dict:
   """Compiles the train step for the plan's TPU devices (a topology, launch/run/topology.py) and returns
   the memory columns from the TPU compiler, `fits` (peak within the chip's HBM), collectives per
-  step, and XLA's estimate (`est_step_s`, `est_tokens_per_s`, `est_mfu`: its cost model, not a
+  step, and XLA's estimate (`est_step_s`, of which `est_attention_s` prices the splash kernels XLA
+  cannot, `est_tokens_per_s`, `est_mfu`: a cost model, not a
   measurement; absent when the compiler gives none)."""
   cfg, devices = plan.cfg, list(plan.mesh.devices.flat)
   train = compile_programs(plan, ("train",), check_fit=False)[0]
@@ -65,7 +66,8 @@ def measure_on_topology(plan: RunPlan) -> dict:
          "tokens_per_step": cfg.train.global_batch_size * cfg.data.seq_len}
   estimate = train_estimate(train, plan) if row["fits"] else None  # (a second compile)
   if estimate:
-    row.update(est_step_s=estimate["step_s"], est_tokens_per_s=estimate["tokens_per_s"], est_mfu=estimate["mfu"])
+    row.update(est_step_s=estimate["step_s"], est_attention_s=estimate["attention_s"],
+               est_tokens_per_s=estimate["tokens_per_s"], est_mfu=estimate["mfu"])
   return row
 
 

@@ -14,7 +14,7 @@ MEASURED = ["devices", "mesh_shape", "rules", "params_bytes", "optimizer_bytes",
             "mfu", "peak_tflops", "peak_source", "mfu_own_peak", "mode", "wall_s",
             # a --topology sweep's: the chip, its HBM, and XLA's estimates (not measurements)
             "chip", "hbm_bytes", "fits", "collective_count", "collective_bytes", "mosaic_kernels",
-            "est_step_s", "est_tokens_per_s", "est_mfu"]
+            "est_step_s", "est_attention_s", "est_tokens_per_s", "est_mfu"]
 
 
 def summary(record: dict) -> str:
@@ -25,8 +25,8 @@ def summary(record: dict) -> str:
   if "hbm_bytes" in record:
     text += f", {'fits' if record['fits'] else 'does not fit'} {record.get('chip', '')} HBM"
   if record.get("est_mfu") is not None:
-    text += (f", XLA's estimate: {record['est_step_s']:.2f} s/step, {record['est_tokens_per_s']:,.0f} tok/s, "
-             f"MFU {record['est_mfu']:.1%}")
+    text += (f", estimate (XLA's cost model + splash at peak): {record['est_step_s'] * 1e3:,.1f} ms/step, "
+             f"{record['est_tokens_per_s']:,.0f} tok/s, MFU {record['est_mfu']:.1%}")
   if "tokens_per_s" in record:
     text += f", {record['step_s'] * 1e3:.0f} ms/step, {record['tokens_per_s']:,.0f} tok/s, MFU {record['mfu']:.1%}"
   return text

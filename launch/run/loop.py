@@ -156,11 +156,9 @@ def _loop(cfg: Config, workdir: str, checkpointer: ckpt_lib.Checkpointer, state,
   """Steps from the state's step to cfg.train.steps; closes the checkpointer when done."""
   start_step = int(jax.device_get(state.step))
 
-  train_iter = loader.train_iterator(
-      cfg.data.data_dir, tokenizer, seq_len=cfg.data.seq_len, global_batch_size=cfg.train.global_batch_size,
-      process_index=jax.process_index(), process_count=jax.process_count(), seed=cfg.seed,
-      shuffle=cfg.data.shuffle_buffer_docs, num_workers=cfg.data.num_workers,
-      process_sharding=cfg.data.process_sharding)
+  train_iter = loader.train_iterator_for(
+      cfg.data, tokenizer, global_batch_size=cfg.train.global_batch_size, seed=cfg.seed,
+      process_index=jax.process_index(), process_count=jax.process_count())
   data_state = data_states.local_state(data_state)
   if data_state is not None:
     train_iter.set_state(data_state)

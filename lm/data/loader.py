@@ -223,6 +223,17 @@ class ResumableIterator(grain.DatasetIterator):
     self._parent.set_state(_json_state_to_grain(state["pipeline"]))
 
 
+def train_iterator_for(data, tokenizer: tokenizer_lib.Tokenizer, *, global_batch_size: int, seed: int,
+                       process_index: int = 0, process_count: int = 1) -> ResumableIterator:
+  """`train_iterator` with the settings of a DataConfig (launch.run.config): data_dir, seq_len,
+  shuffle_buffer_docs, num_workers and process_sharding. What every run reads its batches through,
+  so that training, calibration and pruning see the same stream for the same config."""
+  return train_iterator(data.data_dir, tokenizer, seq_len=data.seq_len, global_batch_size=global_batch_size,
+                        process_index=process_index, process_count=process_count, seed=seed,
+                        shuffle=data.shuffle_buffer_docs, num_workers=data.num_workers,
+                        process_sharding=data.process_sharding)
+
+
 def train_iterator(data_dir: str, tokenizer: tokenizer_lib.Tokenizer, *, seq_len: int,
                    global_batch_size: int, process_index: int = 0, process_count: int = 1,
                    seed: int = 0, shuffle: bool = True, num_workers: int = 0,
