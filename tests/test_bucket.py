@@ -7,7 +7,9 @@ forbidden or credential-less bucket, reading the bucket back (eval, generate, Hu
 a sweep writing its results there, and a 2-process run.
 """
 
+import contextlib
 import csv
+import hashlib
 import io
 import json
 import math
@@ -326,8 +328,87 @@ def test_data_inputs_in_the_bucket_are_read_from_a_local_copy(bucket, data_dir):
   assert open(local.validation_path).read() == texts["b.txt"]
   with pytest.raises(ValueError, match="matches no object"):
     inputs.localize(dataclasses.replace(data, path=f"{bucket}/corpus/*.parquet"))
-  with pytest.raises(ValueError, match=r"data.data_dir='gs://shardlm-test/data': .* must be a local disk path"):
-    smoke_config(data_dir, data__data_dir=f"{bucket}/data")  # refused with the config, before any write
+
+
+def _train_printing(cfg, workdir):
+  """train(cfg, workdir) and what it printed (its one-line notes)."""
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    result = train(cfg, workdir)
+  return result, printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def data_in_bucket(bucket, tmp_path_factory):
+  """A 2-step run whose data.data_dir is gs://.../data (nothing published there yet), run from an empty
+  directory where a stray local "gs:" would appear. Returns (data_dir URL, workdir, result, printed)."""
+  url, workdir = f"{bucket}/data", str(tmp_path_factory.mktemp("run-data-in-bucket"))
+  with pytest.MonkeyPatch.context() as mp:
+    mp.chdir(tmp_path_factory.mktemp("cwd-data"))
+    result, printed = _train_printing(smoke_config(url, train__steps=2, train__tensorboard=False), workdir)
+    assert os.listdir(".") == []
+  return url, workdir, result, printed
+
+
+def test_data_dir_in_the_bucket_is_prepared_here_then_published_marker_last(data_in_bucket):
+  from launch.run import published_corpus
+  from launch.run.restore import read_saved_config
+  url, _, result, printed = data_in_bucket
+  assert result.final_step == 2 and math.isfinite(result.val_loss)
+  assert f"data: published the corpus prepared in {paths.cache_path(url)} to {url}" in printed, printed
+  marker = json.loads(paths.read_text(f"{url}/{published_corpus.MARKER}"))
+  listed = marker["files"]
+  assert "tokenizer_sp512.model" in listed and any(r.startswith("shakespeare/1.0.0/") for r in listed), listed
+  assert sorted(listed) == sorted(paths.files_under(paths.cache_path(url)))  # all that was prepared
+  for rel, info in listed.items():
+    data = paths.read_bytes(f"{url}/{rel}")
+    assert len(data) == info["bytes"] and hashlib.sha256(data).hexdigest() == info["sha256"], rel
+  assert read_saved_config(result.checkpoint_dir)[0].data.data_dir == url  # the saved config keeps the URL
+  assert not os.path.exists(os.path.join(REPO, "gs:"))
+
+
+def test_a_second_host_downloads_the_published_corpus_instead_of_preparing_it(data_in_bucket, tmp_path, monkeypatch):
+  """A fresh cache (another host): the corpus comes from the bucket; the cache's record of what was
+  downloaded (sizes, mtimes) still matches after the run, so nothing was prepared (no tokenizer trained,
+  no shard written) over the download, and nothing was published again."""
+  from launch.run import published_corpus
+  url, first_workdir, first, _ = data_in_bucket
+  monkeypatch.setenv("SHARDLM_GCS_CACHE", str(tmp_path / "other-host-cache"))
+  local = paths.cache_path(url)
+  assert local.startswith(str(tmp_path)) and not os.path.exists(local)
+  result, printed = _train_printing(smoke_config(url, train__steps=2, train__tensorboard=False),
+                                    str(tmp_path / "run"))
+  assert f"data: downloaded the prepared corpus published at {url}" in printed, printed
+  assert "published the corpus" not in printed, printed
+  record = json.loads(open(f"{local}.published.json").read())
+  assert record["files"] == published_corpus._local_stats(local)  # untouched since the download
+  marker = json.loads(paths.read_text(f"{url}/{published_corpus.MARKER}"))
+  assert sorted(record["files"]) == sorted(marker["files"]) and record["content_sha256"] == marker["content_sha256"]
+  assert losses(str(tmp_path / "run")) == losses(first_workdir)  # the same batches: equal bitwise
+  assert result.val_loss == first.val_loss
+
+
+def test_a_data_dir_in_the_bucket_without_the_marker_is_never_read(bucket, tmp_path, monkeypatch):
+  """Objects under a gs:// data_dir with no marker (a half-finished upload): the corpus is prepared
+  locally, as for an empty prefix, and published over them, marker last."""
+  from launch.run import inputs
+  from launch.run import published_corpus
+  url = f"{bucket}/half-uploaded"
+  paths.write_bytes(f"{url}/tokenizer_sp512.model", b"not a sentencepiece model")
+  paths.write_text(f"{url}/shakespeare/1.0.0/dataset_info.json", "{")
+  monkeypatch.setenv("SHARDLM_GCS_CACHE", str(tmp_path / "cache"))
+  data = smoke_config(url).data
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    tokenizer = inputs.prepare(data, 512)
+  assert tokenizer.decode(tokenizer.encode("ROMEO: hello")) == "ROMEO: hello"
+  assert "data: published the corpus prepared in" in printed.getvalue(), printed.getvalue()
+  local = inputs.local_data(data).data_dir
+  assert local == paths.cache_path(url) and local.startswith(str(tmp_path))
+  listed = json.loads(paths.read_text(f"{url}/{published_corpus.MARKER}"))["files"]
+  for rel in ("tokenizer_sp512.model", "shakespeare/1.0.0/dataset_info.json"):
+    with open(os.path.join(local, *rel.split("/")), "rb") as f:
+      assert paths.read_bytes(f"{url}/{rel}") == f.read() and rel in listed, rel
 
 
 def test_a_run_starts_from_an_init_checkpoint_in_the_bucket(run, bucket, data_dir):

@@ -24,7 +24,7 @@ from absl import app, flags
 from compress.quantize_run import checkpoint_bytes, quantize_checkpoint
 from launch.measure.tables import write_csv
 from launch.measure.timing import time_calls
-from launch.run import cli, paths
+from launch.run import cli, inputs, paths
 from launch.run.evaluation import eval_checkpoint
 from launch.run.restore import load_checkpoint
 from lm import kv_cache
@@ -82,7 +82,7 @@ def _kv_cache_rows(checkpoint_dir: str, name: str, batches: int, prefix_len: int
   loaded = load_checkpoint(checkpoint_dir, devices=jax.devices()[:1])
   cfg, params = loaded.cfg, serving_params(loaded.params, loaded.cfg.model.compute_dtype)
   tokens = [b["inputs"] for b in loader.eval_batches(
-      cfg.data.data_dir, loaded.tokenizer, seq_len=cfg.data.seq_len,
+      inputs.local_data(cfg.data).data_dir, loaded.tokenizer, seq_len=cfg.data.seq_len,
       global_batch_size=cfg.train.global_batch_size, max_batches=batches)]
   rows = []
   for cache_dtype in ("compute", "int8"):

@@ -11,7 +11,6 @@ import ml_collections
 
 from compress.config import DistillConfig, PruneConfig, compression_errors
 from configs.base import base_config
-from launch.run import paths
 from lm.config import ModelConfig
 from lm.data.sources import KINDS as FILE_CORPORA
 from lm.data.tokenizer import KINDS as TOKENIZERS
@@ -312,10 +311,4 @@ def _corpus_source_errors(d: DataConfig) -> list[str]:
     errors.append("data.tokenizer='huggingface' needs data.tokenizer_path (a tokenizer.json).")
   if d.tokenizer == "byte" and d.tokenizer_path:
     errors.append(f"data.tokenizer='byte' reads no file; clear data.tokenizer_path={d.tokenizer_path!r}.")
-  if paths.is_url(d.data_dir):
-    errors.append(
-        f"data.data_dir={d.data_dir!r}: the prepared shards are a per-host cache that array_record reads "
-        "with random access from local files (and that is rewritten when the corpus changes), so it must "
-        "be a local disk path, e.g. /tmp/shardlm-data; keep the corpus itself in the bucket with "
-        "data.path (and data.tokenizer_path): each host copies it once and prepares the same shards.")
   return errors

@@ -178,6 +178,12 @@ def cache_root() -> str:
   return os.environ.get("SHARDLM_GCS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "shardlm", "gcs")
 
 
+def cache_path(url: str) -> str:
+  """The local path under `cache_root()` that stands for a gs:// URL: <root>/<bucket>/<object name>."""
+  url = normalize(url)
+  return os.path.join(cache_root(), bucket_of(url), *[p for p in object_name(url).split("/") if p])
+
+
 def local_copy(path: str) -> str:
   """A local path holding `path`'s content: `path` itself when local, else a downloaded copy of the object
   or of every object under the prefix (for libraries that only open local files: safetensors,
@@ -185,7 +191,7 @@ def local_copy(path: str) -> str:
   if not is_url(path):
     return path
   url = normalize(path)
-  local = os.path.join(cache_root(), bucket_of(url), object_name(url))
+  local = cache_path(url)
   source = as_path(url)
   if not source.exists():
     raise ValueError(f"{url}: no such object or prefix in gs://{bucket_of(url)}.")
