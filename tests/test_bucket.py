@@ -4,7 +4,8 @@ One run in a module fixture (stopped at step 4, resumed to 8: three flush period
 checked by several tests, and is the init_checkpoint and distillation teacher others read from the
 bucket; the rest add a SIGKILL during a save, the lock and its stale rule, a missing, unreachable,
 forbidden or credential-less bucket, reading the bucket back (eval, generate, Hugging Face conversion),
-a sweep writing its results there, and a 2-process run.
+a sweep writing its results there, a 2-process run, and a data.data_dir in the bucket (published once,
+downloaded by a second host, never read without its marker).
 """
 
 import contextlib
@@ -370,7 +371,8 @@ def test_data_dir_in_the_bucket_is_prepared_here_then_published_marker_last(data
 def test_a_second_host_downloads_the_published_corpus_instead_of_preparing_it(data_in_bucket, tmp_path, monkeypatch):
   """A fresh cache (another host): the corpus comes from the bucket; the cache's record of what was
   downloaded (sizes, mtimes) still matches after the run, so nothing was prepared (no tokenizer trained,
-  no shard written) over the download, and nothing was published again."""
+  no shard written) over the download, and nothing was published again. Evaluating the checkpoint
+  (launch.eval) reads the same copy."""
   from launch.run import published_corpus
   url, first_workdir, first, _ = data_in_bucket
   monkeypatch.setenv("SHARDLM_GCS_CACHE", str(tmp_path / "other-host-cache"))
@@ -386,6 +388,9 @@ def test_a_second_host_downloads_the_published_corpus_instead_of_preparing_it(da
   assert sorted(record["files"]) == sorted(marker["files"]) and record["content_sha256"] == marker["content_sha256"]
   assert losses(str(tmp_path / "run")) == losses(first_workdir)  # the same batches: equal bitwise
   assert result.val_loss == first.val_loss
+  from launch.run.evaluation import eval_checkpoint  # launch.eval reads the same local copy
+  scores = eval_checkpoint(result.checkpoint_dir, eval_batches=1)
+  assert scores["val_loss"] == result.val_loss and math.isfinite(scores["unigram_perplexity"])
 
 
 def test_a_data_dir_in_the_bucket_without_the_marker_is_never_read(bucket, tmp_path, monkeypatch):
