@@ -110,12 +110,16 @@ reproduce: $(VENV)/.installed-test
 	$(PY) -m launch.reproduce.sequence_cost --out docs/results
 	rm -rf docs/results/sequence_memory/sweep
 	$(PY) -m launch.reproduce.sequence_memory --out docs/results/sequence_memory
-	$(call step,13,pod sweeps compiled offline by the TPU compiler: llama_8b on v5p:4x4x8 and llama_70b on v5p:8x8x4 (~1 h) -> docs/results/pod_sweep)
+	$(call step,13,pod sweeps compiled offline by the TPU compiler: llama_8b on v5p:4x4x8 and llama_70b on v5p:8x8x4 and the layer-loop extrapolation checked (~1 h 10 min) -> docs/results/pod_sweep)
 	rm -rf docs/results/pod_sweep/llama_8b/points docs/results/pod_sweep/llama_70b/points
 	$(PY) -m launch.sweep --config configs/llama_8b.py --topology v5p:4x4x8 --out docs/results/pod_sweep/llama_8b \
 	  --timeout 1500 --grid 'mesh=fsdp128,fsdp32.tensor4,fsdp16.tensor8;remat=full,none;batch=128,256'
 	$(PY) -m launch.sweep --config configs/llama_70b.py --topology v5p:8x8x4 --out docs/results/pod_sweep/llama_70b \
 	  --timeout 900 --grid 'mesh=fsdp256,fsdp64.tensor4,fsdp32.tensor8;remat=full,none;batch=256,512'
+	$(PY) -m launch.reproduce.tpu_estimate --config configs/llama_1b.py --topology v5p:2x2x1 \
+	  --config.model.num_layers=8 --config.data.seq_len=2048 --config.model.max_seq_len=2048 \
+	  --config.train.global_batch_size=8 --config.mesh.data=1 --config.mesh.fsdp=4 --config.mesh.tensor=1 \
+	  --config.mesh.rules=fsdp --out docs/results/pod_sweep
 	$(call step,14,summary: regenerated vs committed -> $(R)/summary.md)
 	$(PY) -m launch.reproduce.summary --committed $(R)/committed --regenerated docs/results --out $(R)/summary.md
 

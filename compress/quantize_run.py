@@ -13,6 +13,7 @@ import numpy as np
 from compress import calibrate as calibrate_lib
 from compress import quantize as quantize_lib
 from launch.run import checkpoint as ckpt_lib
+from launch.run import inputs
 from launch.run import state as ts
 from launch.run import paths
 from launch.run.restore import LoadedModel, load_checkpoint
@@ -31,7 +32,8 @@ def checkpoint_bytes(checkpoint_dir: str, step: int, item: str = "params") -> in
 def calibration_data(loaded: LoadedModel, num_batches: int) -> list[np.ndarray]:
   """The first `num_batches` training batches (int tokens [B, L]) of the run's corpus and seed."""
   cfg = loaded.cfg
-  it = loader.train_iterator_for(cfg.data, loaded.tokenizer, global_batch_size=cfg.train.global_batch_size,
+  it = loader.train_iterator_for(inputs.local_data(cfg.data), loaded.tokenizer,
+                                 global_batch_size=cfg.train.global_batch_size,
                                  seed=cfg.seed)
   return [np.asarray(next(it)["inputs"]) for _ in range(num_batches)]
 

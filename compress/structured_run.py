@@ -25,8 +25,8 @@ from lm.data import loader
 
 def calibration_batches(cfg: Config, num_batches: int) -> list[dict[str, np.ndarray]]:
   """The first `num_batches` training batches ({"inputs", "targets"}: int [B, L]) of cfg's corpus and seed."""
-  tokenizer = loader.prepare_from_config(inputs.localize(cfg.data), cfg.model.vocab_size)
-  it = loader.train_iterator_for(cfg.data, tokenizer, global_batch_size=cfg.train.global_batch_size,
+  tokenizer = inputs.prepare(cfg.data, cfg.model.vocab_size)
+  it = loader.train_iterator_for(inputs.local_data(cfg.data), tokenizer, global_batch_size=cfg.train.global_batch_size,
                                  seed=cfg.seed)
   return [{k: np.asarray(v) for k, v in next(it).items() if k in ("inputs", "targets")}
           for _ in range(num_batches)]

@@ -48,7 +48,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.prompt_field = ""           # instruction data: the key / column of each record's prompt (not scored)
   c.data.validation_path = ""        # glob of held-out files in the same format; "" splits a fraction off
   c.data.validation_fraction = 0.05  # share of documents held out when validation_path is ""
-  c.data.data_dir = "runs/data"      # prepared tfds shards, manifest and tokenizer; one corpus per directory
+  c.data.data_dir = "runs/data"      # prepared tfds shards, manifest and tokenizer; one corpus per directory;
+                                     # gs://...: published in the bucket, cached locally (docs/data.md)
   c.data.tokenizer = "sentencepiece" # sentencepiece | byte | huggingface
   c.data.tokenizer_path = ""         # "": train SentencePiece on the train split; else a .model or tokenizer.json
   c.data.seq_len = 128               # tokens per training example

@@ -13,7 +13,7 @@ import math
 import jax
 from absl import flags
 
-from launch.run import cli
+from launch.run import cli, inputs
 from launch.run import paths
 from launch.run.devices import simulate_cpu_devices
 from launch.run.loop import train
@@ -50,7 +50,7 @@ def main(argv):
     return
 
   loaded = load_checkpoint(result.checkpoint_dir)
-  unigram = baseline.unigram_perplexity(cfg.data.data_dir, loaded.tokenizer, cfg.data.seq_len)
+  unigram = baseline.unigram_perplexity(inputs.local_data(cfg.data).data_dir, loaded.tokenizer, cfg.data.seq_len)
   samples = loaded.generate(PROMPTS, max_new_tokens=60, temperature=0.8, top_k=50, seed=cfg.seed)
   print("\nSamples (temperature 0.8, top-k 50):")
   for text in samples:

@@ -29,7 +29,8 @@ best point marked (launch/measure/sweep_estimates.py).
 Each point runs `python -m launch.sweep_point` (compile, memory_analysis, timed steps) with a
 timeout; invalid, out-of-memory, failing and timed-out points get a status and reason and the sweep
 goes on (a crashed point is first retried --retries times). Results: <out>/points/<point>.json
-(+ .log), <out>/results.csv, results.md, and PNG plots (launch/measure/sweep_report.py). Rerunning
+(+ .log), <out>/results.csv, results.md, and PNG plots (launch/measure/sweep_report.py); --out may be
+a gs:// URL (its bucket is probed before any point runs; docs/launch.md). Rerunning
 the same command skips recorded points (--retry_failed reruns error/timeout/oom ones; a
 compile-only record is redone when steps are wanted).
 """
@@ -43,7 +44,7 @@ from launch.measure.sweep import run_sweep
 from launch.run import cli
 
 flags.DEFINE_string("grid", None, 'The grid, e.g. "mesh=data8,fsdp8;remat=none,full;batch=16,32".')
-flags.DEFINE_string("out", None, "Results directory (rerun the command to resume).")
+flags.DEFINE_string("out", None, "Results directory, local or gs:// (rerun the command to resume).")
 flags.DEFINE_bool("compile_only", False, "Compile and read memory; time no steps.")
 flags.DEFINE_integer("steps", 5, "Timed steps per point.")
 flags.DEFINE_integer("warmup", 2, "Untimed steps per point after compiling.")

@@ -3,7 +3,7 @@
   python -m launch.sweep_point --config configs/demo.py --config.mesh.fsdp=8 --config.mesh.data=1 \
       --config.mesh.rules=fsdp --out runs/sweep-x/points/p.json [--compile_only] [--steps 5] [--devices 8]
 
-Always writes --out, a JSON object with `status` (ok | invalid | oom | error) and `reason`, plus the
+Always writes --out (a local path or gs:// URL), a JSON object with `status` (ok | invalid | oom | error) and `reason`, plus the
 memory columns (and timing unless --compile_only). With --topology the step is compiled for that
 TPU slice and nothing runs: the columns are the TPU compiler's, plus XLA's estimated step time.
 """
@@ -18,6 +18,7 @@ from absl import flags
 
 from launch.measure.sweep_point import run_point
 from launch.run import cli
+from launch.run import paths
 from launch.run.devices import simulate_cpu_devices
 from launch.run.topology import topology_devices
 
@@ -43,13 +44,14 @@ def main(argv):
     simulate_cpu_devices(FLAGS.devices, memory_schedule=not FLAGS.timing_only)
   start = time.perf_counter()
   result = run_point(FLAGS.config, FLAGS.compile_only, FLAGS.steps, FLAGS.warmup, FLAGS.timing_only,
-                     FLAGS.out, sys.argv[1:], devices=devices)
+                     sys.argv[1:], devices=devices)
   result.update(mode="compile" if FLAGS.compile_only else "time", steps=FLAGS.steps,
                 wall_s=time.perf_counter() - start, jax_version=jax.__version__)
-  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-  with open(FLAGS.out + ".tmp", "w") as f:
-    json.dump(result, f, indent=1)
-  os.replace(FLAGS.out + ".tmp", FLAGS.out)
+  if paths.is_url(FLAGS.out):
+    paths.write_text(FLAGS.out, json.dumps(result, indent=1))  # one upload: whole or absent
+  else:  # a local file appears whole too: written aside, then renamed
+    paths.write_text(FLAGS.out + ".tmp", json.dumps(result, indent=1))
+    os.replace(FLAGS.out + ".tmp", FLAGS.out)
   print(json.dumps(result))
 
 

@@ -4,12 +4,20 @@
 `env` holds the variables that point tensorstore (orbax), gcsfs (etils.epath) and google-cloud-storage
 at it. They must be in os.environ before any of those libraries first talks to GCS; commands started
 as subprocesses inherit them. Nothing is mocked: every read and write goes over HTTP to the server.
+
+The emulator has no permissions and never hangs, so `failing_endpoint()` stands in for those two
+failures of the real service: an endpoint that answers every request with the 403 JSON error GCS sends
+when the account may not create objects, or one that accepts connections and never answers.
 """
 
+import contextlib
 import dataclasses
+import http.server
+import json
 import os
 import socket
 import subprocess
+import threading
 import time
 import urllib.request
 
@@ -85,3 +93,51 @@ def start(port: int | None = None, timeout_s: float = 20.0) -> Emulator:
       time.sleep(0.1)
   process.kill()
   raise RuntimeError(f"the GCS emulator did not answer on {url} within {timeout_s}s")
+
+
+# The body GCS returns for a write the account's IAM roles do not allow (JSON API, HTTP 403).
+DENIED = {"error": {"code": 403, "message": "shardlm-ci@example.iam.gserviceaccount.com does not have "
+                    "storage.objects.create access to the Google Cloud Storage object. Permission "
+                    "'storage.objects.create' denied on resource (or it may not exist).",
+                    "errors": [{"message": "storage.objects.create denied", "domain": "global",
+                                "reason": "forbidden"}]}}
+
+
+class _Deny(http.server.BaseHTTPRequestHandler):
+  def _deny(self):
+    self.rfile.read(int(self.headers.get("Content-Length") or 0))
+    body = json.dumps(DENIED).encode()
+    self.send_response(403)
+    self.send_header("Content-Type", "application/json; charset=UTF-8")
+    self.send_header("Content-Length", str(len(body)))
+    self.end_headers()
+    self.wfile.write(body)
+
+  do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _deny
+
+  def log_message(self, *args):
+    pass
+
+
+@contextlib.contextmanager
+def failing_endpoint(kind: str):
+  """Yields the URL of a local endpoint for STORAGE_EMULATOR_HOST that fails as `kind` says:
+  "refused" (nothing listens), "silent" (accepts connections, never answers) or "denied" (GCS's 403)."""
+  if kind == "refused":
+    yield f"http://127.0.0.1:{_free_port()}"
+  elif kind == "silent":
+    with socket.socket() as s:
+      s.bind(("127.0.0.1", 0))
+      s.listen(8)  # the kernel completes the handshakes; nobody ever reads or answers
+      yield f"http://127.0.0.1:{s.getsockname()[1]}"
+  elif kind == "denied":
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Deny)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+      yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+      server.shutdown()
+      server.server_close()
+  else:
+    raise ValueError(f"kind={kind!r}: choose refused, silent or denied.")

@@ -288,8 +288,8 @@ def estimated_step_seconds(report: ProgramReport, plan: RunPlan) -> float | None
   the compiled step's `optimal_seconds` is t_base + u * t_layer (u = model.scan_unroll layers per
   iteration), whatever the depth. The same step is compiled again with 2u layers per iteration
   (t_base + 2u * t_layer); the two give t_layer, and the step is t_base + num_layers * t_layer.
-  Against the same 8-layer step compiled with no loop, this overshoots XLA's own estimate by 5-19%
-  (docs/tpu.md). The splash kernels, which XLA prices at nothing, are added at the chip's peak
+  Against the same 8-layer step compiled with no loop, this overshoots XLA's own estimate by 5-18%
+  (launch.reproduce.tpu_estimate, docs/tpu.md). The splash kernels, which XLA prices at nothing, are added at the chip's peak
   (`attention_kernel_seconds`). Compiles once more; the result is a cost model, not a measurement.
   """
   m = plan.cfg.model

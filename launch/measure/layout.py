@@ -1,9 +1,8 @@
 """Where every parameter lives under a config's mesh and rules: a table, and a drawing of the splits."""
 
-import os
-
 import jax
 
+from launch.run import paths
 from launch.run.plan import RunPlan
 from launch.run.step import batch_sharding
 
@@ -58,8 +57,7 @@ def draw(plan: RunPlan, title: str, path: str) -> None:
     ax.set_yticks([])
   fig.suptitle(title, fontsize=11)
   fig.tight_layout()
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  fig.savefig(path, dpi=110)
+  paths.save_figure(fig, path, dpi=110)
   plt.close(fig)
 
 
@@ -95,6 +93,5 @@ def draw_pipeline_timeline(pipe, num_layers: int, path: str) -> None:
   ax.set_xlabel("iteration (forward); cell: micro-batch" + ("/round" if pipe.schedule == "circular" else ""))
   ax.set_title(f"{pipe.schedule}: {p} stages, {m} micro-batches, bubble {pipe.bubble:.0%}", fontsize=9)
   fig.tight_layout()
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  fig.savefig(path, dpi=110)
+  paths.save_figure(fig, path, dpi=110)
   plt.close(fig)

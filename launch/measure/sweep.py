@@ -5,7 +5,9 @@ The command is `python -m launch.sweep` (its docstring describes the grid). Each
 get a status and reason and the sweep goes on (a crashed point is first retried `retries` times).
 Results: <out>/points/<point>.json (+ .log), <out>/results.csv, results.md and PNG plots
 (sweep_report.py). Rerunning skips recorded points (retry_failed reruns error/timeout/oom ones; a
-compile-only record is redone when steps are wanted).
+compile-only record is redone when steps are wanted). `out` may be a gs:// URL: every file goes
+through launch/run/paths.py (a point's log is written locally while it runs, then uploaded), and
+its bucket is probed before any point runs.
 """
 
 import dataclasses
@@ -16,10 +18,12 @@ import re
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 
 from launch.measure import sweep_report
-
+from launch.run import bucket
+from launch.run import paths
 from launch.run.cli import config_from_file
 from launch.run.topology import topology_devices
 from sharding.mesh import MESH_AXES
@@ -122,8 +126,7 @@ def load_record(path: str, config: str, overrides: list[str]) -> dict | None:
 
 def _read_json(path: str) -> dict:
   try:
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(paths.read_text(path))
   except (OSError, ValueError):
     return {}
 
@@ -147,27 +150,37 @@ def run_point_process(point: Point, config: str, base: list[str], path: str, com
   cmd += [f"--topology={topology}", f"--num_slices={num_slices}"] if topology else []
   env = {**os.environ, "PYTHONUNBUFFERED": "1",
          "PYTHONPATH": os.pathsep.join(filter(None, [_REPO, os.environ.get("PYTHONPATH")]))}
-  if os.path.exists(path):
-    os.remove(path)
+  paths.remove(path)
+  log_path = _log_path(path)
+  local_log = log_path
+  if paths.is_url(path):  # the child writes its log as it goes: a local file, uploaded when it ends
+    fd, local_log = tempfile.mkstemp(prefix="shardlm-point-", suffix=".log")
+    os.close(fd)
   start = time.perf_counter()
-  with open(_log_path(path), "w") as log:
-    log.write("$ " + shlex.join(cmd) + "\n")
-    log.flush()
-    try:
-      code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout).returncode
-    except subprocess.TimeoutExpired:
-      code = None
-  record = _read_json(path)
-  if "status" not in record:
-    if code is None:
-      status, reason = "timeout", f"no result within --timeout={timeout:g}s (the point was killed)"
-    else:
-      status, reason = "error", _exit_reason(code, _log_path(path))
-    record = {"status": status, "reason": reason, "mode": "compile" if compile_only else "time"}
+  try:
+    with open(local_log, "w") as log:
+      log.write("$ " + shlex.join(cmd) + "\n")
+      log.flush()
+      try:
+        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout).returncode
+      except subprocess.TimeoutExpired:
+        code = None
+    record = _read_json(path)
+    if "status" not in record:
+      if code is None:
+        status, reason = "timeout", f"no result within --timeout={timeout:g}s (the point was killed)"
+      else:
+        status, reason = "error", _exit_reason(code, local_log, log_path)
+      record = {"status": status, "reason": reason, "mode": "compile" if compile_only else "time"}
+    if local_log != log_path:
+      with open(local_log, "rb") as f:
+        paths.write_bytes(log_path, f.read())
+  finally:
+    if local_log != log_path:
+      os.remove(local_log)
   record.update(point=point.name, config=config, overrides=overrides,
                 wall_s=time.perf_counter() - start, **dict(point.values))
-  with open(path, "w") as f:
-    json.dump(record, f, indent=1)
+  paths.write_text(path, json.dumps(record, indent=1))
   return record
 
 
@@ -175,8 +188,9 @@ def _log_path(json_path: str) -> str:
   return json_path.removesuffix(".json") + ".log"
 
 
-def _exit_reason(code: int, log_path: str) -> str:
-  """Why a point's process ended without writing a result: its exit and the log's last line."""
+def _exit_reason(code: int, log_path: str, shown_path: str | None = None) -> str:
+  """Why a point's process ended without writing a result: its exit and the last line of the local log
+  `log_path` (named as `shown_path`, where it ends up, when that differs)."""
   if code < 0:
     how = f"killed by signal {-code}" + (" (SIGKILL: often the host running out of memory)" if code == -9 else "")
   else:
@@ -187,7 +201,7 @@ def _exit_reason(code: int, log_path: str) -> str:
   python_error = [l for l in lines if re.match(r"^[\w.]+(Error|Exception|Exit)\b:", l)]
   fatal = [l.split("] ", 1)[-1] for l in lines if re.match(r"^F\d{4} ", l)]
   last = (python_error or fatal or lines or ["(no output)"])[-1]
-  return f"process {how}: {last[:300]} (log: {log_path})"
+  return f"process {how}: {last[:300]} (log: {shown_path or log_path})"
 
 
 def run_sweep(config: str, grid: str, out: str, base_overrides: list[str] = (), compile_only: bool = False,
@@ -200,8 +214,8 @@ def run_sweep(config: str, grid: str, out: str, base_overrides: list[str] = (), 
   `topology` (a TPU slice name, x `num_slices`) every point is compiled for that slice by the TPU
   compiler and nothing runs (compile-only): memory, fits, collectives and XLA's estimated step time.
 
-  Raises ValueError before running anything for a malformed grid, an unknown key or a bad value, or
-  a topology libtpu cannot describe.
+  Raises ValueError before running anything for a malformed grid, an unknown key or a bad value, a
+  topology libtpu cannot describe, or a gs:// `out` whose bucket is missing or refuses writes.
   """
   echo = echo or (lambda line: print(line, flush=True))
   points = expand_grid(parse_grid(grid))
@@ -211,10 +225,11 @@ def run_sweep(config: str, grid: str, out: str, base_overrides: list[str] = (), 
   if topology:
     topology_devices(topology, num_slices)  # the name and libtpu, checked before any point
     compile_only = True
-  os.makedirs(os.path.join(out, "points"), exist_ok=True)
+  bucket.probe(out)  # a missing bucket or permission: one error line before any point compiles
+  paths.makedirs(paths.join(out, "points"))
   records, durations = [], []
   for i, point in enumerate(points, 1):
-    path = os.path.join(out, "points", point.slug + ".json")
+    path = paths.join(out, "points", point.slug + ".json")
     record = load_record(path, config, [*base, *point.overrides])
     if is_finished(record, compile_only, retry_failed):
       echo(f"[{i}/{len(points)}] {point.name}: recorded earlier ({record['status']}), skipped")
@@ -228,7 +243,7 @@ def run_sweep(config: str, grid: str, out: str, base_overrides: list[str] = (), 
         if record["status"] != "error":
           break
       left = sum(1 for p in points[i:] if not is_finished(
-          load_record(os.path.join(out, "points", p.slug + ".json"), config, [*base, *p.overrides]),
+          load_record(paths.join(out, "points", p.slug + ".json"), config, [*base, *p.overrides]),
           compile_only, retry_failed))
       eta = sum(durations) / len(durations) * left
       echo(f"[{i}/{len(points)}] {point.name}: {sweep_report.summary(record)} "

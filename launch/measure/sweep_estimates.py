@@ -7,9 +7,8 @@ it cannot price, launch/measure/aot.py), never measurements.
 Writes estimates.md / estimates.csv (launch/measure/tables.py) and estimates.png.
 """
 
-import os
-
 from launch.measure.tables import write_table
+from launch.run import paths
 
 GIB = 2 ** 30
 
@@ -75,7 +74,7 @@ def write_estimates(records: list[dict], keys: list[str], out: str, command: str
            "attention whole (lm/flops.py). `best` marks the highest estimated MFU among points that fit.")
   markdown = write_table(estimate_rows(records, keys), out, "estimates",
                          f"Pod sweep: the TPU compiler's memory and estimated speed for {chip} (compiled offline, nothing ran)", command, notes)
-  write_plot(records, keys, os.path.join(out, "estimates.png"))
+  write_plot(records, keys, paths.join(out, "estimates.png"))
   return markdown
 
 
@@ -116,6 +115,6 @@ def write_plot(records: list[dict], keys: list[str], path: str) -> str:
   fig.suptitle(f"{devices} x {chip}: compiled offline by the TPU compiler on a 2-core CPU host "
                "(nothing ran; times are estimates)", fontsize=10)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  paths.save_figure(fig, path, dpi=110)
   plt.close(fig)
   return path

@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import traceback
 
 from launch.measure.aot import compile_programs, state_bytes, train_estimate
@@ -78,31 +79,30 @@ def measure_speed(plan: RunPlan, steps: int, warmup: int) -> dict:
   return dict(step_s=timing.median_s, spread=timing.spread, **speed)
 
 
-def speed_in_subprocess(argv: list[str], out: str) -> dict:
+def speed_in_subprocess(argv: list[str]) -> dict:
   """Reruns `python -m launch.sweep_point` with `argv` (this point's arguments) and --timing_only;
-  returns its JSON.
+  returns its JSON (passed through a local temporary file, also when the sweep writes to a bucket).
 
   Timing runs without the memory schedule flag: on CPU, XLA's non-concurrency-optimized schedule
   deadlocks some multi-device programs in a collective ("Termination timeout for ... RendezvousKey",
   seen for fsdp8 and data2.fsdp2.tensor2 meshes of the demo model), while its memory numbers are
   the ones that show remat.
   """
-  timing_out = out.removesuffix(".json") + ".timing.json"
-  argv = [a for a in argv if not a.startswith("--out")] + [f"--out={timing_out}", "--timing_only"]
-  proc = subprocess.run([sys.executable, "-m", "launch.sweep_point", *argv], capture_output=True, text=True)
-  try:
-    with open(timing_out) as f:
-      result = json.load(f)
-    os.remove(timing_out)
-    return result
-  except (OSError, ValueError):
-    sys.stderr.write(proc.stdout + proc.stderr)
-    tail = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()][-1:] or ["(no output)"]
-    return {"status": "error", "reason": f"timing process exited with {proc.returncode}: {tail[0][:300]}"}
+  with tempfile.TemporaryDirectory(prefix="shardlm-timing-") as scratch:
+    timing_out = os.path.join(scratch, "timing.json")
+    argv = [a for a in argv if not a.startswith("--out")] + [f"--out={timing_out}", "--timing_only"]
+    proc = subprocess.run([sys.executable, "-m", "launch.sweep_point", *argv], capture_output=True, text=True)
+    try:
+      with open(timing_out) as f:
+        return json.load(f)
+    except (OSError, ValueError):
+      sys.stderr.write(proc.stdout + proc.stderr)
+      tail = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()][-1:] or ["(no output)"]
+      return {"status": "error", "reason": f"timing process exited with {proc.returncode}: {tail[0][:300]}"}
 
 
 def run_point(raw_config, compile_only: bool, steps: int, warmup: int, timing_only: bool = False,
-              out: str = "", argv: list[str] = (), devices: list | None = None) -> dict:
+              argv: list[str] = (), devices: list | None = None) -> dict:
   """Returns {"status", "reason", ...columns} for one config; never raises for a bad point.
 
   `devices`: a TPU topology's devices (launch/run/topology.py) to compile for instead of the host's;
@@ -123,7 +123,7 @@ def run_point(raw_config, compile_only: bool, steps: int, warmup: int, timing_on
     if not compile_only and plan.mesh.devices.flat[0].platform != "cpu":
       row.update(measure_speed(plan, steps, warmup))
     elif not compile_only:
-      speed = speed_in_subprocess(list(argv), out)
+      speed = speed_in_subprocess(list(argv))
       row.update({k: v for k, v in speed.items() if k not in ("mode", "steps", "wall_s", "jax_version")})
     return row
   except Exception as e:  # noqa: BLE001 - every failure becomes a recorded row

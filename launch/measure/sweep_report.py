@@ -4,10 +4,9 @@ Rows are the point records of launch/sweep.py: the grid values, `status` and `re
 columns launch/sweep_point.py measured (bytes per device, seconds, tokens/s over the mesh, MFU).
 """
 
-import csv
-import os
-
 from launch.measure import sweep_estimates
+from launch.measure import tables
+from launch.run import paths
 
 MIB = 1024 ** 2
 MEASURED = ["devices", "mesh_shape", "rules", "params_bytes", "optimizer_bytes", "argument_bytes",
@@ -40,11 +39,7 @@ def label(record: dict, keys: list[str]) -> str:
 
 def write_csv(records: list[dict], keys: list[str], path: str) -> None:
   """Every column; bytes are per device, blank where a point did not get that far."""
-  columns = [*keys, "status", *MEASURED, "reason"]
-  with open(path, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(records)
+  tables.write_csv(path, records, [*keys, "status", *MEASURED, "reason"], extra_columns="ignore")
 
 
 def markdown_table(records: list[dict], keys: list[str]) -> str:
@@ -86,8 +81,7 @@ def write_markdown(records: list[dict], keys: list[str], path: str, command: str
   if timed and timed[0].get("platform", "cpu") == "cpu":
     lines += ["", "Simulated CPU devices share one host, so tokens/s measures the partitioned program's "
               "overhead on this CPU, not accelerator speed; compare ratios between rows."]
-  with open(path, "w") as f:
-    f.write("\n".join(lines) + "\n")
+  paths.write_text(path, "\n".join(lines) + "\n")
 
 
 def write_plots(records: list[dict], keys: list[str], out: str) -> list[str]:
@@ -98,7 +92,7 @@ def write_plots(records: list[dict], keys: list[str], out: str) -> list[str]:
   labels = [label(r, keys) for r in records][::-1]  # first point on top
   rows = records[::-1]
   height = 1.2 + 0.32 * len(rows)
-  paths = []
+  written = []
 
   fig, ax = plt.subplots(figsize=(8, height))
   parts = [("parameters", lambda r: r["params_bytes"]), ("optimizer state", lambda r: r["optimizer_bytes"]),
@@ -114,7 +108,7 @@ def write_plots(records: list[dict], keys: list[str], out: str) -> list[str]:
   ax.set_ylabel(" / ".join(keys))
   ax.set_title("Per-device memory by configuration")
   ax.legend(loc="lower right", fontsize=8)
-  paths.append(_save(fig, os.path.join(out, "memory.png")))
+  written.append(_save(fig, paths.join(out, "memory.png")))
 
   if any(r["status"] == "ok" and "tokens_per_s" in r for r in rows):
     fig, ax = plt.subplots(figsize=(8, height))
@@ -129,8 +123,8 @@ def write_plots(records: list[dict], keys: list[str], out: str) -> list[str]:
     ax.set_xlabel("tokens/s (whole mesh; median step)")
     ax.set_ylabel(" / ".join(keys))
     ax.set_title("Training throughput by configuration")
-    paths.append(_save(fig, os.path.join(out, "tokens_per_s.png")))
-  return paths
+    written.append(_save(fig, paths.join(out, "tokens_per_s.png")))
+  return written
 
 
 def _mark_failures(ax, rows: list[dict]) -> None:
@@ -141,7 +135,7 @@ def _mark_failures(ax, rows: list[dict]) -> None:
 
 def _save(fig, path: str) -> str:
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  paths.save_figure(fig, path, dpi=110)
   import matplotlib.pyplot as plt
   plt.close(fig)
   return path
@@ -173,8 +167,8 @@ def with_sweep_peak(records: list[dict]) -> list[dict]:
 def write_reports(records: list[dict], keys: list[str], out: str, command: str = "") -> None:
   """results.csv, results.md and the plots for the points recorded so far."""
   records = with_sweep_peak(records)
-  write_csv(records, keys, os.path.join(out, "results.csv"))
-  write_markdown(records, keys, os.path.join(out, "results.md"), command)
+  write_csv(records, keys, paths.join(out, "results.csv"))
+  write_markdown(records, keys, paths.join(out, "results.md"), command)
   write_plots(records, keys, out)
   if sweep_estimates.is_topology_sweep(records):
     sweep_estimates.write_estimates(records, keys, out, command)

@@ -4,14 +4,15 @@ accelerator, per attention implementation x remat policy, in one call.
   python -m launch.reproduce.accelerator --out docs/results/accelerator
 
 Each variant runs `python -m launch.bench` in its own process under a timeout (so an out-of-memory
-variant costs one row, and each row's peak memory is its own), and every finished row is appended
-to rows.jsonl at once, so a run cut short still returns what it measured. A bf16 8192^3 matmul
-measured first, in its own process, is the in-run ceiling (`mfu_vs_matmul`); `mfu` is against the
-spec sheet (launch/run/throughput.py). Writes accelerator.{md,csv} and rows.jsonl into --out.
-No XLA flags are set: the table measures jax's defaults.
+variant costs one row, and each row's peak memory is its own), and every finished row is added
+to rows.jsonl at once (the file is rewritten whole, as --out may be gs://), so a run cut short still
+returns what it measured. A bf16 8192^3 matmul measured first, in its own process, is the in-run
+ceiling (`mfu_vs_matmul`); `mfu` is against the spec sheet (launch/run/throughput.py). Writes
+accelerator.{md,csv} and rows.jsonl into --out. No XLA flags are set: the table measures jax's defaults.
 """
 
 import csv
+import io
 import json
 import os
 import subprocess
@@ -20,7 +21,7 @@ import sys
 from absl import flags
 
 from launch.measure.tables import write_table
-from launch.run import cli
+from launch.run import cli, paths
 
 flags.DEFINE_string("out", "docs/results/accelerator", "Output directory.")
 flags.DEFINE_integer("timeout", 150, "Seconds per variant (compile + 2 warm-up + 5 timed steps).")
@@ -54,7 +55,7 @@ def _python(args: list[str], timeout: int) -> subprocess.CompletedProcess:
 
 def run_variant(name: str, config_file: str, overrides: dict, out_dir: str) -> dict:
   """One `launch.bench` row of `name` (or a row whose note says why there is none)."""
-  bench_dir = os.path.join(out_dir, "variants", name.replace(" ", "_"))
+  bench_dir = paths.join(out_dir, "variants", name.replace(" ", "_"))
   args = ["-m", "launch.bench", "--config", config_file, "--dtypes", "bfloat16", "--steps", "5",
           "--warmup", "2", "--out", bench_dir, *[f"--config.{k}={v}" for k, v in overrides.items()]]
   try:
@@ -64,15 +65,15 @@ def run_variant(name: str, config_file: str, overrides: dict, out_dir: str) -> d
   if done.returncode:
     lines = [l for l in done.stderr.splitlines() if "RESOURCE_EXHAUSTED" in l or "rror" in l]
     return {"variant": name, "note": (lines[-1] if lines else done.stderr[-200:]).strip()[:200]}
-  with open(os.path.join(bench_dir, "bench.csv")) as f:
-    row = next(csv.DictReader(f))
+  row = next(csv.DictReader(io.StringIO(paths.read_text(paths.join(bench_dir, "bench.csv")))))
   return {"variant": name, **row, "note": ""}
 
 
 def main(argv):
   del argv
-  os.makedirs(FLAGS.out, exist_ok=True)
-  jsonl = os.path.join(FLAGS.out, "rows.jsonl")
+  paths.makedirs(FLAGS.out)
+  jsonl = paths.join(FLAGS.out, "rows.jsonl")
+  earlier = paths.read_text(jsonl) if paths.isfile(jsonl) else ""  # rows of earlier calls are kept
   matmul = _python(["-c", _MATMUL], 300)
   matmul_tflops = float(matmul.stdout.strip().splitlines()[-1]) if matmul.returncode == 0 else None
   print(f"bf16 8192^3 matmul: {matmul_tflops} TFLOP/s")
@@ -85,8 +86,7 @@ def main(argv):
       row["mfu_vs_matmul"] = float(row["model_tflops"]) / matmul_tflops
     row["matmul_tflops"] = matmul_tflops
     rows.append(row)
-    with open(jsonl, "a") as f:
-      f.write(json.dumps(row) + "\n")
+    paths.write_text(jsonl, earlier + "".join(json.dumps(r) + "\n" for r in rows))  # gs:// has no append
     print(json.dumps(row))
   keys = ["variant", "attention", "remat", "step_s", "tokens_per_s", "mfu", "mfu_vs_matmul", "peak_GiB",
           "peak_source", "note"]

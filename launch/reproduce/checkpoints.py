@@ -11,7 +11,6 @@ reduction per array, after compile). Writes <out>/checkpoints.md and .csv and pr
 
 import os
 import platform
-import shutil
 import statistics
 import tempfile
 
@@ -21,7 +20,7 @@ from absl import flags
 from launch.measure.tables import write_table
 from launch.measure.timing import call_seconds
 from launch.run import checkpoint as ckpt_lib
-from launch.run import checksum, cli
+from launch.run import checksum, cli, paths
 from launch.run import state as ts
 from launch.run.config import validate, with_overrides
 from launch.run.plan import make_plan
@@ -29,7 +28,8 @@ from launch.run.plan import make_plan
 flags.DEFINE_list("configs", ["demo", "llama_125m"], "Config names under configs/.")
 flags.DEFINE_integer("repeats", 3, "Timed save+restore pairs per mode (the median is reported).")
 flags.DEFINE_string("out", "docs/results", "Directory for checkpoints.md and .csv.")
-flags.DEFINE_string("work_dir", None, "Where the checkpoints are written (default: a temporary directory).")
+flags.DEFINE_string("work_dir", None, "Where the checkpoints are written (default: a temporary directory; "
+                    "a gs:// URL times saves to the bucket).")
 FLAGS = flags.FLAGS
 
 
@@ -47,14 +47,14 @@ def measure(name: str, repeats: int, work_dir: str) -> dict:
   times = {key: [] for key in ("save_plain", "save_checked", "restore_plain", "restore_checked", "checksum")}
   for repeat in range(repeats):
     for checked in (True, False) if repeat % 2 == 0 else (False, True):
-      directory = os.path.join(work_dir, f"{name}-{'checked' if checked else 'plain'}")
-      shutil.rmtree(directory, ignore_errors=True)
+      directory = paths.join(work_dir, f"{name}-{'checked' if checked else 'plain'}")
+      paths.rmtree(directory)
       checkpointer = ckpt_lib.Checkpointer(directory, keep=1, async_save=False, checksums=checked)
       kind = "checked" if checked else "plain"
       times[f"save_{kind}"].append(call_seconds(lambda: checkpointer.save(1, state, {"config": cfg.to_dict()})))
       times[f"restore_{kind}"].append(call_seconds(lambda: checkpointer.restore_state(abstract, 1)[0]))
       checkpointer.close()
-      shutil.rmtree(directory, ignore_errors=True)
+      paths.rmtree(directory)
     times["checksum"].append(call_seconds(lambda: checksum.fingerprints(arrays)[1]))
   median = {key: statistics.median(values) for key, values in times.items()}
   return {"config": name, "params_M": round(cfg.model.num_params() / 1e6, 1),

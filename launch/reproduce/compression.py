@@ -12,11 +12,8 @@ perplexity is over --eval_batches of the validation split (0: all of it), sparsi
 the saved checkpoints. Writes <out>.md and <out>.csv and prints the table; runs go to --workdir.
 """
 
-import csv
 import dataclasses
 import math
-import os
-import shutil
 import time
 
 import jax
@@ -24,7 +21,8 @@ from absl import app, flags
 
 from compress.distill_run import distill
 from compress.prune_run import prune, prune_one_shot
-from launch.run import cli
+from launch.measure.tables import write_csv
+from launch.run import cli, paths
 from launch.run.config import Config, validate, with_overrides
 from launch.run.devices import simulate_cpu_devices
 from launch.run.evaluation import eval_checkpoint
@@ -85,11 +83,10 @@ def main(argv):
   del argv
   cli.quiet_logs()
   simulate_cpu_devices(FLAGS.cpu_devices)  # no-op on GPU/TPU
-  if not os.path.isdir(FLAGS.teacher):
+  if not paths.isdir(FLAGS.teacher):
     raise app.UsageError(f"No teacher at {FLAGS.teacher}; train one with `python -m launch.demo --config "
                          "configs/demo.py --workdir runs/demo` or pass --teacher.")
-  if os.path.isdir(FLAGS.workdir):
-    shutil.rmtree(FLAGS.workdir)  # this benchmark's own scratch runs from a previous invocation
+  paths.rmtree(FLAGS.workdir)  # this benchmark's own scratch runs from a previous invocation
   saved, teacher_step = read_saved_config(FLAGS.teacher)
   raw = saved.to_dict()
   common = {"train.tensorboard": False, "train.eval_every": 0, "train.eval_batches": FLAGS.eval_batches,
@@ -106,13 +103,13 @@ def main(argv):
   n = FLAGS.student_steps
   student = {**common, **STUDENT, "train.steps": n, "checkpoint.save_every": n}
   scratch_cfg = variant(raw, student)
-  result, seconds = timed(train, scratch_cfg, os.path.join(FLAGS.workdir, "student_scratch"))
+  result, seconds = timed(train, scratch_cfg, paths.join(FLAGS.workdir, "student_scratch"))
   p = scratch_cfg.model.num_params()
   rows.append(Row("student from scratch (2 layers, d=128)", p, p, str(n), result.val_loss, seconds))
 
   kd_cfg = variant(raw, {**student, "distill.teacher_checkpoint": FLAGS.teacher,
                          "distill.alpha": FLAGS.alpha, "distill.temperature": FLAGS.temperature})
-  result, seconds = timed(distill, kd_cfg, os.path.join(FLAGS.workdir, "student_distilled"))
+  result, seconds = timed(distill, kd_cfg, paths.join(FLAGS.workdir, "student_distilled"))
   rows.append(Row(f"student distilled (alpha={FLAGS.alpha:g}, T={FLAGS.temperature:g})", p, p, str(n),
                   result.val_loss, seconds))
 
@@ -124,14 +121,14 @@ def main(argv):
   for label, method in prunings:
     cfg = variant(raw, {**finetune, **method, "prune.init_checkpoint": FLAGS.teacher})
     name = label.replace("% ", "_").replace(":", "_")
-    out, seconds = timed(prune_one_shot, cfg, os.path.join(FLAGS.workdir, f"oneshot_{name}"))
+    out, seconds = timed(prune_one_shot, cfg, paths.join(FLAGS.workdir, f"oneshot_{name}"))
     loss = eval_checkpoint(out["checkpoint_dir"], **eval_n)["val_loss"]
     nonzero = round(teacher_params - out["sparsity_all_params"] * teacher_params)
     rows.append(Row(f"teacher pruned {label}, one shot", teacher_params, nonzero, "0", loss, seconds))
 
     gradual = variant(raw, {**finetune, **method, "prune.init_checkpoint": FLAGS.teacher,
                             "prune.end_step": (2 * f) // 3, "prune.frequency": max(f // 10, 1)})
-    out, seconds = timed(prune, gradual, os.path.join(FLAGS.workdir, f"finetuned_{name}"))
+    out, seconds = timed(prune, gradual, paths.join(FLAGS.workdir, f"finetuned_{name}"))
     nonzero = round(teacher_params - out["sparsity_all_params"] * teacher_params)
     extra = f", n:m violations {out['n_m_violations']}" if "n_m_violations" in out else ""
     print(f"{label}: kernels {100 * out['sparsity_pruned_kernels']:.2f}% zero, whole model "
@@ -142,7 +139,7 @@ def main(argv):
   # Control: the same fine-tuning without pruning.
   cfg = variant(raw, {**finetune, "prune.method": "magnitude", "prune.sparsity": 0.0,
                       "prune.init_checkpoint": FLAGS.teacher})
-  out, seconds = timed(prune, cfg, os.path.join(FLAGS.workdir, "finetuned_dense"))
+  out, seconds = timed(prune, cfg, paths.join(FLAGS.workdir, "finetuned_dense"))
   rows.append(Row(f"teacher fine-tuned {f} steps, not pruned (control)", teacher_params, teacher_params,
                   str(f), out["val_loss"], seconds))
 
@@ -152,14 +149,9 @@ def main(argv):
           f" of {teacher_cfg.train.global_batch_size} x {teacher_cfg.data.seq_len} tokens; {devices} devices; "
           "params count the tied embedding once; non-zero params are measured from the saved weights.")
   print(table + "\n\n" + note)
-  os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
-  with open(FLAGS.out + ".md", "w") as fh:
-    fh.write("Made by `python -m launch.reproduce.compression --out docs/results/compression`.\n\n")
-    fh.write(table + "\n\n" + note + "\n")
-  with open(FLAGS.out + ".csv", "w", newline="") as fh:
-    writer = csv.writer(fh)
-    writer.writerow(HEADER)
-    writer.writerows(r.cells() for r in rows)
+  paths.write_text(FLAGS.out + ".md", "Made by `python -m launch.reproduce.compression --out "
+                   f"docs/results/compression`.\n\n{table}\n\n{note}\n")
+  write_csv(FLAGS.out + ".csv", [r.cells() for r in rows], HEADER)
 
 
 if __name__ == "__main__":

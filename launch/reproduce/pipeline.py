@@ -20,7 +20,7 @@ from absl import flags
 from launch.measure.layout import draw_pipeline_timeline
 from launch.measure.sweep import run_sweep
 from launch.measure.tables import write_table
-from launch.run import cli
+from launch.run import cli, paths
 from sharding.pipeline import Pipeline
 
 flags.DEFINE_string("out", "docs/results/pipeline", "Output directory (the sweep's points go to <out>/sweep).")
@@ -81,7 +81,7 @@ def plot(rows: list[dict], path: str) -> None:
   ax.set_title(f"Pipeline bubble, stage={STAGES} x data={DATA} (8 simulated CPU devices)", fontsize=10)
   ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  paths.save_figure(fig, path, dpi=110)
   plt.close(fig)
 
 
@@ -91,7 +91,7 @@ def main(argv):
   records = {}
   for label, grid in GRIDS:
     print(f"== {label}: {grid}", flush=True)
-    records[label] = run_sweep(CONFIG, grid, os.path.join(FLAGS.out, "sweep", label), COMMON, steps=FLAGS.steps,
+    records[label] = run_sweep(CONFIG, grid, paths.join(FLAGS.out, "sweep", label), COMMON, steps=FLAGS.steps,
                                warmup=1)
   rows = bubble_rows(records)
   command = "python -m launch.reproduce.pipeline " + shlex.join(sys.argv[1:])
@@ -102,9 +102,9 @@ def main(argv):
                     "in-flight micro-batches, gradients) from memory_analysis(). formula_held_row_layers: "
                     "iterations x B / (M x data) rows x the layers a stage runs per iteration (L/P, or L/(R P) circular), "
                     "the activations a stage keeps for the backward pass (the reference, no pipeline, keeps B/8 x 8 = 16)."))
-  plot(rows, os.path.join(FLAGS.out, "bubble.png"))
+  plot(rows, paths.join(FLAGS.out, "bubble.png"))
   for name, pipe in TIMELINES.items():
-    draw_pipeline_timeline(pipe, LAYERS, os.path.join(FLAGS.out, f"timeline_{name}.png"))
+    draw_pipeline_timeline(pipe, LAYERS, paths.join(FLAGS.out, f"timeline_{name}.png"))
 
 
 if __name__ == "__main__":

@@ -13,11 +13,8 @@ decode step at a time (`lm.decoding.cached_log_probs`). Writes <out>.md and <out
 beside the float checkpoints, in quantized/).
 """
 
-import csv
 import dataclasses
 import math
-import os
-import shutil
 import statistics
 
 import jax
@@ -25,8 +22,9 @@ import numpy as np
 from absl import app, flags
 
 from compress.quantize_run import checkpoint_bytes, quantize_checkpoint
+from launch.measure.tables import write_csv
 from launch.measure.timing import time_calls
-from launch.run import cli
+from launch.run import cli, inputs, paths
 from launch.run.evaluation import eval_checkpoint
 from launch.run.restore import load_checkpoint
 from lm import kv_cache
@@ -84,7 +82,7 @@ def _kv_cache_rows(checkpoint_dir: str, name: str, batches: int, prefix_len: int
   loaded = load_checkpoint(checkpoint_dir, devices=jax.devices()[:1])
   cfg, params = loaded.cfg, serving_params(loaded.params, loaded.cfg.model.compute_dtype)
   tokens = [b["inputs"] for b in loader.eval_batches(
-      cfg.data.data_dir, loaded.tokenizer, seq_len=cfg.data.seq_len,
+      inputs.local_data(cfg.data).data_dir, loaded.tokenizer, seq_len=cfg.data.seq_len,
       global_batch_size=cfg.train.global_batch_size, max_batches=batches)]
   rows = []
   for cache_dtype in ("compute", "int8"):
@@ -110,8 +108,8 @@ def run(checkpoint_dir: str, work_dir: str, *, quantize_embedding: bool, alpha: 
   for name, mode, smooth in VARIANTS:
     directory, report = checkpoint_dir, None
     if mode is not None:
-      directory = os.path.join(work_dir, name.lower().replace(" + ", "_").replace(" ", "_"))
-      shutil.rmtree(directory, ignore_errors=True)  # this benchmark owns work_dir
+      directory = paths.join(work_dir, name.lower().replace(" + ", "_").replace(" ", "_"))
+      paths.rmtree(directory)  # this benchmark owns work_dir
       report = quantize_checkpoint(checkpoint_dir, directory, mode=mode,
                                    quantize_embedding=quantize_embedding, smooth=smooth, alpha=alpha,
                                    calibration_batches=calibration_batches)
@@ -155,29 +153,20 @@ def kv_markdown(kv_rows: list[dict], prefix_len: int) -> str:
   return "\n".join(lines) + "\n"
 
 
-def _write_csv(path: str, rows: list[dict]) -> None:
-  with open(path, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-
-
 def main(argv):
   del argv
   cli.quiet_logs()
   if not FLAGS.checkpoint_dir:
     raise app.UsageError("--checkpoint_dir is required.")
-  work_dir = FLAGS.work_dir or os.path.join(os.path.dirname(os.path.abspath(FLAGS.checkpoint_dir)), "quantized")
+  work_dir = FLAGS.work_dir or paths.join(paths.dirname(paths.normalize(FLAGS.checkpoint_dir)), "quantized")
   rows, kv_rows = run(FLAGS.checkpoint_dir, work_dir, quantize_embedding=FLAGS.quantize_embedding,
                       alpha=FLAGS.alpha, calibration_batches=FLAGS.calibration_batches,
                       eval_batches=FLAGS.eval_batches, repeats=FLAGS.repeats, new_tokens=FLAGS.new_tokens,
                       kv_batches=FLAGS.kv_batches, kv_prefix=FLAGS.kv_prefix)
   table = markdown(rows) + "\n" + kv_markdown(kv_rows, FLAGS.kv_prefix)
-  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-  with open(FLAGS.out + ".md", "w") as f:
-    f.write(table)
-  _write_csv(FLAGS.out + ".csv", rows)
-  _write_csv(FLAGS.out + "_kv_cache.csv", kv_rows)
+  paths.write_text(FLAGS.out + ".md", table)
+  write_csv(FLAGS.out + ".csv", rows)
+  write_csv(FLAGS.out + "_kv_cache.csv", kv_rows)
   print(table)
 
 

@@ -24,7 +24,7 @@ from absl import flags
 
 from launch.measure.sweep import run_sweep
 from launch.measure.tables import write_table
-from launch.run import cli
+from launch.run import cli, paths
 
 flags.DEFINE_string("out", "docs/results/sequence_memory", "Output directory (sweep points under <out>/sweep).")
 flags.DEFINE_string("lengths", "8192,32768,131072", "Sequence lengths to compile (comma-separated).")
@@ -49,7 +49,7 @@ def sweep_records(lengths: list[int], shards: list[int]) -> list[dict]:
     strategies = "ring" if n == 1 else "ring,all_gather"  # one sequence: no attention across shards
     grid = f"mesh=sequence{n};seq={seqs};seq_attention={strategies}"
     print(f"== sequence={n}: {grid}", flush=True)
-    for r in run_sweep(CONFIG, grid, os.path.join(FLAGS.out, "sweep", f"sequence{n}"), COMMON,
+    for r in run_sweep(CONFIG, grid, paths.join(FLAGS.out, "sweep", f"sequence{n}"), COMMON,
                        compile_only=True, devices=n, timeout=1800):
       records.append({**r, "shards": n, "strategy": "none" if n == 1 else r["seq_attention"]})
   return records
@@ -116,7 +116,7 @@ def plot(rows: list[dict], path: str) -> None:
   ax.set_title("llama_1b shape, 1 layer: activation memory vs sequence split (CPU compile)", fontsize=9)
   ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  paths.save_figure(fig, path, dpi=110)
   plt.close(fig)
 
 
@@ -145,7 +145,7 @@ def main(argv):
         "solved for the capacity. Weights, gradients and optimizer "
         "state are left out (sequence parallelism does not split them; combine with fsdp).")
   print(markdown)
-  plot(rows, os.path.join(FLAGS.out, "sequence_memory.png"))
+  plot(rows, paths.join(FLAGS.out, "sequence_memory.png"))
 
 
 if __name__ == "__main__":

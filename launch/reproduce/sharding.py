@@ -23,7 +23,7 @@ from configs.demo import get_config
 from launch.run import state as ts
 from launch.measure.tables import write_table
 from launch.measure.timing import time_train_step
-from launch.run import cli
+from launch.run import cli, paths
 from launch.run.devices import simulate_cpu_devices
 from launch.run.config import validate, with_overrides
 from launch.run.plan import make_plan
@@ -172,7 +172,7 @@ def plot(rows, path):
   bottom.set_xticks(list(x), labels, fontsize=7)
   fig.suptitle("demo model (4.2M params, 4k vocab), batch 16 x 128, float32")
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  paths.save_figure(fig, path, dpi=110)
   plt.close(fig)
 
 
@@ -190,7 +190,7 @@ def main(argv):
                       command, "Memory is per device from the compiled step's memory_analysis(); step time is "
                       "the median of timed steps after compile and warm-up. All 8 simulated devices share "
                       "2 CPU cores, so tokens/s compares communication/layout overheads, not scaling."))
-    plot(rows, os.path.join(FLAGS.out, "sharding.png"))
+    plot(rows, paths.join(FLAGS.out, "sharding.png"))
   if "activations" not in FLAGS.tables:
     return
   print(write_table(activation_rows(), FLAGS.out, "activations",

@@ -16,10 +16,7 @@ this process, interleaved (every round runs each model once) and reported as the
 of the ratio to the teacher. Writes <out>.md and <out>.csv; the runs go to --workdir (emptied first).
 """
 
-import csv
 import math
-import os
-import shutil
 import statistics
 import time
 
@@ -31,7 +28,8 @@ from compress.distill_run import distill
 from compress.quantize_run import checkpoint_bytes
 from compress.structured_run import prune_structured
 from launch.measure.timing import median_ratio, time_interleaved, train_step_runner
-from launch.run import cli
+from launch.measure.tables import write_csv
+from launch.run import cli, paths
 from launch.run.config import Config, validate, with_overrides
 from launch.run.plan import make_plan
 from launch.run.devices import simulate_cpu_devices
@@ -93,11 +91,10 @@ def main(argv):
   del argv
   cli.quiet_logs()
   simulate_cpu_devices(FLAGS.cpu_devices)  # no-op on GPU/TPU
-  if not os.path.isdir(FLAGS.teacher):
+  if not paths.isdir(FLAGS.teacher):
     raise app.UsageError(f"No teacher at {FLAGS.teacher}; train one with `python -m launch.demo --config "
                          "configs/demo.py --workdir runs/demo` or pass --teacher.")
-  if os.path.isdir(FLAGS.workdir):
-    shutil.rmtree(FLAGS.workdir)  # this script's own runs from a previous invocation
+  paths.rmtree(FLAGS.workdir)  # this script's own runs from a previous invocation
   saved, teacher_step = read_saved_config(FLAGS.teacher)
   raw = saved.to_dict()
   n = FLAGS.steps
@@ -116,7 +113,7 @@ def main(argv):
     name = f"pruned {label}"
     prune_cfg = variant(raw, {**common, "prune.method": "structured", "prune.init_checkpoint": FLAGS.teacher,
                               **{f"prune.{k}": v for k, v in shape.items()}})
-    out = prune_structured(prune_cfg, os.path.join(FLAGS.workdir, f"pruned_{label[:-1]}"))
+    out = prune_structured(prune_cfg, paths.join(FLAGS.workdir, f"pruned_{label[:-1]}"))
     pruned_loss = eval_checkpoint(out["checkpoint_dir"], eval_batches=FLAGS.eval_batches)["val_loss"]
     log(f"{name}: {out['params_after']:,} params (layers kept {out['layers_kept']}), "
         f"perplexity {math.exp(pruned_loss):.1f} before recovery")
@@ -125,15 +122,15 @@ def main(argv):
                            "train.learning_rate": FLAGS.learning_rate, "train.warmup_steps": max(n // 10, 1),
                            "distill.teacher_checkpoint": FLAGS.teacher, "distill.alpha": FLAGS.alpha,
                            "distill.temperature": FLAGS.temperature})
-    distilled = distill(kd_cfg, os.path.join(FLAGS.workdir, f"distilled_{label[:-1]}"))
+    distilled = distill(kd_cfg, paths.join(FLAGS.workdir, f"distilled_{label[:-1]}"))
     log(f"{name}: distilled {n} steps, perplexity {math.exp(distilled.val_loss):.1f}")
     # The control: the same init, steps, batches and schedule, the plain next-token loss, no teacher.
     tuned_cfg = variant(raw, {**small, "train.init_checkpoint": out["checkpoint_dir"],
                               "train.learning_rate": FLAGS.learning_rate, "train.warmup_steps": max(n // 10, 1)})
-    tuned = train(tuned_cfg, os.path.join(FLAGS.workdir, f"finetuned_{label[:-1]}"))
+    tuned = train(tuned_cfg, paths.join(FLAGS.workdir, f"finetuned_{label[:-1]}"))
     log(f"{name}: fine-tuned {n} steps without the teacher, perplexity {math.exp(tuned.val_loss):.1f}")
     scratch_cfg = variant(raw, small)
-    scratch = train(scratch_cfg, os.path.join(FLAGS.workdir, f"scratch_{label[:-1]}"))
+    scratch = train(scratch_cfg, paths.join(FLAGS.workdir, f"scratch_{label[:-1]}"))
     log(f"{name}: from scratch {n} steps, perplexity {math.exp(scratch.val_loss):.1f}")
     models.append((name, scratch_cfg, out["checkpoint_dir"], out["step"]))
     quality[name] = (pruned_loss, distilled.val_loss, tuned.val_loss, scratch.val_loss)
@@ -187,14 +184,9 @@ def main(argv):
           "wall-clock on a shared 2-core CPU.")
   goal_text = "Goals at 50% removed (computed from the row above):\n" + "\n".join(f"- {g}" for g in goals)
   print(table + "\n\n" + note + "\n\n" + goal_text)
-  os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
-  with open(FLAGS.out + ".md", "w") as fh:
-    fh.write(f"Made by `python -m launch.reproduce.structured --steps {n}` "
-             f"({time.perf_counter() - t0:.0f} s on this machine).\n\n{table}\n\n{note}\n\n{goal_text}\n")
-  with open(FLAGS.out + ".csv", "w", newline="") as fh:
-    writer = csv.writer(fh)
-    writer.writerow(HEADER)
-    writer.writerows(rows)
+  paths.write_text(FLAGS.out + ".md", f"Made by `python -m launch.reproduce.structured --steps {n}` "
+                   f"({time.perf_counter() - t0:.0f} s on this machine).\n\n{table}\n\n{note}\n\n{goal_text}\n")
+  write_csv(FLAGS.out + ".csv", rows, HEADER)
 
 
 if __name__ == "__main__":

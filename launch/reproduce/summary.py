@@ -14,11 +14,12 @@ was not regenerated. Writes the comparison to --out as markdown too.
 
 import dataclasses
 import math
-import os
 import re
 import sys
 
 from absl import app, flags
+
+from launch.run import paths
 
 # (header substring, kind, relative tolerance); the first match wins, case-insensitive.
 # "judged" numbers fail beyond the tolerance; "timing" and unmatched numeric columns are reported.
@@ -163,18 +164,16 @@ def compare_text(name: str, committed: str, regenerated: str) -> list[Cell]:
 
 
 def compare_dirs(committed_dir: str, regenerated_dir: str) -> list[Cell]:
-  """compare_text for every .md file under `committed_dir` against the same path under `regenerated_dir`."""
+  """compare_text for every .md file under `committed_dir` against the same path under `regenerated_dir`
+  (either may be a gs:// URL)."""
   cells = []
-  for root, _, files in sorted(os.walk(committed_dir)):
-    for f in sorted(files):
-      if not f.endswith(".md"):
-        continue
-      rel = os.path.relpath(os.path.join(root, f), committed_dir)
-      with open(os.path.join(root, f)) as fh:
-        old = fh.read()
-      path = os.path.join(regenerated_dir, rel)
-      new = open(path).read() if os.path.exists(path) else ""
-      cells += compare_text(rel, old, new)
+  for rel in paths.files_under(committed_dir):
+    if not rel.endswith(".md"):
+      continue
+    old = paths.read_text(paths.join(committed_dir, *rel.split("/")))
+    path = paths.join(regenerated_dir, *rel.split("/"))
+    new = paths.read_text(path) if paths.isfile(path) else ""
+    cells += compare_text(rel, old, new)
   return cells
 
 
@@ -204,14 +203,12 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  if not os.path.isdir(FLAGS.committed):
+  if not paths.isdir(FLAGS.committed):
     raise app.UsageError(f"No committed results at {FLAGS.committed}.")
   cells = compare_dirs(FLAGS.committed, FLAGS.regenerated)
   text = report(cells)
   print(text)
-  os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
-  with open(FLAGS.out, "w") as fh:
-    fh.write(text + "\n")
+  paths.write_text(FLAGS.out, text + "\n")
   failed = [c for c in cells if c.failed]
   for c in failed:
     print(f"FAIL {c.file} [{c.row}] {c.column}: committed {_fmt(c.committed)}, regenerated "

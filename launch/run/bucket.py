@@ -17,10 +17,10 @@ from launch.run import paths
 TIMEOUT_S = 15.0  # one request; the probe makes two
 
 
-def client():
+def client(what: str = "gs:// paths"):
   """A google-cloud-storage Client: anonymous against an emulator, else Application Default Credentials.
 
-  Raises ValueError when there are no credentials.
+  Raises ValueError when there are no credentials (`what` names what they were needed for).
   """
   from google.cloud import storage
   if os.environ.get("STORAGE_EMULATOR_HOST"):
@@ -30,8 +30,17 @@ def client():
   try:
     return storage.Client()
   except google.auth.exceptions.DefaultCredentialsError as e:
-    raise ValueError("no Google Cloud credentials for gs:// paths: run `gcloud auth application-default "
+    raise ValueError(f"no Google Cloud credentials for {what}: run `gcloud auth application-default "
                      "login`, or use a VM/TPU whose service account can write the bucket.") from e
+
+
+def _server_message(error) -> str:
+  """The sentence in GCS's JSON error body ({"error": {"message": ...}}), else the exception's message
+  (google-cloud-storage puts the whole body, after the method and URL, into the message of an upload)."""
+  try:
+    return error.response.json()["error"]["message"]
+  except Exception:  # noqa: BLE001 (no response, or not GCS's JSON: the library's own message)
+    return getattr(error, "message", str(error))
 
 
 def describe_error(url: str, error: Exception) -> str | None:
@@ -42,8 +51,9 @@ def describe_error(url: str, error: Exception) -> str | None:
   if isinstance(error, api.NotFound):
     return f"bucket gs://{bucket} does not exist (for {url}); create it or fix the path."
   if isinstance(error, (api.Forbidden, api.Unauthorized)):
-    return (f"no permission to write to bucket gs://{bucket} (for {url}): {error.message}; grant the "
-            "account Storage Object Admin on the bucket or use another path.")
+    why = _server_message(error).rstrip(".")
+    return (f"no permission to write to bucket gs://{bucket} (for {url}): {why}; grant the account Storage "
+            "Object Admin on the bucket or use another path.")
   if isinstance(error, (requests.exceptions.RequestException, api.ServiceUnavailable, api.GatewayTimeout,
                         TimeoutError, ConnectionError)):
     return f"cannot reach bucket gs://{bucket} (for {url}) within {TIMEOUT_S:g}s: {type(error).__name__}: {error}"
@@ -59,10 +69,11 @@ def probe(url: str) -> None:
   """
   if not paths.is_url(url):
     return
+  bucket = paths.bucket_of(url)
   name = paths.object_name(paths.normalize(url)).rstrip("/")
   probe_name = f"{name}/.shardlm-probe-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}".lstrip("/")
   try:
-    blob = client().bucket(paths.bucket_of(url)).blob(probe_name)
+    blob = client(f"bucket gs://{bucket} (for {url})").bucket(bucket).blob(probe_name)
     blob.upload_from_string(b"probe", timeout=TIMEOUT_S, retry=None)
     blob.delete(timeout=TIMEOUT_S, retry=None)
   except ValueError:

@@ -4,6 +4,7 @@ import math
 
 import jax
 
+from launch.run import inputs
 from launch.run.restore import load_checkpoint
 from launch.run.step import batch_sharding, global_batch, jit_eval_step
 from lm.data import baseline, loader
@@ -16,7 +17,7 @@ def evaluate(eval_fn, params, cfg, tokenizer, data_sharding) -> float:
   """
   loss_sum, tokens = 0.0, 0.0
   batches = loader.eval_batches(
-      cfg.data.data_dir, tokenizer, seq_len=cfg.data.seq_len, global_batch_size=cfg.train.global_batch_size,
+      inputs.local_data(cfg.data).data_dir, tokenizer, seq_len=cfg.data.seq_len, global_batch_size=cfg.train.global_batch_size,
       process_index=jax.process_index(), process_count=jax.process_count(),
       max_batches=cfg.train.eval_batches)
   for local in batches:
@@ -35,6 +36,7 @@ def eval_checkpoint(checkpoint_dir: str, step: int | None = None, eval_batches: 
   plan = loaded.plan
   eval_fn = jit_eval_step(plan)
   loss = evaluate(eval_fn, loaded.params, loaded.cfg, loaded.tokenizer, batch_sharding(plan.mesh, plan.rules))
-  unigram = baseline.unigram_perplexity(loaded.cfg.data.data_dir, loaded.tokenizer, loaded.cfg.data.seq_len)
+  unigram = baseline.unigram_perplexity(inputs.local_data(loaded.cfg.data).data_dir, loaded.tokenizer,
+                                        loaded.cfg.data.seq_len)
   return {"step": loaded.step, "val_loss": loss, "val_perplexity": math.exp(loss),
           "unigram_perplexity": unigram}

@@ -134,7 +134,7 @@ def _train_locked(cfg: Config, workdir: str, *, resume: bool, resume_step: int |
                   on_step, plan: RunPlan, init_state, loss_hook: LossHook | None) -> TrainResult:
   """The body of `train`, run while this process holds the workdir's lock."""
   primary = jax.process_index() == 0
-  tokenizer = loader.prepare_from_config(inputs.localize(cfg.data), cfg.model.vocab_size)
+  tokenizer = inputs.prepare(cfg.data, cfg.model.vocab_size)
   checkpointer = ckpt_lib.Checkpointer(paths.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep,
                                        async_save=cfg.checkpoint.async_save)
   try:
@@ -157,7 +157,7 @@ def _loop(cfg: Config, workdir: str, checkpointer: ckpt_lib.Checkpointer, state,
   start_step = int(jax.device_get(state.step))
 
   train_iter = loader.train_iterator_for(
-      cfg.data, tokenizer, global_batch_size=cfg.train.global_batch_size, seed=cfg.seed,
+      inputs.local_data(cfg.data), tokenizer, global_batch_size=cfg.train.global_batch_size, seed=cfg.seed,
       process_index=jax.process_index(), process_count=jax.process_count())
   data_state = data_states.local_state(data_state)
   if data_state is not None:

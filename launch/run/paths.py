@@ -9,6 +9,7 @@ Object storage has no directories, no rename and no append: `makedirs` is a no-o
 that need those (checkpoint deletion, the workdir lock, metrics) have their own object-storage rules.
 """
 
+import io
 import logging
 import os
 import posixpath
@@ -111,6 +112,15 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
   as_path(path).write_bytes(data)
 
 
+def save_figure(fig, path: str | os.PathLike, **savefig_kwargs) -> str:
+  """Saves a matplotlib figure to `path` (local or gs://; the format from its suffix) through one write;
+  returns `path` as a string. matplotlib only writes local files, so the image is made in memory first."""
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format=os.path.splitext(str(path))[1].lstrip(".") or "png", **savefig_kwargs)
+  write_bytes(path, buffer.getvalue())
+  return str(path)
+
+
 def glob(pattern: str) -> list[str]:
   """Sorted paths matching a glob `pattern` (local or gs://; '**' is not supported on gs://)."""
   if not is_url(pattern):
@@ -168,6 +178,12 @@ def cache_root() -> str:
   return os.environ.get("SHARDLM_GCS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "shardlm", "gcs")
 
 
+def cache_path(url: str) -> str:
+  """The local path under `cache_root()` that stands for a gs:// URL: <root>/<bucket>/<object name>."""
+  url = normalize(url)
+  return os.path.join(cache_root(), bucket_of(url), *[p for p in object_name(url).split("/") if p])
+
+
 def local_copy(path: str) -> str:
   """A local path holding `path`'s content: `path` itself when local, else a downloaded copy of the object
   or of every object under the prefix (for libraries that only open local files: safetensors,
@@ -175,7 +191,7 @@ def local_copy(path: str) -> str:
   if not is_url(path):
     return path
   url = normalize(path)
-  local = os.path.join(cache_root(), bucket_of(url), object_name(url))
+  local = cache_path(url)
   source = as_path(url)
   if not source.exists():
     raise ValueError(f"{url}: no such object or prefix in gs://{bucket_of(url)}.")
@@ -203,6 +219,19 @@ def upload_tree(local_dir: str, url: str) -> list[str]:
         write_bytes(join(url, *rel.split(os.sep)), f.read())
       written.append(rel)
   return sorted(written)
+
+
+def files_under(root: str) -> list[str]:
+  """Every file under `root` (a local directory or a gs:// prefix) as a '/'-separated path relative to
+  it, sorted by directory, then name (as `sorted(os.walk(root))` visits them)."""
+  if is_url(root):
+    found = []
+    for item in as_path(root).iterdir():
+      found += [f"{item.name}/{rel}" for rel in files_under(str(item))] if item.is_dir() else [item.name]
+  else:
+    found = [os.path.relpath(os.path.join(d, f), root).replace(os.sep, "/") for d, _, files in os.walk(root)
+             for f in files]
+  return sorted(found, key=lambda rel: posixpath.split(rel))
 
 
 def tree_bytes(path: str) -> int:

@@ -16,7 +16,6 @@ from launch.run import paths
 from launch.run import state as ts
 from launch.run.config import Config, validate, with_overrides
 from launch.run.plan import RunPlan, make_plan
-from lm.data import loader
 from lm.generate import generate_text
 from lm.serving import serving_params
 
@@ -176,7 +175,7 @@ def load_checkpoint(checkpoint_dir: str, step: int | None = None, devices: list 
   missing or unreadable checkpoint before anything compiles.
   """
   cfg, step = read_saved_config(checkpoint_dir, step, overrides)
-  tokenizer = loader.prepare_from_config(inputs.localize(cfg.data), cfg.model.vocab_size)
+  tokenizer = inputs.prepare(cfg.data, cfg.model.vocab_size)
   plan = make_plan(cfg, devices)
   params, _ = restore_params(checkpoint_dir, plan.mdef, plan.shardings.params, step)
   return LoadedModel(cfg, plan, params, tokenizer, step)
