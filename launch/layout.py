@@ -33,11 +33,12 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   cli.quiet_logs()
+  if not FLAGS.topology:
+    simulate_cpu_devices(FLAGS.devices)  # before the config: validating it may start jax (dtype "auto")
   cfg = cli.load_config()
   if FLAGS.topology:
     plan = make_plan(cfg, topology_devices(FLAGS.topology, FLAGS.num_slices), platform="tpu")
   else:
-    simulate_cpu_devices(FLAGS.devices)
     plan = make_plan(cfg)
   print(f"mesh {dict(plan.mesh.shape)} | rules {cfg.mesh.custom_rules or cfg.mesh.rules}")
   print("| parameter | shape | logical names | PartitionSpec | per device |\n|---|---|---|---|---|")

@@ -214,3 +214,16 @@ def test_memory_planner_says_whether_the_step_fits():
   gib = 2 ** 30
   assert fit_verdict(100 * gib, "H200", 139 * gib).startswith("fits on H200 (139.0 GiB): peak estimate 100.0 GiB")
   assert fit_verdict(150 * gib, "H200", 139 * gib).startswith("does not fit on H200 (139.0 GiB)")
+
+
+def test_layout_command_simulates_its_devices_before_anything_starts_jax(tmp_path):
+  # Without XLA_FLAGS (as `make reproduce` runs it): the config's dtype "auto" asks jax for its
+  # backend while validating, so the 8 simulated devices must be set before the config is read.
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  png = tmp_path / "layout.png"
+  cmd = [sys.executable, "-m", "launch.layout", "--config", os.path.join(REPO, "configs/smoke.py"),
+         "--config.model.dtype=auto", "--config.mesh.rules=fsdp", "--config.mesh.data=1",
+         "--config.mesh.fsdp=8", f"--png={png}"]
+  out = subprocess.run(cmd, cwd=REPO, env={**env, "PYTHONPATH": REPO}, capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "'fsdp': 8" in out.stdout and png.stat().st_size > 0
