@@ -7,7 +7,7 @@
 # And one that regenerates the docs' figures:
 #   make reproduce - regenerate every table and figure under docs/results, then compare each number
 #                 with the committed one (launch/reproduce/summary.py; non-zero exit when a quality
-#                 number moved beyond its tolerance). About 2 h 40 min on an idle 2-core CPU (README).
+#                 number moved beyond its tolerance). About 2 h 50 min on an idle 2-core CPU (README).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
