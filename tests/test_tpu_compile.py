@@ -215,3 +215,12 @@ def test_two_slices_split_the_dcn_axis_across_slices():
   assert dict(plan.mesh.shape)["data"] == 2 and dict(plan.mesh.shape)["fsdp"] == 4
   grid = plan.mesh.devices.reshape(2, 4)  # data x fsdp: each data index is one whole slice
   assert [{d.slice_index for d in row} for row in grid] == [{0}, {1}]
+
+
+def test_the_estimate_check_refuses_an_unknown_remat_before_compiling(tmp_path):
+  cmd = [sys.executable, "-m", "launch.reproduce.tpu_estimate", "--config", os.path.join(REPO, "configs/smoke.py"),
+         "--remats=none,sometimes", f"--out={tmp_path / 'out'}"]
+  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120)
+  assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr[-2000:]
+  assert proc.stderr.startswith("error: model.remat='sometimes' is not a remat policy")
+  assert not (tmp_path / "out").exists()

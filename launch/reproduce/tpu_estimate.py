@@ -25,6 +25,7 @@ from launch.measure.tables import write_table
 from launch.run import cli
 from launch.run.plan import make_plan
 from launch.run.topology import topology_devices
+from sharding.remat import remat_wrapper
 
 flags.DEFINE_string("topology", "v5p:2x2x1", "TPU topology to compile for.")
 flags.DEFINE_list("remats", ["none", "full"], "Remat policies to compare.")
@@ -61,6 +62,8 @@ def compare(cfg, devices, remat: str) -> dict:
 def main(argv):
   del argv
   cli.quiet_logs()
+  for remat in FLAGS.remats:
+    remat_wrapper(remat)  # an unknown policy is one error line before any compile
   cfg = cli.load_config()
   devices = topology_devices(FLAGS.topology)
   rows = []
