@@ -56,14 +56,28 @@ test-py312:
 	$(MAKE) test PYTHON="$(PYTHON312)" VENV=$(VENV312)
 
 # --- make reproduce: one step per table or figure; each prints its progress --------------------
+# Two lanes after the snapshot: the steps that run models (their tables hold timings) and the steps
+# that only compile (memory, collectives, TPU estimates: no timing is taken). `make reproduce` runs
+# them one after the other; `make -j2 reproduce` runs the two lanes side by side (the compile-only
+# lane is mostly single-threaded XLA compilation): shorter on 2 cores (README has the times), every
+# judged number the same, but the measured lane's timings are then taken beside a busy core (the
+# summary reports timings and never judges them).
 R := runs/reproduce
+comma := ,
 step = @echo; echo "=== [$(1)/14] $(2)  ($$(date +%H:%M:%S))"
 
-reproduce: $(VENV)/.installed-test
+.PHONY: reproduce-snapshot reproduce-measured reproduce-compiled
+reproduce: reproduce-measured reproduce-compiled
+	$(call step,14,summary: regenerated vs committed -> $(R)/summary.md)
+	$(PY) -m launch.reproduce.summary --committed $(R)/committed --regenerated docs/results --out $(R)/summary.md
+
+reproduce-snapshot: $(VENV)/.installed-test
 	$(call step,0,snapshot of the committed docs/results -> $(R)/committed)
 	rm -rf $(R)/committed && mkdir -p $(R)/committed
 	git archive HEAD docs/results | tar -x -C $(R)/committed --strip-components=2 \
 	  || cp -r docs/results/. $(R)/committed/
+
+reproduce-measured: reproduce-snapshot
 	$(call step,1,demo teacher: runs/demo (kept if present; delete it to retrain))
 	test -d runs/demo/checkpoints || $(PY) -m launch.demo --config configs/demo.py --workdir runs/demo
 	cp runs/demo/loss_curve.png docs/results/demo_loss_curve.png
@@ -73,7 +87,33 @@ reproduce: $(VENV)/.installed-test
 	  --warmup 1 --profile $(R)/profile --out docs/results/bench
 	$(call step,3,sharding presets and memory vs Korthikanti et al. -> docs/results/sharding)
 	$(PY) -m launch.reproduce.sharding --out docs/results/sharding
-	$(call step,4,layout figures -> docs/results/layout_*.png)
+	$(call step,4,sweep: mesh x remat x batch -> docs/results/sweep)
+	rm -rf docs/results/sweep/points
+	$(PY) -m launch.sweep --config configs/demo.py --out docs/results/sweep --steps 5 --warmup 2 \
+	  --grid 'mesh=data8,fsdp8,data2.tensor4,data2.fsdp2.tensor2,tensor8;remat=none,full;batch=16,32'
+	$(call step,5,int8: float vs W8A16 vs W8A8 (+SmoothQuant) -> docs/results/quantization)
+	rm -rf $(R)/quantized
+	$(PY) -m launch.reproduce.quantization --checkpoint_dir runs/demo/checkpoints \
+	  --work_dir $(R)/quantized --out docs/results/quantization
+	$(call step,6,distillation and magnitude / 2:4 pruning -> docs/results/compression)
+	$(PY) -m launch.reproduce.compression --out docs/results/compression --workdir $(R)/compression
+	$(call step,7,structured pruning + distillation vs from scratch -> docs/results/structured)
+	$(PY) -m launch.reproduce.structured --out docs/results/structured --workdir $(R)/structured
+	$(call step,8,pipeline bubble: stage x micro-batches x schedule -> docs/results/pipeline)
+	rm -rf docs/results/pipeline/sweep
+	$(PY) -m launch.reproduce.pipeline --out docs/results/pipeline --steps 3
+	$(call step,9,checkpoint save/restore with and without checksums -> docs/results/checkpoints)
+	$(PY) -m launch.reproduce.checkpoints --configs demo,llama_125m --repeats 3 --out docs/results
+	$(call step,10,decode: prefill and ms/token$(comma) float vs int8$(comma) beside the weight-read floor -> docs/results/decode)
+	$(PY) -m launch.bench_decode --config configs/bench_decode.py --weights float,float:stored,w8a16,w8a8 \
+	  --batches 1,8 --prompt_lens 128,512 --max_prefill_tokens 1024 --new_tokens 16 --repeats 3 --export \
+	  --out docs/results/decode
+	$(PY) -m launch.bench_decode --config configs/bench_decode.py --weights float,w8a16,w8a8 \
+	  --kv_cache_dtypes compute,int8 --batches 1,8,64,256 --prompt_lens 128,2048 --max_prefill_tokens 32768 \
+	  --new_tokens 16 --repeats 1 --out docs/results/decode_large
+
+reproduce-compiled: reproduce-snapshot
+	$(call step,11,layout figures -> docs/results/layout_*.png)
 	$(PY) -m launch.layout --config configs/demo.py --config.mesh.rules=dp --config.mesh.data=8 --png docs/results/layout_dp.png
 	$(PY) -m launch.layout --config configs/demo.py --config.mesh.rules=fsdp --config.mesh.data=1 --config.mesh.fsdp=8 --png docs/results/layout_fsdp.png
 	$(PY) -m launch.layout --config configs/demo.py --config.mesh.rules=tp --config.mesh.data=2 --config.mesh.tensor=4 --png docs/results/layout_tp.png
@@ -82,31 +122,7 @@ reproduce: $(VENV)/.installed-test
 	$(PY) -m launch.layout --config configs/demo.py --config.mesh.rules=sp --config.mesh.data=1 --config.mesh.sequence=8 --png docs/results/layout_sp.png
 	$(PY) -m launch.layout --config configs/demo.py --config.mesh.rules=fsdp_sp --config.mesh.data=1 --config.mesh.fsdp=2 --config.mesh.sequence=4 --png docs/results/layout_fsdp_sp.png
 	$(PY) -m launch.layout --config configs/demo.py --config.mesh.rules=fsdp_sp_tp --config.mesh.data=1 --config.mesh.fsdp=2 --config.mesh.sequence=2 --config.mesh.tensor=2 --png docs/results/layout_fsdp_sp_tp.png
-	$(call step,5,sweep: mesh x remat x batch -> docs/results/sweep)
-	rm -rf docs/results/sweep/points
-	$(PY) -m launch.sweep --config configs/demo.py --out docs/results/sweep --steps 5 --warmup 2 \
-	  --grid 'mesh=data8,fsdp8,data2.tensor4,data2.fsdp2.tensor2,tensor8;remat=none,full;batch=16,32'
-	$(call step,6,int8: float vs W8A16 vs W8A8 (+SmoothQuant) -> docs/results/quantization)
-	rm -rf $(R)/quantized
-	$(PY) -m launch.reproduce.quantization --checkpoint_dir runs/demo/checkpoints \
-	  --work_dir $(R)/quantized --out docs/results/quantization
-	$(call step,7,distillation and magnitude / 2:4 pruning -> docs/results/compression)
-	$(PY) -m launch.reproduce.compression --out docs/results/compression --workdir $(R)/compression
-	$(call step,8,structured pruning + distillation vs from scratch -> docs/results/structured)
-	$(PY) -m launch.reproduce.structured --out docs/results/structured --workdir $(R)/structured
-	$(call step,9,pipeline bubble: stage x micro-batches x schedule -> docs/results/pipeline)
-	rm -rf docs/results/pipeline/sweep
-	$(PY) -m launch.reproduce.pipeline --out docs/results/pipeline --steps 3
-	$(call step,10,checkpoint save/restore with and without checksums -> docs/results/checkpoints)
-	$(PY) -m launch.reproduce.checkpoints --configs demo,llama_125m --repeats 3 --out docs/results
-	$(call step,11,decode: prefill and ms/token, float vs int8, beside the weight-read floor -> docs/results/decode)
-	$(PY) -m launch.bench_decode --config configs/bench_decode.py --weights float,float:stored,w8a16,w8a8 \
-	  --batches 1,8 --prompt_lens 128,512 --max_prefill_tokens 1024 --new_tokens 16 --repeats 3 --export \
-	  --out docs/results/decode
-	$(PY) -m launch.bench_decode --config configs/bench_decode.py --weights float,w8a16,w8a8 \
-	  --kv_cache_dtypes compute,int8 --batches 1,8,64,256 --prompt_lens 128,2048 --max_prefill_tokens 32768 \
-	  --new_tokens 16 --repeats 1 --out docs/results/decode_large
-	$(call step,12,sequence parallelism: ring vs all-gather bytes (CPU HLO), overlap on paper; activation memory vs N (compile-only, ~25 min) -> docs/results/sequence_*)
+	$(call step,12,sequence parallelism: ring vs all-gather bytes (CPU HLO)$(comma) overlap on paper; activation memory vs N (compile-only$(comma) ~25 min) -> docs/results/sequence_*)
 	$(PY) -m launch.reproduce.sequence_cost --out docs/results
 	rm -rf docs/results/sequence_memory/sweep
 	$(PY) -m launch.reproduce.sequence_memory --out docs/results/sequence_memory
@@ -120,8 +136,6 @@ reproduce: $(VENV)/.installed-test
 	  --config.model.num_layers=8 --config.data.seq_len=2048 --config.model.max_seq_len=2048 \
 	  --config.train.global_batch_size=8 --config.mesh.data=1 --config.mesh.fsdp=4 --config.mesh.tensor=1 \
 	  --config.mesh.rules=fsdp --out docs/results/pod_sweep
-	$(call step,14,summary: regenerated vs committed -> $(R)/summary.md)
-	$(PY) -m launch.reproduce.summary --committed $(R)/committed --regenerated docs/results --out $(R)/summary.md
 
 clean:
 	rm -rf runs
