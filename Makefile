@@ -5,9 +5,10 @@
 # CI (.ci/run) also runs the suite on Python 3.12 with the newest jax/flax the index serves:
 #   make test-py312 - make test PYTHON=<python3.12> VENV=.venv-py312, reinstalled with --upgrade.
 # And one that regenerates the docs' figures:
-#   make reproduce - regenerate every table and figure under docs/results, then compare each number
-#                 with the committed one (launch/reproduce/summary.py; non-zero exit when a quality
-#                 number moved beyond its tolerance). About 2 h 50 min on an idle 2-core CPU (README).
+#   make -j2 reproduce - regenerate every table and figure under docs/results, then compare each
+#                 number with the committed one (launch/reproduce/summary.py; non-zero exit when a
+#                 quality number moved beyond its tolerance). 56 min 29 s on a 2-core CPU, whole,
+#                 with -j2 (README has the machine, the load and each step's time).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -59,9 +60,9 @@ test-py312:
 # Two lanes after the snapshot: the steps that run models (their tables hold timings) and the steps
 # that only compile (memory, collectives, TPU estimates: no timing is taken). `make reproduce` runs
 # them one after the other; `make -j2 reproduce` runs the two lanes side by side (the compile-only
-# lane is mostly single-threaded XLA compilation): shorter on 2 cores (README has the times), every
-# judged number the same, but the measured lane's timings are then taken beside a busy core (the
-# summary reports timings and never judges them).
+# lane is mostly single-threaded XLA compilation; on 2 cores the two lanes took ~56 min each, README),
+# every judged number the same, but the measured lane's timings are then taken beside a busy core
+# (the summary reports timings and never judges them).
 R := runs/reproduce
 comma := ,
 step = @echo; echo "=== [$(1)/14] $(2)  ($$(date +%H:%M:%S))"
