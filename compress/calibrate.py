@@ -1,11 +1,11 @@
 """Calibration for SmoothQuant: max |x| of every input channel of every dense layer, over real batches.
 
 The float model is rebuilt with `model.quant="observe"` (lm/quant.py's ObservedLinear records its
-inputs' ranges), so the statistics come from the same model code that serves, with no hooks.
+inputs' ranges), so the statistics come from the same model code that serves, with no hooks; it
+runs on the run plan's devices with the plan's kernels (launch/run/programs.forward).
 """
 
 import dataclasses
-import functools
 from typing import Any, Iterable
 
 import jax
@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from launch.run import programs
+from launch.run import state as ts
 from lm.config import ModelConfig
 from lm.quant import InputRange
 from lm.model_def import define
@@ -22,22 +24,20 @@ Params = dict[str, Any]
 nnx.use_eager_sharding(False)
 
 
-@functools.lru_cache(maxsize=8)  # one compile per model config, however many calibrations
-def make_observer(cfg: ModelConfig):
-  """Returns a jitted `fn(float_params, ranges, tokens_BxL) -> ranges` that folds one batch in.
+def _fold(mdef, params, ranges, tokens_BxL):
+  model = nnx.merge(mdef.graphdef, params, ranges)
+  model(tokens_BxL)
+  return nnx.to_pure_dict(nnx.state(model, InputRange))
+
+
+def make_observer(plan):
+  """The calibration program `fn(float_params, ranges, tokens_BxL) -> ranges` (one batch folded in)
+  of the plan's model recording its inputs' ranges, on the plan's devices with the plan's kernels.
 
   `ranges` is a tree (one [*S, *I] float32 array per dense layer); start from `zero_ranges(cfg)`.
   """
-  observe_cfg = dataclasses.replace(cfg, quant="observe")
-  graphdef = define(observe_cfg).graphdef
-
-  @jax.jit
-  def fold(params, ranges, tokens_BxL):
-    model = nnx.merge(graphdef, params, ranges)
-    model(tokens_BxL)
-    return nnx.to_pure_dict(nnx.state(model, InputRange))
-
-  return fold
+  observe_cfg = dataclasses.replace(plan.cfg.model, quant="observe")
+  return programs.forward(plan, _fold, ts.model_def(observe_cfg, None, plan.attention))
 
 
 def zero_ranges(cfg: ModelConfig) -> Params:
@@ -47,14 +47,16 @@ def zero_ranges(cfg: ModelConfig) -> Params:
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
-def calibrate(cfg: ModelConfig, float_params: Params, batches: Iterable[np.ndarray]) -> Params:
-  """Returns max |x| per input channel of every dense layer over `batches` of int tokens [B, L].
+def calibrate(plan, float_params: Params, batches: Iterable[np.ndarray]) -> Params:
+  """Returns max |x| per input channel of every dense layer of the plan's (float) model over
+  `batches` of int tokens [B, L].
 
   Raises ValueError when `batches` is empty: smoothing from no data would silently do nothing.
   """
+  cfg = plan.cfg.model
   if cfg.quant != "none":
     raise ValueError(f"Calibration runs the float model; got model.quant={cfg.quant!r}.")
-  fold = make_observer(cfg)
+  fold = make_observer(plan)
   ranges, count = zero_ranges(cfg), 0
   for tokens_BxL in batches:
     ranges = fold(float_params, ranges, jnp.asarray(tokens_BxL, jnp.int32))

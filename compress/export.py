@@ -24,11 +24,12 @@ from flax import nnx
 
 from launch.run import bucket
 from launch.run import paths
+from launch.run import programs
 from launch.run.restore import load_checkpoint
 from lm.config import ModelConfig
 from lm.decoding import generate
 from lm.sampling import check_sampling_args
-from lm.serving import ServingModel, serving_params
+from lm.serving import serving_params
 
 Params = dict[str, Any]
 
@@ -52,14 +53,15 @@ def export_forward(graphdef: nnx.GraphDef, params: Params, *, batch: int | None,
   return jax.export.export(jax.jit(forward))(*specs), flat
 
 
-def export_generate(cfg: ModelConfig, params: Params, *, batch: int | None, prompt_len: int,
-                    max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+def export_generate(cfg: ModelConfig, params: Params, *, serving_graphdef: nnx.GraphDef, batch: int | None,
+                    prompt_len: int, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
                     eos_id: int | None = None):
   """Exports generation: fn(*params, prompt_BxP, prompt_lengths_B, seed) -> int32 tokens [B, P + N].
 
   It runs what `launch.generate` runs: `serving_params` (the float weights cast to the compute dtype
-  and split per layer; once per call, before the loop) and `lm.decoding.generate` over a
-  `ServingModel`: one prefill, then a while loop of cached decode steps that stops when every row
+  and split per layer; once per call, before the loop) and `lm.decoding.generate` over the serving
+  layout's Transformer (`serving_graphdef`: `launch.run.programs.serving_mdef(plan).graphdef`, its
+  kernels the plan's): one prefill, then a while loop of cached decode steps that stops when every row
   has emitted `eos_id`. Rows are left-padded to P (`lm.generate.left_pad`); `seed` (int32) seeds
   sampling. `params` are the Transformer's (stacked, as in the checkpoint). Returns (Exported, the
   flat parameter list in argument order).
@@ -73,7 +75,7 @@ def export_generate(cfg: ModelConfig, params: Params, *, batch: int | None, prom
   def run(*args):
     *flat_params, prompt_BxP, lengths_B, seed = args
     tree = jax.tree_util.tree_unflatten(treedef, flat_params)
-    model = ServingModel(cfg, serving_params(tree, cfg.compute_dtype, unstack="blocks" in tree))
+    model = nnx.merge(serving_graphdef, serving_params(tree, cfg.compute_dtype, unstack="blocks" in tree))
     return generate(model, prompt_BxP, max_new_tokens=max_new_tokens, rng=jax.random.key(seed),
                     temperature=temperature, top_k=top_k, eos_id=eos_id, prompt_lengths_B=lengths_B)
 
@@ -86,21 +88,25 @@ def export_generate(cfg: ModelConfig, params: Params, *, batch: int | None, prom
 
 def save_servable(out_dir: str, graphdef: nnx.GraphDef, params: Params, cfg: ModelConfig, *,
                   batch: int | None, seq_len: int, step: int, generate_tokens: int = 0,
-                  temperature: float = 0.0, top_k: int = 0, eos_id: int | None = None) -> dict:
+                  temperature: float = 0.0, top_k: int = 0, eos_id: int | None = None,
+                  serving_graphdef: nnx.GraphDef | None = None) -> dict:
   """Writes the artifact of the model (`graphdef`, `params`, `cfg`) to `out_dir`; returns its info.
 
   With `generate_tokens` > 0 it also exports generation (`export_generate`) of that many tokens
-  after prompts of `seq_len` (left-padded) columns, sampling with `temperature` and `top_k`.
+  after prompts of `seq_len` (left-padded) columns, sampling with `temperature` and `top_k`,
+  through the serving layout's `serving_graphdef` (required then).
   """
   if seq_len < 1 or seq_len > cfg.max_seq_len:
     raise ValueError(f"seq_len={seq_len}: must be in [1, model.max_seq_len={cfg.max_seq_len}].")
   if batch is not None and batch < 1:
     raise ValueError(f"batch={batch}: must be >= 1, or None for any batch size.")
+  if generate_tokens and serving_graphdef is None:
+    raise ValueError("generate_tokens > 0 needs serving_graphdef (launch.run.programs.serving_mdef(plan)).")
   exported, flat = export_forward(graphdef, params, batch=batch, seq_len=seq_len)
   serialized = exported.serialize()
   generation = None
   if generate_tokens:
-    generation = export_generate(cfg, params, batch=batch, prompt_len=seq_len,
+    generation = export_generate(cfg, params, serving_graphdef=serving_graphdef, batch=batch, prompt_len=seq_len,
                                  max_new_tokens=generate_tokens, temperature=temperature, top_k=top_k,
                                  eos_id=eos_id)[0].serialize()
   os.makedirs(out_dir, exist_ok=True)
@@ -141,6 +147,7 @@ def export_checkpoint(checkpoint_dir: str, out_dir: str, *, step: int | None = N
     raise ValueError(f"seq_len={seq_len} + generate_tokens={generate_tokens} exceeds model.max_seq_len="
                      f"{loaded.cfg.model.max_seq_len}; lower --seq_len or --generate_tokens.")
   save = functools.partial(save_servable, graphdef=loaded.plan.mdef.graphdef, params=loaded.params,
+                           serving_graphdef=programs.serving_mdef(loaded.plan).graphdef,
                            cfg=loaded.cfg.model, batch=batch or None, seq_len=seq_len, step=loaded.step,
                            generate_tokens=generate_tokens, temperature=temperature, top_k=top_k,
                            eos_id=loaded.tokenizer.eos_id if generate_tokens else None)

@@ -20,7 +20,7 @@ from flax import nnx
 
 from lm import layers
 from lm.config import ModelConfig
-from lm.model_def import define
+from lm.model_def import define, for_shapes
 
 Params = dict[str, Any]
 
@@ -38,7 +38,7 @@ def kernel_layouts(cfg: ModelConfig, m: int | None = None) -> Params:
 
   With `m`, raises ValueError if a kernel's input size is not a multiple of m (N:M groups).
   """
-  mdef = define(cfg)
+  mdef = define(for_shapes(cfg))
   num_in = {tuple(path): node.num_in for path, node in nnx.iter_graph(mdef.abstract)
             if isinstance(node, layers.Linear)}
   names, shapes = mdef.logical_names, mdef.abstract_params

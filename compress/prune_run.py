@@ -27,7 +27,7 @@ def prune_context(cfg: Config, plan: RunPlan | None = None) -> tuple[RunPlan, di
     raise ValueError("prune.method='none'; choose 'magnitude' (with prune.sparsity) or 'n_m' "
                      "(with prune.n and prune.m), e.g. --config.prune.method=magnitude.")
   plan = plan or make_plan(cfg)
-  layouts = pruning.kernel_layouts(cfg.model, cfg.prune.m if cfg.prune.method == "n_m" else None)
+  layouts = pruning.kernel_layouts(plan.cfg.model, cfg.prune.m if cfg.prune.method == "n_m" else None)
   tx = optax.chain(plan.tx, pruning.pruning(cfg.prune, layouts))
   shardings = ts.state_shardings(plan.mdef, tx, plan.mesh, plan.rules)
   return dataclasses.replace(plan, tx=tx, shardings=shardings), layouts

@@ -75,9 +75,10 @@ def quantize_checkpoint(checkpoint_dir: str, out_dir: str, *, mode: str, step: i
   ranges = None
   if mode == "w8a8" and smooth:
     batches = calibration_data(loaded, calibration_batches)
-    ranges = calibrate_lib.calibrate(loaded.cfg.model, loaded.params, batches)
+    ranges = calibrate_lib.calibrate(loaded.plan, loaded.params, batches)
 
-  shardings = ts.param_shardings(ts.model_def(quant_cfg), loaded.plan.mesh, loaded.plan.rules)
+  shardings = ts.param_shardings(ts.model_def(quant_cfg, None, loaded.plan.attention), loaded.plan.mesh,
+                                 loaded.plan.rules)
   convert = lambda params, ranges: quantize_lib.quantize_params(params, quant_cfg, ranges, alpha)
   params = jax.jit(convert, out_shardings=shardings)(loaded.params, ranges)
 

@@ -21,7 +21,6 @@ cuts every kernel, norm and the embedding table whatever its layout.
 """
 
 import dataclasses
-import functools
 from typing import Any, Iterable
 
 import jax
@@ -30,8 +29,9 @@ import numpy as np
 from flax import nnx
 
 from compress.config import STRUCTURED_TARGET_KEYS
+from launch.run import programs
+from launch.run import state as ts
 from lm import layers
-from lm.attention import unplanned
 from lm.config import ModelConfig
 from lm.loss import cross_entropy
 from lm.model_def import define
@@ -119,20 +119,21 @@ def _attention_heads(block: Block, x_BxLxD, sin, cos) -> jax.Array:
   return jax.nn.dot_product_attention(q, k, attn.value(x_BxLxD), is_causal=True)
 
 
-@functools.lru_cache(maxsize=8)
-def make_width_stats(cfg: ModelConfig):
-  """A jitted `fn(params, tokens_BxL) -> stats` for one calibration batch.
+def make_width_stats(plan, cfg: ModelConfig):
+  """The calibration program `fn(params, tokens_BxL) -> stats` of `cfg`'s model on the run plan's
+  devices (launch/run/programs.forward; kernels planned for it by `plan.attention_for`).
 
   stats: {"mlp": [layers, F] sum over tokens of |h|, "heads": [layers, N] sum over tokens of each
   head's output L2 norm, "embed": [D] sum over tokens and norms of |norm output|, "hidden": the
   final hidden states [B, L, D] (to check this forward against the model's), "tokens": count}.
   """
-  graphdef = define(cfg).graphdef
-  block_def = nnx.split(nnx.eval_shape(lambda: Block(cfg, unplanned(cfg.attention), rngs=nnx.Rngs(0))))[0]
+  attention = plan.attention_for(cfg)
+  mdef = ts.model_def(cfg, None, attention)
+  # One Block's graphdef (the serving layout's first layer), to run each layer's slice through.
+  block_def = nnx.split(ts.model_def(cfg, None, attention, per_layer=True).abstract.layers[0])[0]
 
-  @jax.jit
-  def stats(params, tokens_BxL):
-    model = nnx.merge(graphdef, params)
+  def stats(mdef, params, tokens_BxL):
+    model = mdef.bind(params)
     batch, length = tokens_BxL.shape
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
     sin, cos = rotary_inputs(cfg, positions)  # the model's own tables (rope scaling included)
@@ -156,13 +157,14 @@ def make_width_stats(cfg: ModelConfig):
     return {"mlp": jnp.stack(mlp), "heads": jnp.stack(heads), "embed": embed_D, "hidden": final,
             "tokens": jnp.float32(batch * length)}
 
-  return stats
+  return programs.forward(plan, stats, mdef)
 
 
-def width_importance(cfg: ModelConfig, params: Params, batches: Iterable[Batch]) -> dict[str, np.ndarray]:
-  """Mean activation importance over `batches`: {"mlp": [layers, F], "groups": [layers, G] (a KV head
-  with its query heads), "embed": [D]}. Raises ValueError for zero batches."""
-  fn, total = make_width_stats(cfg), None
+def width_importance(plan, cfg: ModelConfig, params: Params, batches: Iterable[Batch]) -> dict[str, np.ndarray]:
+  """Mean activation importance of `cfg`'s model over `batches`, on `plan`'s devices: {"mlp": [layers,
+  F], "groups": [layers, G] (a KV head with its query heads), "embed": [D]}. Raises ValueError for
+  zero batches."""
+  fn, total = make_width_stats(plan, cfg), None
   for batch in batches:
     s = fn(params, jnp.asarray(batch["inputs"], jnp.int32))
     s = {k: np.asarray(v, np.float64) for k, v in s.items() if k != "hidden"}
@@ -176,34 +178,34 @@ def width_importance(cfg: ModelConfig, params: Params, batches: Iterable[Batch])
           "embed": total["embed"] / total["tokens"]}
 
 
-@functools.lru_cache(maxsize=8)
-def _loss_fn(cfg: ModelConfig):
-  graphdef = define(cfg).graphdef
-
-  @jax.jit
-  def loss(params, inputs_BxL, targets_BxL):
-    loss_sum, tokens = cross_entropy(nnx.merge(graphdef, params)(inputs_BxL), targets_BxL)
-    return loss_sum / tokens
-  return loss
+def _mean_loss(mdef, params, inputs_BxL, targets_BxL):
+  loss_sum, tokens = cross_entropy(mdef.bind(params)(inputs_BxL), targets_BxL)
+  return loss_sum / tokens
 
 
-def calibration_loss(cfg: ModelConfig, params: Params, batches: list[Batch]) -> float:
-  """Mean next-token cross-entropy of the model over `batches`."""
-  fn = _loss_fn(cfg)
-  return float(np.mean([fn(params, jnp.asarray(b["inputs"]), jnp.asarray(b["targets"])) for b in batches]))
+def loss_program(plan, cfg: ModelConfig):
+  """The calibration loss program `fn(params, inputs_BxL, targets_BxL) -> mean cross-entropy` of
+  `cfg`'s model on `plan`'s devices."""
+  return programs.forward(plan, _mean_loss, ts.model_def(cfg, None, plan.attention_for(cfg)))
 
 
-def layer_importance(cfg: ModelConfig, params: Params, batches: list[Batch]) -> np.ndarray:
-  """[layers]: calibration loss with layer i removed minus the full model's (higher: more needed)."""
+def calibration_loss(program, params: Params, batches: list[Batch]) -> float:
+  """Mean next-token cross-entropy over `batches` of the model `program` (`loss_program`) runs."""
+  return float(np.mean([program(params, jnp.asarray(b["inputs"]), jnp.asarray(b["targets"])) for b in batches]))
+
+
+def layer_importance(plan, cfg: ModelConfig, params: Params, batches: list[Batch]) -> np.ndarray:
+  """[layers]: calibration loss with layer i removed minus the full model's (higher: more needed),
+  on `plan`'s devices."""
   names = logical_names(cfg)
-  full = calibration_loss(cfg, params, batches)
+  full = calibration_loss(loss_program(plan, cfg), params, batches)
   if cfg.num_layers == 1:
     return np.array([np.inf])
   shallower = dataclasses.replace(cfg, num_layers=cfg.num_layers - 1, scan_unroll=1)
-  losses = []
+  program, losses = loss_program(plan, shallower), []  # one compile for every layer removed
   for i in range(cfg.num_layers):
     kept = np.array([j for j in range(cfg.num_layers) if j != i])
-    losses.append(calibration_loss(shallower, slice_params(params, names, {"layers": kept}), batches))
+    losses.append(calibration_loss(program, slice_params(params, names, {"layers": kept}), batches))
   return np.array(losses) - full
 
 
@@ -212,9 +214,9 @@ def group_head_indices(groups_LxG: np.ndarray, ratio: int) -> np.ndarray:
   return (groups_LxG[..., None] * ratio + np.arange(ratio)).reshape(groups_LxG.shape[0], -1)
 
 
-def prune_params(cfg: ModelConfig, params: Params, batches: list[Batch],
-                 target: ModelConfig) -> tuple[Params, dict]:
-  """Prunes `params` of `cfg`'s model to `target`'s shapes (from `target_config`).
+def prune_params(plan, params: Params, batches: list[Batch], target: ModelConfig) -> tuple[Params, dict]:
+  """Prunes `params` of the plan's model (`plan.cfg.model`) to `target`'s shapes (from `target_config`),
+  its calibration forwards run on the plan's devices with kernels the plan chose.
 
   Takes host or device params and calibration batches; returns (NumPy params shaped for `target`,
   a report {"layers_kept", "layer_importance", "importance": min/max per kind, "kept": the indices
@@ -222,15 +224,16 @@ def prune_params(cfg: ModelConfig, params: Params, batches: list[Batch],
   """
   if not batches:
     raise ValueError("structured pruning got zero calibration batches; set prune.calibration_batches >= 1.")
+  cfg = plan.cfg.model
   params = jax.tree.map(np.asarray, jax.device_get(params))
   report = {"layers_kept": list(range(cfg.num_layers))}
   if target.num_layers < cfg.num_layers:
-    scores = layer_importance(cfg, params, batches)
+    scores = layer_importance(plan, cfg, params, batches)
     kept = top_k(scores, target.num_layers)
     params = slice_params(params, logical_names(cfg), {"layers": kept})
     cfg = dataclasses.replace(cfg, num_layers=target.num_layers, scan_unroll=target.scan_unroll)
     report.update(layers_kept=[int(i) for i in kept], layer_importance=[float(s) for s in scores])
-  imp = width_importance(cfg, params, batches)
+  imp = width_importance(plan, cfg, params, batches)
   ratio = cfg.num_heads // cfg.num_kv_heads
   groups = top_k(imp["groups"], target.num_kv_heads)
   keep = {"mlp": top_k(imp["mlp"], target.mlp_dim), "kv_heads": groups,

@@ -51,19 +51,20 @@ def prune_structured(cfg: Config, workdir: str) -> dict:
   check_compatible(cfg, saved, "init", f"prune.init_checkpoint={source}")
   small_cfg = pruned_config(cfg)
   small_plan = make_plan(small_cfg)  # raises if the new shapes do not divide over the mesh
+  plan = make_plan(cfg, list(small_plan.mesh.devices.flat))  # the source model's, on the same devices
   out_dir = paths.join(workdir, "checkpoints")
   checkpointer = ckpt_lib.Checkpointer(out_dir, async_save=False)
   try:
     if checkpointer.steps():
       raise ValueError(f"{checkpointer.directory} already holds checkpoints {checkpointer.steps()}; "
                        "choose a new --workdir (nothing was overwritten).")
-    mdef = ts.model_def(cfg.model)
+    mdef = plan.mdef
     params, _ = restore_params(source, mdef, ts.param_shardings(mdef, small_plan.mesh, small_plan.rules), step)
     batches = calibration_batches(cfg, cfg.prune.calibration_batches)
-    small, report = structured.prune_params(cfg.model, params, batches, small_cfg.model)
+    small, report = structured.prune_params(plan, params, batches, small_plan.cfg.model)
     placed = jax.device_put(small, small_plan.shardings.params)
     state = ts.train_state_from_params(placed, small_plan.tx, small_plan.shardings)
-    checkpointer.save(step, state, {"config": small_cfg.to_dict(), "pruned_from": source,
+    checkpointer.save(step, state, {"config": small_plan.cfg.to_dict(), "pruned_from": source,
                                     "structured": report})
   finally:
     checkpointer.close()

@@ -23,6 +23,7 @@ from launch.measure import decode as decode_lib
 from launch.measure.profile import profile_markdown, summarize_trace
 from launch.measure.tables import write_table
 from launch.run import cli
+from launch.run.plan import make_plan
 from launch.run.throughput import measure_matmul_flops
 from lm.config import KV_CACHE_DTYPES
 
@@ -47,7 +48,7 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   cli.quiet_logs()
-  cfg = cli.load_config()
+  cfg = make_plan(cli.load_config(), jax.devices()[:1]).cfg  # model.dtype settled for this host
   batches, prompt_lens = [int(b) for b in FLAGS.batches], [int(p) for p in FLAGS.prompt_lens]
   cache_dtypes = FLAGS.kv_cache_dtypes or [cfg.model.kv_cache_dtype]
   for name in cache_dtypes:
@@ -74,7 +75,7 @@ def main(argv):
   print(machine, flush=True)
   rows, export_rows, profile, skipped = [], [], "", set()
   variants = (variant for name in cache_dtypes for variant in decode_lib.make_variants(
-      dataclasses.replace(cfg.model, kv_cache_dtype=name), FLAGS.weights))
+      dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, kv_cache_dtype=name)), FLAGS.weights))
   for variant in variants:
     for prompt_len in prompt_lens:
       for batch in batches:

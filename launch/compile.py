@@ -21,10 +21,12 @@ import json
 
 from absl import flags
 
-from launch.measure.aot import PROGRAMS, compile_programs, fits_line, prompt_length, state_bytes, train_estimate
+from launch.measure.aot import (PROGRAMS, compile_programs, fits_line, program_attention, prompt_length, state_bytes,
+                                train_estimate)
 from launch.measure.memory import format_bytes
 from launch.run import cli
 from launch.run.plan import make_plan
+from launch.run.throughput import plan_peak
 from launch.run.topology import chip_of, topology_devices
 
 flags.DEFINE_string("topology", None, "TPU topology to compile for, e.g. v5p:4x4x8 (128 chips).")
@@ -60,11 +62,11 @@ def main(argv):
   for line in plan.describe():
     print(line)
   print(f"\nper chip: parameters {format_bytes(params_b)}, optimizer state {format_bytes(opt_b)}\n")
-  print("| program | arguments | outputs (not aliased) | temporaries | peak | collectives (count, bytes) "
-        "| Mosaic kernels | compiled in |\n|---|---|---|---|---|---|---|---|")
+  print("| program | attention | arguments | outputs (not aliased) | temporaries | peak | collectives "
+        "(count, bytes) | Mosaic kernels | compiled in |\n|---|---|---|---|---|---|---|---|---|")
   for r in reports:
-    shape = {"prefill": f" ({prompt_length(plan)} tokens)", "decode": " (1 token)"}.get(r.name, "")
-    print(f"| {r.name}{shape} | {format_bytes(r.argument_bytes)} | {format_bytes(r.output_bytes - r.alias_bytes)} "
+    shape = {"prefill": f" ({prompt_length(plan)} tokens)", "decode": f" (loop to {plan.cfg.data.seq_len} columns)"}.get(r.name, "")
+    print(f"| {r.name}{shape} | {program_attention(plan, r.name)} | {format_bytes(r.argument_bytes)} | {format_bytes(r.output_bytes - r.alias_bytes)} "
           f"| {format_bytes(r.temp_bytes)} | {format_bytes(r.total_bytes)} | {r.collective_count}, "
           f"{format_bytes(r.collective_bytes)} | {r.mosaic_kernels} | {r.compile_s:.1f}s |")
   if train:
@@ -72,11 +74,14 @@ def main(argv):
     kinds = ", ".join(f"{k} {v['count']} ({format_bytes(v['bytes'])})" for k, v in train.collectives.items()
                       if v["count"])
     print(f"train step collectives per chip: {kinds or 'none'}")
-  if estimate:
-    print(f"estimated (XLA's cost model, plus {estimate['attention_s'] * 1e3:,.1f} ms of splash kernels at "
-          f"peak; a roofline ceiling, not a measurement): step {estimate['step_s'] * 1e3:,.1f} ms, "
-          f"{estimate['tokens_per_s']:,.0f} tokens/s, MFU {estimate['mfu']:.1%} of {chip.name}'s "
-          f"{chip.bf16_tflops:.0f} TFLOP/s bf16 peak")
+  if estimate and estimate["step_s"] is None:
+    print(f"no step-time estimate: {estimate['why']}")
+  elif estimate:
+    peak, source = plan_peak(plan)
+    print(f"estimated (XLA's cost model, {estimate['method']}, plus {estimate['attention_s'] * 1e3:.3g} ms of "
+          f"splash kernels at peak; a roofline ceiling, not a measurement): step "
+          f"{estimate['step_s'] * 1e3:.3g} ms, {estimate['tokens_per_s']:,.0f} tokens/s, MFU "
+          f"{estimate['mfu']:.1%} of the peak, {peak / 1e12:,.0f} TFLOP/s ({source})")
 
 
 if __name__ == "__main__":

@@ -8,28 +8,39 @@
   python -m launch.generate --checkpoint_dir runs/llama-3.2-1b-instruct/converted --chat \
       --prompt "What is the capital of France?" [--system "Answer in one word."]
 
---chat treats each prompt as a user message: the checkpoint's chat template (its Hugging Face
+  python -m launch.generate --checkpoint_dir runs/demo/checkpoints --mesh tensor=8 --rules tp \
+      --prompt "ROMEO."                               # served tensor parallel over 8 devices
+
+The model runs under the checkpoint's mesh and rules (or --mesh/--rules), each device holding its
+share of the parameters, through the programs `launch.compile` compiles for a topology
+(launch/run/programs.py: prefill, then the decode loop). --chat treats each prompt as a user message: the checkpoint's chat template (its Hugging Face
 tokenizer's, lm/data/chat.py) wraps it, and generation stops at the model's end-of-turn tokens;
-only the reply is printed. Weights are laid out for serving once at load (lm/serving.py: per layer, in the compute dtype;
+only the reply is printed. Weights are laid out for serving once at load (lm/serving.py: per layer, in
+the compute dtype, placed by the rule table;
 --dtype bfloat16 serves a float32-computing checkpoint in bf16; --kv_cache_dtype int8 keeps the KV cache
 in int8 with a scale per token and kv head, lm/kv_cache.py). Prompts of different lengths share
 a batch (left-padded), and each row stops at its own end-of-sequence token.
 """
 
 import json
+import sys
+
+import jax
 
 from absl import flags
 
+from launch.measure.memory import format_bytes, per_device_bytes
 from launch.run import cli
 from launch.run import paths
+from launch.run import programs
 from launch.run.restore import load_checkpoint
 from lm.config import DTYPES, KV_CACHE_DTYPES
 from lm.data.chat import chat_format
 from lm.generate import stream_text
 from lm.sampling import check_sampling_args
-from lm.serving import serving_params
 
 cli.define_checkpoint_flags("A run's checkpoint directory (<workdir>/checkpoints).")
+cli.define_mesh_flags()
 flags.DEFINE_multi_string("prompt", ["ROMEO."], "Prompt text; repeat the flag for several prompts.")
 flags.DEFINE_string("prompts_file", None, "A text file with one prompt per line (blank lines skipped); "
                     "results stream out as JSON lines {\"index\", \"text\"}. Replaces --prompt.")
@@ -60,6 +71,16 @@ def read_prompts(path: str) -> list[str]:
   return prompts
 
 
+def serving_line(plan) -> str:
+  """'serving on 8 cpu devices, mesh tensor=8, rules tp: parameters 1.2 MiB per device of 9.4 MiB'."""
+  abstract = programs.abstract_serving_params(plan)
+  whole = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(abstract))
+  shape = " x ".join(f"{k}={v}" for k, v in plan.mesh.shape.items() if v > 1) or "one device"
+  return (f"serving on {plan.num_devices} {plan.platform} device(s), mesh {shape}, rules "
+          f"{plan.cfg.mesh.custom_rules or plan.cfg.mesh.rules}: parameters {format_bytes(per_device_bytes(abstract))} "
+          f"per device of {format_bytes(whole)} ({plan.cfg.model.dtype})")
+
+
 def main(argv):
   del argv
   cli.quiet_logs()
@@ -75,6 +96,7 @@ def main(argv):
   # attention kernels depend on the compute dtype) is made for what actually runs.
   overrides = {key: value for key, value in (("model.dtype", FLAGS.dtype),
                                              ("model.kv_cache_dtype", FLAGS.kv_cache_dtype)) if value}
+  overrides.update(cli.mesh_overrides())
   loaded = load_checkpoint(FLAGS.checkpoint_dir, FLAGS.step, overrides=overrides)
   texts, extra = prompts, {}
   if FLAGS.chat:
@@ -82,15 +104,16 @@ def main(argv):
     system = [{"role": "system", "content": FLAGS.system}] if FLAGS.system else []
     texts = [chat.render(system + [{"role": "user", "content": p}]) for p in prompts]
     extra = dict(stop_ids=chat.stop_ids, echo=False)
-  model_cfg, attention, tokenizer, stacked = (loaded.cfg.model, loaded.plan.attention, loaded.tokenizer,
-                                               loaded.params)
+  plan, tokenizer, stacked = loaded.plan, loaded.tokenizer, loaded.params
   del loaded  # the serving copy below replaces the stacked parameters
-  params = serving_params(stacked, model_cfg.compute_dtype)
+  params = programs.serving_params(plan, stacked)
   del stacked
-  results = stream_text(model_cfg, params, tokenizer, texts, max_seq_len=model_cfg.max_seq_len,
-                        max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
-                        top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed,
-                        batch_size=FLAGS.batch_size, attention=attention, **extra)
+  print(serving_line(plan), file=sys.stderr, flush=True)  # stdout holds only the texts
+  generator = programs.text_generator(plan, params, max_new_tokens=FLAGS.max_new_tokens,
+                                      temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p)
+  results = stream_text(generator, tokenizer, texts, max_seq_len=plan.cfg.model.max_seq_len,
+                        max_new_tokens=FLAGS.max_new_tokens, seed=FLAGS.seed, batch_size=FLAGS.batch_size,
+                        **extra)
   for index, text in results:
     if FLAGS.prompts_file:
       print(json.dumps({"index": index, "text": text}), flush=True)

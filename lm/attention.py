@@ -58,7 +58,15 @@ class Selection:
   def message(self, place: str = "") -> str:
     """One line for the start-up log, e.g. 'attention: cudnn (auto: cuDNN flash attention ...)'."""
     where = f" [{place}]" if place else ""
-    return f"attention{where}: {self.implementation} ({self.requested}: {self.reason})"
+    return f"attention{where}: {self.rule()} ({self.requested}: {self.reason})"
+
+  def rule(self) -> str:
+    """What runs, with the per-length rule: 'splash for lengths that are a multiple of 128, else xla'."""
+    if self.length_multiple == 1 or self.implementation == "xla":
+      return self.implementation
+    if self.requested == "auto":
+      return f"{self.implementation} for lengths that are a multiple of {self.length_multiple}, else xla"
+    return f"{self.implementation} (lengths must be a multiple of {self.length_multiple})"
 
   def for_length(self, length: int) -> str:
     """The implementation that runs a query length of `length` (this selection's rule, no new choice)."""
@@ -78,7 +86,8 @@ class AttentionPlan:
   `full`: a whole sequence on each device (training, eval, a loss hook's model calls);
   `ring_block`: each device's block when the sequence is split over the `sequence` mesh axis (None
   when it is not); `ring_strategy` / `ring_shards`: how it is split (mesh.sequence_attention,
-  mesh.sequence); `prefill`: a prompt against itself, filling the KV cache; `decode`: new tokens
+  mesh.sequence); `ring_layout`: the order the model's callers put each sequence in (zigzag: the
+  train and eval steps reorder it for the ring's balance, reading this field; natural); `prefill`: a prompt against itself, filling the KV cache; `decode`: new tokens
   against the cache. `interpret` runs Pallas kernels in Pallas' interpreter (a TPU plan traced on
   CPU devices: tests, and checks of a pod's plan on a CPU host).
   """
@@ -88,6 +97,7 @@ class AttentionPlan:
   ring_block: Selection | None = None
   ring_strategy: str = "ring"
   ring_shards: int = 1
+  ring_layout: str = "natural"
   interpret: bool = False
 
   @property
@@ -95,6 +105,15 @@ class AttentionPlan:
     """What computes the train step's attention: the sequence blocks' kernel when the sequence is
     split, else the whole-sequence one."""
     return self.ring_block or self.full
+
+  @property
+  def zigzag_shards(self) -> int:
+    """Over how many shards a caller reorders each sequence before the model sees it (0: natural order)."""
+    return self.ring_shards if self.ring_block is not None and self.ring_layout == "zigzag" else 0
+
+  def in_natural_order(self) -> "AttentionPlan":
+    """This plan for callers that keep sequences in natural order (a loss hook, a frozen teacher)."""
+    return dataclasses.replace(self, ring_layout="natural")
 
   def places(self) -> dict[str, Selection]:
     """{place: Selection} for the places this plan covers, in the order a run meets them."""
@@ -245,12 +264,13 @@ def select_sequence_block(requested: str, *, platform: str, strategy: str, shard
 
 def plan_attention(requested: str, *, platform: str, dtype: str, head_dim: int, seq_len: int,
                    compute_capability: str | None = None, sequence_shards: int = 1,
-                   sequence_strategy: str = "ring", interpret: bool = False) -> AttentionPlan:
+                   sequence_strategy: str = "ring", sequence_layout: str = "natural",
+                   interpret: bool = False) -> AttentionPlan:
   """The kernel for every place attention runs, for one model on one target; the only choice point.
 
   `platform` is one of PLATFORMS (the target devices'), `dtype` the compute dtype name, `seq_len`
   the training length, `sequence_shards` / `sequence_strategy` mesh.sequence and
-  mesh.sequence_attention. Prefill is planned for prompts with padding segments (any length; the
+  mesh.sequence_attention, `sequence_layout` the order the steps put sequences in (the run plan's). Prefill is planned for prompts with padding segments (any length; the
   selection's length rule says which run the kernel); decoding (a few queries against a long KV
   cache) always runs XLA. Raises ValueError (before anything compiles) when an explicit `cudnn` or
   `splash` cannot run in a place it would be used.
@@ -267,7 +287,8 @@ def plan_attention(requested: str, *, platform: str, dtype: str, head_dim: int, 
   decode = Selection(requested, "xla", "a few queries against the KV cache: no fused kernel for "
                      "that shape; XLA")
   return AttentionPlan(full=full, prefill=prefill, decode=decode, ring_block=ring_block,
-                       ring_strategy=sequence_strategy, ring_shards=sequence_shards, interpret=interpret)
+                       ring_strategy=sequence_strategy, ring_shards=sequence_shards,
+                       ring_layout=sequence_layout if sequence_shards > 1 else "natural", interpret=interpret)
 
 
 def segment_mask(segment_ids_BxL: jax.Array | None, length: int) -> jax.Array:

@@ -71,6 +71,9 @@ class ModelConfig:
 
   @property
   def compute_dtype(self):
+    if self.dtype == "auto":
+      raise ValueError("model.dtype='auto' is settled for the target devices by the run plan "
+                       "(launch.run.plan.make_plan); use the plan's config (plan.cfg.model).")
     return DTYPES[self.dtype]
 
   @property
@@ -109,9 +112,10 @@ def model_config_errors(cfg: ModelConfig) -> list[str]:
         "pick num_kv_heads that divides num_heads.")
   if cfg.head_dim % 2:
     errors.append(f"model.head_dim={cfg.head_dim} must be even (rotary embeddings rotate pairs).")
-  for key in ("dtype", "param_dtype"):
-    if getattr(cfg, key) not in DTYPES:
-      errors.append(f"model.{key}={getattr(cfg, key)!r}: choose one of {sorted(DTYPES)}.")
+  if cfg.dtype != "auto" and cfg.dtype not in DTYPES:
+    errors.append(f"model.dtype={cfg.dtype!r}: choose one of {['auto', *sorted(DTYPES)]}.")
+  if cfg.param_dtype not in DTYPES:
+    errors.append(f"model.param_dtype={cfg.param_dtype!r}: choose one of {sorted(DTYPES)}.")
   if cfg.rope_theta <= 0:
     errors.append(f"model.rope_theta={cfg.rope_theta}: must be positive.")
   if cfg.rope_scaling not in ROPE_SCALINGS:

@@ -13,23 +13,26 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lm.attention import AttentionPlan
 from lm.axes import constrain
-from lm.config import ModelConfig
 from lm.sampling import check_sampling_args, is_count, sample_logits
-from lm.serving import ServingModel
-from lm.transformer import KVCache, Transformer, init_cache
+from lm.transformer import KVCache, Transformer
 
 Params = dict[str, Any]
 _CACHE_NAMES = ("layers", "batch", "length", "kv_heads", "kv")
 _SCALE_NAMES = ("layers", "batch", "length", "kv_heads", None)  # an int8 cache's [.., G, 1] scales
 
 
+def cache_logical_names(cache: KVCache) -> dict:
+  """The logical axis names of every array of a KV cache (either layout), as a tree like `cache`."""
+  return {name: jax.tree.map(lambda _, n=_SCALE_NAMES if name.endswith("_scale") else _CACHE_NAMES: n, arrays)
+          for name, arrays in cache.items()}
+
+
 def _constrain_cache(cache: KVCache) -> KVCache:
   # Without this the cache's layout is whatever propagation guesses; with it, the rule tables place
   # the cache like the keys and values the model writes into it (by batch and kv_heads).
-  return {name: jax.tree.map(lambda x, n=_SCALE_NAMES if name.endswith("_scale") else _CACHE_NAMES:
-                             constrain(x, n), arrays) for name, arrays in cache.items()}
+  names = cache_logical_names(cache)
+  return jax.tree.map(constrain, cache, names)
 
 
 def _rebuilder(model) -> Callable[[], Any]:
@@ -83,11 +86,7 @@ def prefill(model: Transformer, prompt_BxP: jax.Array, cache_len: int,
   of each row's last prompt token, the cache).
   """
   batch, prompt_len = prompt_BxP.shape
-  if isinstance(model, Transformer):
-    cache = init_cache(model.cfg, batch, cache_len)
-  else:
-    cache = model.init_cache(batch, cache_len)
-  cache = _constrain_cache(cache)
+  cache = _constrain_cache(model.init_cache(batch, cache_len))
   if prompt_lengths_B is None:
     logits_Bx1xV, cache = model.decode(prompt_BxP, cache, 0, last_only=True)
   else:
@@ -202,40 +201,55 @@ def generate(model: Transformer, prompt_BxP: jax.Array, *, max_new_tokens: int, 
   prompt_BxP = prompt_BxP.astype(jnp.int32)
   if max_new_tokens == 0:
     return prompt_BxP
-  sample = lambda logits_BxV, step: sample_logits(
+  sample = sampler(rng, temperature=temperature, top_k=top_k, top_p=top_p)
+  logits_BxV, cache = prefill(model, prompt_BxP, prompt_len + max_new_tokens, prompt_lengths_B)
+  new_BxN, _ = continue_decoding(model, cache, logits_BxV, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
+                                 sample=sample, eos_id=eos_id, prompt_lengths_B=prompt_lengths_B)
+  return jnp.concatenate([prompt_BxP, new_BxN], axis=1)
+
+
+def sampler(rng: jax.Array, *, temperature: float, top_k: int = 0, top_p: float = 1.0) -> Callable:
+  """`sample(logits_BxV, step) -> int32 tokens [B]`: step i draws with fold_in(rng, i)."""
+  return lambda logits_BxV, step: sample_logits(
       logits_BxV, jax.random.fold_in(rng, step), temperature=temperature, top_k=top_k, top_p=top_p)
 
-  logits_BxV, cache = prefill(model, prompt_BxP, prompt_len + max_new_tokens, prompt_lengths_B)
+
+def continue_decoding(model: Transformer, cache: KVCache, logits_BxV: jax.Array, *, prompt_len: int,
+                      max_new_tokens: int, sample: Callable, eos_id: int | Sequence[int] | None = None,
+                      prompt_lengths_B: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+  """The tokens after a prefill: samples the first from the prefill's `logits_BxV` (step 0), then
+  runs `max_new_tokens - 1` cached decode steps (`decode_steps`). Returns (int32 [B, max_new_tokens],
+  the cache: returning it lets a caller that donates the input cache update it in place)."""
+  batch = logits_BxV.shape[0]
+  eos_ids = _stop_ids(eos_id)
   first_B = sample(logits_BxV, 0)
   done_B = jnp.zeros((batch,), bool)
   if eos_ids:
     done_B = jnp.isin(first_B, jnp.asarray(eos_ids, jnp.int32))
   pad_B = None if prompt_lengths_B is None else prompt_len - jnp.asarray(prompt_lengths_B, jnp.int32)
   # Step i of the loop samples with fold_in(rng, i + 1): the same stream as one token per step.
-  rest_BxN, _ = decode_steps(model, cache, first_B, done_B, start=prompt_len, steps=max_new_tokens - 1,
-                             sample=lambda logits, i: sample(logits, i + 1), eos_id=eos_id, pad_B=pad_B)
-  return jnp.concatenate([prompt_BxP, first_B[:, None], rest_BxN], axis=1)
+  rest_BxN, cache = decode_steps(model, cache, first_B, done_B, start=prompt_len, steps=max_new_tokens - 1,
+                                 sample=lambda logits, i: sample(logits, i + 1), eos_id=eos_id, pad_B=pad_B)
+  return jnp.concatenate([first_B[:, None], rest_BxN], axis=1), cache
 
 
-def build_model(graphdef: nnx.GraphDef | ModelConfig, params: Params, attention: AttentionPlan | None = None):
+def build_model(graphdef: nnx.GraphDef, params: Params) -> Transformer:
   """The model `generate` runs: `nnx.merge(graphdef, params)` for a Transformer's graphdef (which
-  carries its attention plan) and params, or for a ModelConfig a `lm.serving.ServingModel` of serving
-  params (`lm.serving.serving_params`) running `attention` (a run plan's; None: unplanned, XLA)."""
-  if isinstance(graphdef, ModelConfig):
-    return ServingModel(graphdef, params, attention)
+  carries its attention plan and layout: stacked, or per layer for serving, lm/serving.py)."""
   return nnx.merge(graphdef, params)
 
 
-def make_generate_fn(graphdef: nnx.GraphDef | ModelConfig, *, max_new_tokens: int, temperature: float = 1.0,
-                     top_k: int = 0, top_p: float = 1.0, eos_id: int | Sequence[int] | None = None,
-                     attention: AttentionPlan | None = None) -> Callable[..., jax.Array]:
-  """Returns a jitted `fn(params, prompt_BxP, rng, prompt_lengths_B=None) -> tokens [B, P + max_new_tokens]`.
+def make_generate_fn(graphdef: nnx.GraphDef, *, max_new_tokens: int, temperature: float = 1.0,
+                     top_k: int = 0, top_p: float = 1.0,
+                     eos_id: int | Sequence[int] | None = None) -> Callable[..., jax.Array]:
+  """Returns a jitted `fn(params, prompt_BxP, rng, prompt_lengths_B=None) -> tokens [B, P + max_new_tokens]`
+  for one device or arrays already placed (no shardings of its own; a run plan's sharded programs
+  are launch/run/programs.py's).
 
   `graphdef` and `params` rebuild the model inside jit (`build_model`): a Transformer's graphdef with
-  its nested-dict params (`nnx.split` + `nnx.to_pure_dict`, or a `ModelDef`'s), or the fast path, a
-  ModelConfig with `lm.serving.serving_params` (and the plan's `attention`). `prompt_lengths_B` marks left-padded rows
-  (`generate`). Sampling arguments are checked here, before anything compiles; `fn` compiles once per
-  prompt shape and never per token.
+  its nested-dict params (`nnx.split` + `nnx.to_pure_dict`, or a `ModelDef`'s), in either layout.
+  `prompt_lengths_B` marks left-padded rows (`generate`). Sampling arguments are checked here,
+  before anything compiles; `fn` compiles once per prompt shape and never per token.
   """
   check_sampling_args(temperature, top_k, top_p)
   if not is_count(max_new_tokens) or max_new_tokens < 0:
@@ -243,7 +257,7 @@ def make_generate_fn(graphdef: nnx.GraphDef | ModelConfig, *, max_new_tokens: in
 
   def fn(params: Params, prompt_BxP: jax.Array, rng: jax.Array,
          prompt_lengths_B: jax.Array | None = None) -> jax.Array:
-    return generate(build_model(graphdef, params, attention), prompt_BxP, max_new_tokens=max_new_tokens, rng=rng,
+    return generate(build_model(graphdef, params), prompt_BxP, max_new_tokens=max_new_tokens, rng=rng,
                     temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id,
                     prompt_lengths_B=prompt_lengths_B)
 

@@ -4,16 +4,14 @@ decode loop (lm/decoding.py), and their continuations decoded back to text.
 Shape suffixes: B batch, P padded prompt width, T total length.
 """
 
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
 
-from lm.attention import AttentionPlan
-from lm.config import ModelConfig
 from lm.decoding import make_generate_fn
-from lm.sampling import check_sampling_args, is_count
+from lm.sampling import is_count
 
 Params = dict[str, Any]
 
@@ -39,22 +37,35 @@ def _bucket(length: int, limit: int) -> int:
   return min(width, limit)
 
 
-def stream_text(graphdef: nnx.GraphDef | ModelConfig, params: Params, tokenizer, prompts: list[str], *, max_seq_len: int,
-                max_new_tokens: int, temperature: float, top_k: int = 0, top_p: float = 1.0,
-                seed: int = 0, batch_size: int = 8, stop_ids: Sequence[int] = (),
-                echo: bool = True, attention: AttentionPlan | None = None) -> Iterator[tuple[int, str]]:
+# build(eos_ids) -> fn(prompt_BxP, rng, lengths_B) -> int tokens [B, P + max_new_tokens]: the
+# generation programs, with every sampling choice but the stop ids already made (`local_generator`
+# for one device; launch/run/programs.text_generator for a run plan's sharded programs).
+GeneratorFactory = Callable[[Sequence[int]], Callable[..., Any]]
+
+
+def local_generator(graphdef: nnx.GraphDef, params: Params, *, max_new_tokens: int, temperature: float,
+                    top_k: int = 0, top_p: float = 1.0) -> GeneratorFactory:
+  """A GeneratorFactory over `lm.decoding.make_generate_fn` (one device, or arrays already placed)."""
+  def build(eos_ids):
+    fn = make_generate_fn(graphdef, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                          top_p=top_p, eos_id=tuple(eos_ids))
+    return lambda prompt_BxP, rng, lengths_B: fn(params, prompt_BxP, rng, lengths_B)
+  return build
+
+
+def stream_text(generator: GeneratorFactory, tokenizer, prompts: list[str], *, max_seq_len: int,
+                max_new_tokens: int, seed: int = 0, batch_size: int = 8, stop_ids: Sequence[int] = (),
+                echo: bool = True) -> Iterator[tuple[int, str]]:
   """Yields (prompt index, continuation with the prompt text) as each batch of prompts finishes.
 
-  `tokenizer` has encode / decode / eos_id (lm.data.tokenizer). Prompts of different lengths share a
-  batch: they are left-padded to a power-of-two width (so few shapes compile), each row continues at
-  its own positions and stops at its own EOS. Every prompt is checked before anything compiles:
-  ValueError for one that is empty or leaves no room for `max_new_tokens` within `max_seq_len`.
-  `graphdef`, `params` and `attention` as in `make_generate_fn` (serve with a ModelConfig, serving
-  params and the run plan's attention plan).
-  A row also stops at any of `stop_ids` (a chat model's end-of-turn tokens); `echo=False` yields
-  the continuations without their prompts.
+  `generator(eos_ids)` returns the function that generates a batch (GeneratorFactory: sampling is
+  chosen there, for `max_new_tokens` new tokens). `tokenizer` has encode / decode / eos_id
+  (lm.data.tokenizer). Prompts of different lengths share a batch: they are left-padded to a
+  power-of-two width (so few shapes compile), each row continues at its own positions and stops at
+  its own EOS. Every prompt is checked before anything compiles: ValueError for one that is empty or
+  leaves no room for `max_new_tokens` within `max_seq_len`. A row also stops at any of `stop_ids` (a
+  chat model's end-of-turn tokens); `echo=False` yields the continuations without their prompts.
   """
-  check_sampling_args(temperature, top_k, top_p)
   if not is_count(batch_size) or batch_size < 1:
     raise ValueError(f"batch_size={batch_size!r}: must be an integer >= 1.")
   limit = max_seq_len - max_new_tokens
@@ -64,13 +75,12 @@ def stream_text(graphdef: nnx.GraphDef | ModelConfig, params: Params, tokenizer,
       raise ValueError(f"prompt {prompt[:40]!r} has {len(ids)} tokens; it needs 1 to {limit} "
                        f"(model.max_seq_len={max_seq_len} minus max_new_tokens).")
   stops = tuple(dict.fromkeys((tokenizer.eos_id, *stop_ids)))
-  fn = make_generate_fn(graphdef, max_new_tokens=max_new_tokens, temperature=temperature,
-                        top_k=top_k, top_p=top_p, eos_id=stops, attention=attention)
+  fn = generator(stops)
   for first in range(0, len(prompts), batch_size):
     rows = encoded[first:first + batch_size]
     width = _bucket(max(len(ids) for ids in rows), limit)
     tokens_BxP, lengths_B = left_pad(rows, width)
-    tokens_BxT = np.asarray(fn(params, tokens_BxP, jax.random.key(seed + first), lengths_B))
+    tokens_BxT = np.asarray(fn(tokens_BxP, jax.random.key(seed + first), lengths_B))
     for row in range(len(rows)):
       generated = [int(t) for t in tokens_BxT[row, width:]]
       ends = [i for i, t in enumerate(generated) if t in stops]
@@ -78,16 +88,10 @@ def stream_text(graphdef: nnx.GraphDef | ModelConfig, params: Params, tokenizer,
       yield first + row, (prompts[first + row] if echo else "") + tokenizer.decode(generated)
 
 
-def generate_text(graphdef: nnx.GraphDef | ModelConfig, params: Params, tokenizer, prompts: list[str], *, max_seq_len: int,
-                  max_new_tokens: int, temperature: float, top_k: int = 0, top_p: float = 1.0,
-                  seed: int = 0, batch_size: int = 8, stop_ids: Sequence[int] = (),
-                  echo: bool = True, attention: AttentionPlan | None = None) -> list[str]:
+def generate_text(generator: GeneratorFactory, tokenizer, prompts: list[str], **kwargs) -> list[str]:
   """Returns one continuation per prompt string (prompt text included unless `echo=False`), in
-  order; see `stream_text`."""
+  order; arguments as `stream_text`'s."""
   texts = [""] * len(prompts)
-  for index, text in stream_text(graphdef, params, tokenizer, prompts, max_seq_len=max_seq_len,
-                                 max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                 top_p=top_p, seed=seed, batch_size=batch_size, stop_ids=stop_ids,
-                                 echo=echo, attention=attention):
+  for index, text in stream_text(generator, tokenizer, prompts, **kwargs):
     texts[index] = text
   return texts

@@ -48,9 +48,10 @@ class Attention(nnx.Module):
     attention runs through the kernel the model's attention plan names for that place and length
     (`self.kernels`, made by `lm.attention.plan_attention`; segment ids keep documents, or a
     left-padded row's padding, apart); a decode step reads the cache through XLA with
-    `mask_BxLxS`. When the sequence is split over devices (`lm.axes.sequence_attention` installed,
-    its block kernel from the same plan), full-sequence attention runs through that hook with each
-    token's `positions_BxL`.
+    `mask_BxLxS`. When the plan splits the sequence over devices (`self.kernels.ring_block`),
+    full-sequence attention runs across the shards through the function the program installed
+    (`lm.axes.sequence_attention`: only how to reach the mesh), with this plan's strategy, block
+    kernel and layout, masking by each token's `positions_BxL`.
     """
     q_BxLxNxK = layers.apply_rotary(self.query(x_BxLxD), sin, cos)
     k_BxLxGxK = layers.apply_rotary(self.key(x_BxLxD), sin, cos)
@@ -68,9 +69,20 @@ class Attention(nnx.Module):
       k_BxSxGxK, v_BxSxGxK, k_scale, v_scale = kv_cache.read_unscaled(new_kv, layer, q_BxLxNxK.dtype)
       # ---- end KV-cache write ----
     prefill = isinstance(cache_index, int) and cache_index == 0
-    across_shards = sequence_attention() if cache_kv is None else None
-    if across_shards is not None:
+    kernels = self.kernels
+    if kernels.ring_block is not None and cache_kv is None:
+      # The plan split the sequence over devices: the program installs how to cross the mesh
+      # (lm.axes.sequence_attention); the strategy, block kernel and layout are this model's own.
+      across_shards = sequence_attention()
+      if across_shards is None:
+        raise ValueError(
+            f"this model's attention plan splits each sequence over {kernels.ring_shards} devices "
+            f"({kernels.ring_strategy}, {kernels.ring_layout} order), but the program calling it installs "
+            "no attention across sequence shards; build the program from the run plan "
+            "(launch.run.programs).")
       out_BxLxNxK = across_shards(q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, positions_BxL, segment_ids_BxL,
+                                  strategy=kernels.ring_strategy, block_kernel=kernels.ring_block.implementation,
+                                  layout=kernels.ring_layout, interpret=kernels.interpret,
                                   recompute=self.cfg.remat == "none")
     elif cache_kv is None or prefill:
       place = self.kernels.full if cache_kv is None else self.kernels.prefill
@@ -139,23 +151,31 @@ class Block(nnx.Module):
 
 
 class Transformer(nnx.Module):
-  """Decoder-only language model; the layer stack is one `Block` with a leading `layers` axis.
+  """Decoder-only language model; the layer stack is one `Block` with a leading `layers` axis, or
+  with `per_layer` (the serving layout) one `Block` per layer.
 
   `remat_wrapper` (from `sharding.remat`) wraps the per-layer function to choose what the backward
   pass recomputes; None keeps every activation. `layer_stack` (from `sharding.pipeline`) runs the
   layers of a full forward pass (training, evaluation) instead of one scan; the KV-cache path
   always scans. `attention` is the run plan's attention plan (`lm.attention.plan_attention`: the
   kernel for each place); without one the model runs XLA attention (`lm.attention.unplanned`).
-  None of these changes the parameters.
+  None of these changes the parameters' values.
+
+  `per_layer` lays the weights out for serving: `layers` holds one Block per layer instead of
+  `blocks` stacked along `layers`, and the decoder runs them in a Python loop with one KV cache array
+  per layer. A decode step then reads each layer's weights and cache directly, where the stacked
+  layout copies each layer's slice out of the stack first (`lm.serving.serving_params` converts; the
+  same logical names place them, minus `layers`).
   """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, remat_wrapper: RematWrapper | None = None,
                layer_stack: LayerStack | None = None,
-               attention: attention_lib.AttentionPlan | None = None):
+               attention: attention_lib.AttentionPlan | None = None, per_layer: bool = False):
     self.cfg = cfg
     kernels = attention or attention_lib.unplanned(cfg.attention)
     self.remat_wrapper = remat_wrapper
     self.layer_stack = layer_stack
+    self.per_layer = per_layer
     kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype, rngs=rngs)
     self.embed = quant.embedding(cfg)(cfg.vocab_size, cfg.d_model, **kw)
 
@@ -164,7 +184,10 @@ class Transformer(nnx.Module):
     def make_blocks(rngs: nnx.Rngs) -> Block:
       return Block(cfg, kernels, rngs=rngs)
 
-    self.blocks = make_blocks(rngs)
+    if per_layer:
+      self.layers = nnx.List([Block(cfg, kernels, rngs=rngs) for _ in range(cfg.num_layers)])
+    else:
+      self.blocks = make_blocks(rngs)
     self.final_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.storage_dtype,
                                      rngs=rngs)
     self.unembed = nnx.data(None if cfg.tie_embeddings else quant.dense(cfg, "unembed")(
@@ -198,6 +221,11 @@ class Transformer(nnx.Module):
     def layer(x, block):
       return block(x, sin, cos, segment_ids_BxL, positions_BxL=positions_BxL)[0]
 
+    if self.per_layer:
+      for block in self.layers:
+        x_BxLxD = layer(x_BxLxD, block)
+      return self.final_norm(x_BxLxD), None
+
     if self.layer_stack is not None and cache is None:
       # The pipeline carries each row's rotary tables (and segment ids) with its micro-batch.
       rows = (sin, cos) if segment_ids_BxL is None else (sin, cos, segment_ids_BxL)
@@ -218,10 +246,19 @@ class Transformer(nnx.Module):
     cfg = self.cfg
     length = x_BxLxD.shape[1]
     # ---- cached decoding (issue 17) ----
-    mask_BxLxS = cache_mask(cache["k"].shape[2], start, length, key_start_B)
+    mask_BxLxS = cache_mask(cache_length(cache), start, length, key_start_B)
     # A prefill attends within the prompt through the selected kernel: segment ids keep a left-padded
     # row's padding (segment 0) away from its real tokens (segment 1).
     segments_BxL = padding_segments(start, length, key_start_B)
+
+    if self.per_layer:  # one cache array per layer, each with a leading layers axis of 1
+      new_cache = {name: list(arrays) for name, arrays in cache.items()}
+      for i, block in enumerate(self.layers):
+        x_BxLxD, layer_cache = block(x_BxLxD, sin, cos, segments_BxL, mask_BxLxS,
+                                     {name: arrays[i] for name, arrays in cache.items()}, start, 0)
+        for name, array in layer_cache.items():
+          new_cache[name][i] = array
+      return self.final_norm(x_BxLxD), new_cache
 
     def cached_layer(carry, block, index):
       x, cache = carry
@@ -260,7 +297,7 @@ class Transformer(nnx.Module):
     cache with these tokens' keys and values written in); with `last_only`, logits [B, 1, V] of the
     last column only (what a prefill needs: XLA does not narrow [B, L, V] logits that are sliced).
     """
-    cache_len = cache["k"].shape[2]
+    cache_len = cache_length(cache)
     if isinstance(cache_index, int) and cache_index + tokens_BxL.shape[1] > cache_len:
       # (A traced index cannot be checked here; `lm.generate` checks lengths before tracing.)
       raise ValueError(f"decoding {tokens_BxL.shape[1]} tokens at position {cache_index} overruns the "
@@ -268,6 +305,10 @@ class Transformer(nnx.Module):
     hidden, cache = self.hidden_states(tokens_BxL, positions_BxL, cache=cache, cache_index=cache_index,
                                        key_start_B=key_start_B)
     return self.logits(hidden[:, -1:] if last_only else hidden), cache
+
+  def init_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+    """A zero KV cache for this model's layout (`init_cache`)."""
+    return init_cache(self.cfg, batch, max_len, per_layer=self.per_layer)
 
 
 def positions_in_documents(segment_ids_BxL: jax.Array) -> jax.Array:
@@ -313,7 +354,18 @@ def cache_mask(cache_len: int, start, length: int, key_start_B=None) -> jax.Arra
   return mask_BxLxS
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int | None = None) -> KVCache:
+def init_cache(cfg: ModelConfig, batch: int, max_len: int | None = None, per_layer: bool = False) -> KVCache:
   """Returns a zero KV cache {"k", "v"}: each [num_layers, batch, max_len, num_kv_heads, head_dim],
-  in the compute dtype, or int8 with scales for model.kv_cache_dtype = int8 (lm/kv_cache.py)."""
-  return kv_cache.empty(cfg, cfg.num_layers, batch, cfg.max_seq_len if max_len is None else max_len)
+  in the compute dtype, or int8 with scales for model.kv_cache_dtype = int8 (lm/kv_cache.py). With
+  `per_layer` (the serving layout) each entry is a list of one [1, batch, max_len, ...] array per layer."""
+  max_len = cfg.max_seq_len if max_len is None else max_len
+  if not per_layer:
+    return kv_cache.empty(cfg, cfg.num_layers, batch, max_len)
+  layers = [kv_cache.empty(cfg, 1, batch, max_len) for _ in range(cfg.num_layers)]
+  return {name: [layer[name] for layer in layers] for name in layers[0]}
+
+
+def cache_length(cache: KVCache) -> int:
+  """The number of columns of a KV cache (either layout)."""
+  k = cache["k"]
+  return (k[0] if isinstance(k, (list, tuple)) else k).shape[2]

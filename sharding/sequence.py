@@ -80,27 +80,28 @@ def check_rules(rules: rules_lib.Rules) -> None:
                      f"it gives {placed!r}; write length={AXIS} in mesh.custom_rules (or leave length out).")
 
 
-def sequence_attention_fn(mesh: Mesh, rules: rules_lib.Rules, strategy: str, attend: MaskedAttention,
-                          *, block_kernel: str = "xla", layout: str = "natural", interpret: bool = False):
-  """The function `lm.axes.use_sequence_attention` installs: attention of `length`-split arrays.
+def sequence_attention_fn(mesh: Mesh, rules: rules_lib.Rules, attend: MaskedAttention):
+  """The function `lm.axes.use_sequence_attention` installs: how attention of `length`-split arrays
+  reaches the mesh, and nothing the model decides.
 
-  `strategy` is one of STRATEGIES; `attend` is the masked attention the all-gather strategy runs on
-  each device's block (lm.attention.xla_attention). Under the ring, each block runs through
-  `block_kernel` (xla | splash: the run plan's choice), reading the sequences' `layout` (natural |
-  zigzag: the plan's too); `interpret` runs splash in Pallas' interpreter. The returned
-  fn(q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, positions_BxL, segment_ids_BxL or None, recompute=False) takes
-  and returns global arrays, and runs each device's part in a shard_map with batch, length and heads
-  split by `rules`.
+  `attend` is the masked attention the all-gather strategy runs on each device's block
+  (lm.attention.xla_attention). The returned fn(q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, positions_BxL,
+  segment_ids_BxL or None, *, strategy, block_kernel, layout, interpret, recompute) takes and
+  returns global arrays and runs each device's part in a shard_map with batch, length and heads
+  split by `rules`; the keyword arguments are the calling model's attention plan (strategy: one
+  of STRATEGIES; under the ring each block runs through `block_kernel`, xla | splash, reading the
+  sequences' `layout`, natural | zigzag; `interpret` runs splash in Pallas' interpreter).
   """
-  if strategy not in STRATEGIES:
-    raise ValueError(f"mesh.sequence_attention={strategy!r}: choose one of {list(STRATEGIES)}.")
   check_rules(rules)
   spec = lambda names: rules_lib.logical_to_spec(names, rules)
   q_spec = spec(("batch", "length", "heads", None))
   kv_spec = spec(("batch", "length", "kv_heads", None))
   row_spec = spec(("batch", "length"))
 
-  def fn(q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, positions_BxL, segment_ids_BxL=None, recompute=False):
+  def fn(q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, positions_BxL, segment_ids_BxL=None, *, strategy: str,
+         block_kernel: str = "xla", layout: str = "natural", interpret: bool = False, recompute=False):
+    if strategy not in STRATEGIES:
+      raise ValueError(f"mesh.sequence_attention={strategy!r}: choose one of {list(STRATEGIES)}.")
     if segment_ids_BxL is None:
       segment_ids_BxL = jnp.zeros(q_BxLxNxK.shape[:2], jnp.int32)
     positions_BxL = jnp.broadcast_to(positions_BxL, q_BxLxNxK.shape[:2]).astype(jnp.int32)

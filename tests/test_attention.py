@@ -13,7 +13,7 @@ from flax import nnx
 from configs.smoke import get_config
 from launch.run.config import model_config, validate
 from launch.run.plan import decide
-from launch.run.step import per_shard_map
+from launch.run.programs import per_shard_map
 from lm import attention, axes
 from lm.transformer import Transformer
 from sharding import mesh as mesh_lib
@@ -46,7 +46,11 @@ def test_selection_table(requested, platform, dtype, head_dim, seq_len, cap, exp
                             seq_len=seq_len, compute_capability=cap)
   assert choice.implementation == expected
   assert words in choice.reason
-  assert choice.message().startswith(f"attention: {expected} ({requested}: ")
+  # The message names the kernel and, for a kernel with a length rule, the rule itself.
+  rule = (expected if choice.length_multiple == 1 or expected == "xla" else
+          f"{expected} for lengths that are a multiple of {choice.length_multiple}, else xla"
+          if requested == "auto" else f"{expected} (lengths must be a multiple of {choice.length_multiple})")
+  assert choice.message().startswith(f"attention: {rule} ({requested}: ")
 
 
 def test_odd_prompt_prefill_keeps_cudnn_without_a_segment_mask():

@@ -50,24 +50,25 @@ def test_profile_summary_finds_the_matmul(tmp_path):
 def test_decode_row_measures_a_tiny_model_and_sizes_its_floor():
   from launch.measure import decode as decode_lib
   from launch.run.config import model_config
+  from launch.run.plan import config_for_model
   cfg = model_config(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
                      mlp_dim=64, max_seq_len=32, dtype="float32")
   # Closed forms: 2 (k, v) x layers x batch x length x kv_heads x head_dim x 4 bytes.
   assert decode_lib.kv_cache_bytes(cfg, 3, 10) == 2 * 2 * 3 * 10 * 2 * 8 * 4
   matmul_params = 2 * (32 * 8 * (2 * 4 + 2 * 2) + 3 * 32 * 64) + 64 * 32
   assert decode_lib.decode_flops(cfg, 2, 5.0) == 2 * (2 * matmul_params + 4 * 2 * 4 * 8 * 5.0)
-  float_v, int8_v = decode_lib.make_variants(cfg, ["float", "w8a8"])
+  float_v, int8_v = decode_lib.make_variants(config_for_model(cfg), ["float", "w8a8"])
   assert decode_lib.weight_read_bytes(cfg, float_v.params) == cfg.num_params() * 4
   assert decode_lib.weight_read_bytes(int8_v.cfg, int8_v.params) < cfg.num_params() * 4 / 3
   row, _ = decode_lib.decode_row(int8_v, 2, 4, 3, bandwidth=1e9, matmul_flops=1e9, repeats=1)
   assert row["floor_ms"] == max(row["memory_floor_ms"], row["compute_floor_ms"])
   assert row["decode_ms_tok"] > 0 and row["x_floor"] == pytest.approx(row["decode_ms_tok"] / row["floor_ms"])
   with pytest.raises(ValueError, match="weights mode"):
-    decode_lib.make_variants(cfg, ["w4a16"])
+    decode_lib.make_variants(config_for_model(cfg), ["w4a16"])
   # An int8 KV cache: 1 byte per value plus a float32 scale per (token, kv head).
   cfg8 = dataclasses.replace(cfg, kv_cache_dtype="int8")
   assert decode_lib.kv_cache_bytes(cfg8, 3, 10) == 2 * 2 * 3 * 10 * 2 * (8 + 4)
-  [kv8_v] = decode_lib.make_variants(cfg8, ["float"])
+  [kv8_v] = decode_lib.make_variants(config_for_model(cfg8), ["float"])
   assert kv8_v.name == "float float32 + int8 KV"
   row, _ = decode_lib.decode_row(kv8_v, 2, 4, 3, bandwidth=1e9, matmul_flops=1e9, repeats=1)
   assert row["kv_cache_MB"] == decode_lib.kv_cache_bytes(cfg8, 2, 4 + 3 + 1) / 1e6

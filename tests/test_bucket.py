@@ -34,6 +34,7 @@ from launch.run.logger import read_metrics
 from launch.run.loop import train
 from launch.run.preemption import StopRequest
 from launch.run.workdir_lock import WorkdirLock
+from lm.model_def import for_shapes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "shardlm-test"
@@ -281,7 +282,7 @@ def test_hugging_face_checkpoint_converts_into_and_out_of_the_bucket(bucket, tmp
   assert paths.read_bytes(f"{exported}/tokenizer.json") == paths.read_bytes(f"{hf_url}/tokenizer.json")
   again = convert.import_hf(exported, str(tmp_path / "local"))  # back from the bucket to a disk
   assert again["model"] == saved["model"]
-  mdef = ts.model_def(ModelConfig(**saved["model"]))
+  mdef = ts.model_def(for_shapes(ModelConfig(**saved["model"])))
   restored = []
   for directory in (converted, str(tmp_path / "local")):
     checkpointer = ckpt_lib.Checkpointer(directory, read_only=True)

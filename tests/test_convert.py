@@ -21,8 +21,9 @@ from launch.run import checkpoint as ckpt_lib
 from launch.huggingface import convert
 from launch.huggingface import checkpoint as hf_lib
 from launch.run import state as ts
+from lm.model_def import for_shapes
 from launch.run.config import model_config, validate
-from launch.run.step import activation_constraint
+from launch.run.programs import activation_constraint
 from launch.run.loop import train
 from lm import axes
 from lm.config import ModelConfig
@@ -113,7 +114,7 @@ def test_import_export_import_is_bit_equal(name, tmp_path):
     assert saved["data"]["tokenizer"] == "huggingface"
     assert saved["data"]["tokenizer_path"] == os.path.join(first, convert.TOKENIZER_DIR, "tokenizer.json")
     assert again["data"]["tokenizer_path"] == os.path.join(second, convert.TOKENIZER_DIR, "tokenizer.json")
-  mdef = ts.model_def(ModelConfig(**saved["model"]))
+  mdef = ts.model_def(for_shapes(ModelConfig(**saved["model"])))
   restored = []
   for directory in (first, second):
     checkpointer = ckpt_lib.Checkpointer(directory, read_only=True)
@@ -127,7 +128,7 @@ def test_params_only_checkpoint_cannot_be_resumed(tmp_path):
   out = str(tmp_path / "ckpt")
   saved = convert.import_hf(os.path.join(FIXTURES, "hf_llama_tied"), out)
   cfg = validate(saved)
-  mdef = ts.model_def(cfg.model)
+  mdef = ts.model_def(for_shapes(cfg.model))
   tx = optax.adam(1e-3)
   mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
   abstract = ts.abstract_state(mdef, tx, ts.state_shardings(mdef, tx, mesh, rules_lib.get_rules("dp")))

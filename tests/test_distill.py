@@ -14,7 +14,7 @@ from launch.run import state as ts
 from launch.run.config import validate, with_overrides
 from launch.run.plan import make_plan
 from compress.distill_run import distill, distill_hook, load_teacher
-from launch.run.step import jit_train_step
+from launch.run import programs
 
 
 def numpy_kd(student, teacher, targets, alpha, temperature):
@@ -102,7 +102,7 @@ def test_distillation_step_on_eight_devices_with_both_models_sharded(teacher_dir
   assert t_kernel.addressable_shards[0].data.shape == (2, 64 // 4, 128)
 
   hook = distill_hook(cfg, plan, teacher)
-  step_fn = jit_train_step(plan, hook)
+  step_fn = programs.train_step(plan, hook)
   state = ts.init_train_state(plan.mdef, plan.tx, plan.shardings, cfg.seed)
   s_kernel = state.params["blocks"]["mlp"]["up"]["kernel"]
   assert s_kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None)

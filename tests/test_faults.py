@@ -28,6 +28,7 @@ from launch.run.loop import train
 from launch.run.restore import load_checkpoint
 from launch.run.step import train_step
 from launch.run.workdir_lock import LOCK_NAME, WorkdirLock
+from launch.run.plan import make_plan
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -136,7 +137,7 @@ def test_listing_offers_only_whole_steps(good_run, tmp_path):
 def test_skip_step_keeps_state_and_flags_it():
   """train_step with skip_nonfinite: a NaN loss leaves params and optimizer state bit-identical."""
   cfg = smoke_config("unused")
-  mdef = ts.model_def(cfg.model)
+  mdef = make_plan(cfg).mdef
   from launch.run.optimizer import learning_rate_schedule, make_optimizer
   tx, schedule = make_optimizer(cfg.train), learning_rate_schedule(cfg.train)
   state = ts._fresh(ts.init_params(mdef, jax.random.key(0)), tx).replace(step=jnp.int32(5))

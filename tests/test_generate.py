@@ -18,7 +18,13 @@ from lm import decoding, sampling
 from lm import generate as gen_lib
 from lm import attention, kv_cache, serving
 from launch.run.config import model_config
+from lm.model_def import define
 from lm.transformer import Transformer, init_cache
+
+
+def serving_graphdef(cfg):
+  """The serving layout's graphdef (one Block per layer) of `cfg`'s model."""
+  return define(cfg, per_layer=True).graphdef
 
 nnx.use_eager_sharding(False)
 
@@ -295,11 +301,11 @@ def test_serving_model_generates_what_the_transformer_does(variant, prompt_BxP):
   kwargs = dict(max_new_tokens=NEW_TOKENS, temperature=0.0)
   tokens_BxP, lengths_B = gen_lib.left_pad(RAGGED)
   expected = decoding.make_generate_fn(graphdef, **kwargs)(params, tokens_BxP, jax.random.key(0), lengths_B)
-  served = decoding.make_generate_fn(cfg, **kwargs)(serving.serving_params(params), tokens_BxP,
+  served = decoding.make_generate_fn(serving_graphdef(cfg), **kwargs)(serving.serving_params(params), tokens_BxP,
                                                    jax.random.key(0), lengths_B)
   np.testing.assert_array_equal(served, expected)
   # And its logits equal the full forward's (so the fast path is the same model, not a lookalike).
-  model = serving.ServingModel(cfg, serving.serving_params(params))
+  model = nnx.merge(serving_graphdef(cfg), serving.serving_params(params))
   logits_BxV, _ = jax.jit(lambda: decoding.prefill(model, prompt_BxP, cfg.max_seq_len))()
   np.testing.assert_allclose(logits_BxV, _forward(graphdef, params, prompt_BxP)[:, -1], atol=1e-5, rtol=0)
 
@@ -309,13 +315,14 @@ def test_stream_text_batches_ragged_prompts_like_one_at_a_time(tiny):
   _, graphdef, params = tiny
   tok = ByteTokenizer()  # ids up to 258 exceed the tiny vocab of 61: use only low bytes
   prompts = ["\x01\x02", "\x05\x06\x07\x08\x09", "\x03"]
-  kwargs = dict(max_seq_len=TINY["max_seq_len"], max_new_tokens=6, temperature=0.0)
-  streamed = list(gen_lib.stream_text(graphdef, params, tok, prompts, batch_size=2, **kwargs))
+  kwargs = dict(max_seq_len=TINY["max_seq_len"], max_new_tokens=6)
+  generator = gen_lib.local_generator(graphdef, params, max_new_tokens=6, temperature=0.0)
+  streamed = list(gen_lib.stream_text(generator, tok, prompts, batch_size=2, **kwargs))
   assert [i for i, _ in streamed] == [0, 1, 2]
-  alone = [gen_lib.generate_text(graphdef, params, tok, [p], batch_size=1, **kwargs)[0] for p in prompts]
+  alone = [gen_lib.generate_text(generator, tok, [p], batch_size=1, **kwargs)[0] for p in prompts]
   assert [text for _, text in streamed] == alone
   with pytest.raises(ValueError, match="needs 1 to 26"):
-    list(gen_lib.stream_text(graphdef, params, tok, ["\x01" * 27], **kwargs))
+    list(gen_lib.stream_text(generator, tok, ["\x01" * 27], **kwargs))
 
 
 # ---- int8 KV cache (lm/kv_cache.py) ---------------------------------------------------------------
@@ -374,7 +381,7 @@ def test_int8_cache_holds_a_quarter_or_half_the_bytes(dtype, itemsize):
   assert total / nbytes(plain, plain) == pytest.approx((64 + 4) / (64 * itemsize))
   assert total == kv_cache.bytes_per_column(cfg8) * cfg.num_layers * 3 * 16
   assert nbytes(plain, plain) == kv_cache.bytes_per_column(cfg) * cfg.num_layers * 3 * 16
-  served = serving.init_serving_cache(cfg8, 3, 16)  # the serving layout's per-layer lists
+  served = init_cache(cfg8, 3, 16, per_layer=True)  # the serving layout's per-layer lists
   assert nbytes(served, served) == total and len(served["k_scale"]) == cfg.num_layers
 
 
@@ -390,7 +397,8 @@ def test_int8_cache_generation_stays_close_to_the_float_cache(tiny, prompt_BxP, 
   # Measured: at most 2.3% of the logits' spread (head_dim 8: few values share a scale); mean 0.3%.
   assert 0 < difference.max() < 0.05 * spread and difference.mean() < 0.01 * spread
   # Greedy generation through the serving layout: the tokens mostly agree with the float cache's.
-  fn = decoding.make_generate_fn(dataclasses.replace(cfg, kv_cache_dtype="int8"), max_new_tokens=NEW_TOKENS,
+  fn = decoding.make_generate_fn(serving_graphdef(dataclasses.replace(cfg, kv_cache_dtype="int8")),
+                                max_new_tokens=NEW_TOKENS,
                                 temperature=0.0)
   int8_BxT = fn(serving.serving_params(params), prompt_BxP, jax.random.key(0))
   assert np.mean(np.asarray(int8_BxT) == greedy_BxT) >= 0.9
@@ -400,7 +408,7 @@ def test_int8_cache_generation_stays_close_to_the_float_cache(tiny, prompt_BxP, 
 def test_cached_log_probs_equal_the_full_forward(tiny, serve):
   cfg, graphdef, params = tiny
   tokens_BxL = jax.random.randint(jax.random.key(4), (BATCH, 20), 0, TINY["vocab_size"], jnp.int32)
-  build = (lambda p: serving.ServingModel(cfg, serving.serving_params(p))) if serve else (
+  build = (lambda p: nnx.merge(serving_graphdef(cfg), serving.serving_params(p))) if serve else (
       lambda p: nnx.merge(graphdef, p))
   scored_BxN = jax.jit(lambda p, t: decoding.cached_log_probs(build(p), t, 6))(params, tokens_BxL)
   log_probs_BxLxV = jax.nn.log_softmax(_forward(graphdef, params, tokens_BxL), axis=-1)

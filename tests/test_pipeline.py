@@ -13,6 +13,7 @@ import pytest
 from configs.smoke import get_config
 from launch.run import checkpoint as ckpt_lib
 from launch.run import state as ts
+from launch.run import programs
 from launch.run import step as step_lib
 from launch.run.config import validate, with_overrides
 from launch.run.plan import decide, make_plan
@@ -43,7 +44,7 @@ def loss_and_grads(cfg):
   plan = make_plan(cfg)
   params = ts.init_train_state(plan.mdef, plan.tx, plan.shardings, seed=0).params
   fn = jax.jit(jax.value_and_grad(lambda p, b: step_lib._loss(p, b, plan.mdef)[0]))
-  loss, grads = step_lib.under_plan(fn, plan)(params, batch_for(plan))
+  loss, grads = programs.Program(fn, plan)(params, batch_for(plan))
   return float(loss), jax.device_get(grads)
 
 
@@ -75,7 +76,7 @@ def test_pipeline_composes_with_gradient_accumulation(reference):
   cfg = make_config(**{"mesh.stage": 2, "mesh.data": 2, "train.microbatches": 2, "train.grad_accum_steps": 2})
   plan = make_plan(cfg)
   state = ts.init_train_state(plan.mdef, plan.tx, plan.shardings, seed=0)
-  step = step_lib.jit_train_step(plan)
+  step = programs.train_step(plan)
   _, metrics = step(state, batch_for(plan))
   ref_norm = float(np.sqrt(sum(np.sum(np.square(g)) for g in jax.tree.leaves(reference[1]))))
   np.testing.assert_allclose(float(metrics["loss"]), reference[0], rtol=2e-5)
@@ -107,14 +108,14 @@ def test_eval_and_generation_run_on_stage_sharded_parameters():
   single = make_plan(make_config(**{"mesh.num_devices": 1}))
   params = {name: ts.init_train_state(c.mdef, c.tx, c.shardings, seed=0).params
             for name, c in (("staged", staged), ("single", single))}
-  losses = {name: float(step_lib.jit_eval_step(c)(
+  losses = {name: float(programs.eval_step(c)(
       params[name], batch_for(c))["loss_sum"]) for name, c in (("staged", staged), ("single", single))}
   np.testing.assert_allclose(losses["staged"], losses["single"], rtol=2e-5)
   prompt = jnp.asarray(np.arange(1, 9, dtype=np.int32).reshape(2, 4))
   tokens = {}
   for name, c in (("staged", staged), ("single", single)):
     fn = make_generate_fn(c.mdef.graphdef, max_new_tokens=4, temperature=0.0)
-    tokens[name] = np.asarray(step_lib.under_plan(fn, c)(params[name], prompt, jax.random.key(0)))
+    tokens[name] = np.asarray(programs.Program(fn, c)(params[name], prompt, jax.random.key(0)))
   np.testing.assert_array_equal(tokens["staged"], tokens["single"])
 
 

@@ -17,12 +17,12 @@ import pytest
 from configs.smoke import get_config
 from launch.run import checkpoint as ckpt_lib
 from launch.run import loop
+from launch.run import programs
 from launch.run import state as ts
 from launch.run import step as step_lib
 from launch.run.config import validate, with_overrides
 from launch.run.plan import make_plan
 from lm import attention
-from lm.decoding import make_generate_fn
 from sharding import sequence as sequence_lib
 
 # Splash tiles 128 tokens and the ring splits each sequence into 2 x sequence pieces: 512 tokens
@@ -91,18 +91,18 @@ def test_a_plan_for_described_tpu_devices_makes_tpu_choices_and_nothing_else_cha
 def test_the_unsplit_step_and_prefill_run_what_the_plan_says(platform, spy):
   plan = make_plan(make_config(**{"mesh.data": 8, "train.global_batch_size": 8}), platform=platform)
   kernel = plan.attention.full.implementation
-  traced = step_lib.jit_train_step(plan).trace(*abstract_inputs(plan))
+  traced = programs.train_step(plan).trace(*abstract_inputs(plan))
   assert set(spy) == {("whole", kernel)}
   assert (pallas_calls(traced.jaxpr.jaxpr) > 0) == (kernel == "splash")
 
   # Prefill: a 256-token prompt is whole splash tiles, a 16-token one is not (XLA under auto).
-  generate = step_lib.under_plan(make_generate_fn(plan.mdef.graphdef, max_new_tokens=1, temperature=0.0),
-                                 plan)
-  params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), plan.mdef.abstract_params)
+  generation = programs.Generation(plan, max_new_tokens=1)  # what launch.generate runs
+  params = programs.abstract_serving_params(plan)
+  lengths = jax.ShapeDtypeStruct((8,), jnp.int32)
   for length in (256, 16):
     spy.clear()
     prompt = jax.ShapeDtypeStruct((8, length), jnp.int32)
-    traced = generate.trace(params, prompt, jax.ShapeDtypeStruct((), jax.random.key(0).dtype))
+    traced = generation.prefill.trace(params, prompt, lengths)
     assert set(spy) == {("whole", plan.attention.prefill.for_length(length))}
     assert (pallas_calls(traced.jaxpr.jaxpr) > 0) == (plan.attention.prefill.for_length(length) == "splash")
   assert (platform, plan.attention.prefill.for_length(256)) in ((None, "xla"), ("tpu", "splash"))
@@ -113,10 +113,11 @@ def test_ring_blocks_run_the_planned_kernel_in_both_layouts(platform, spy):
   plan = make_plan(make_config(**{"mesh.sequence": 2, "mesh.data": 4}), platform=platform)
   block = plan.attention.ring_block.implementation
   assert plan.sequence.layout == "zigzag" and plan.meta()["sequence"]["layout"] == "zigzag"
-  hook = step_lib.LossHook(lambda p, b, extra: step_lib._loss(p, b, plan.mdef), None, None)
+  natural = plan.natural_order_mdef()  # what a loss hook's model calls read
+  hook = step_lib.LossHook(lambda p, b, extra: step_lib._loss(p, b, natural), None, None)
   for loss_hook, layout in ((None, "zigzag"), (hook, "natural")):
     spy.clear()
-    traced = step_lib.jit_train_step(plan, loss_hook).trace(*abstract_inputs(plan))
+    traced = programs.train_step(plan, loss_hook).trace(*abstract_inputs(plan))
     assert set(spy) == {("block", block, layout)}  # and no whole-sequence attention
     assert (pallas_calls(traced.jaxpr.jaxpr) > 0) == (block == "splash")
   assert (platform, block) in ((None, "xla"), ("tpu", "splash"))

@@ -14,6 +14,7 @@ from launch.run import state as ts
 from launch.run.config import validate
 from sharding import mesh as mesh_lib
 from sharding import rules as rules_lib
+from launch.run.plan import make_plan
 
 
 def smoke(data_dir=None, **prune):
@@ -31,7 +32,7 @@ def model():
   """(config, layouts, random params): a tiny model whose weights have no exact zeros."""
   cfg = smoke(method="magnitude")
   layouts = pruning.kernel_layouts(cfg.model, m=4)
-  params = ts.init_params(ts.model_def(cfg.model), jax.random.key(0))
+  params = ts.init_params(make_plan(cfg).mdef, jax.random.key(0))
   return cfg, layouts, params
 
 
@@ -92,7 +93,7 @@ def test_pruned_weights_stay_exactly_zero_through_updates(model, method, target)
   cfg, _, _ = model
   prune_cfg = smoke(method=method, sparsity=target, start_step=0, end_step=4, frequency=2).prune
   layouts = pruning.kernel_layouts(cfg.model, m=4)
-  mdef = ts.model_def(cfg.model)
+  mdef = make_plan(cfg).mdef  # the model as the host's plan computes it
   tx = optax.chain(optax.adamw(1e-2, weight_decay=0.1), pruning.pruning(prune_cfg, layouts))
   mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 4, "tensor": 1}, jax.devices())
   rules = rules_lib.get_rules("fsdp")

@@ -25,9 +25,10 @@ from compress.export import save_servable
 from compress.servable import Servable
 from configs.base import base_config
 from launch.run import checkpoint as ckpt_lib
+from launch.run import programs
 from launch.run import state as ts
+from launch.run.plan import config_for_model, make_plan
 from launch.run.config import model_config, validate
-from launch.run.plan import make_plan
 from launch.run.restore import load_checkpoint
 from compress.quantize_run import quantize_checkpoint
 from lm import quant
@@ -54,6 +55,11 @@ def _forward(graphdef, params, tokens_BxL):
 
 def _graphdef(cfg):
   return ts.model_def(cfg).graphdef
+
+
+def _plan(cfg):
+  """A one-device run plan of `cfg`'s model (what calibration runs on)."""
+  return make_plan(config_for_model(cfg))
 
 
 def _tokens(batch, length, seed=0):
@@ -117,7 +123,7 @@ def float_model():
 def test_quantized_model_tracks_the_float_model(float_model, mode, smooth, embedding):
   cfg, params = float_model
   tokens = _tokens(2, 16)
-  ranges = calibrate_lib.calibrate(cfg, params, [_tokens(4, 16, seed=9)]) if smooth else None
+  ranges = calibrate_lib.calibrate(_plan(cfg), params, [_tokens(4, 16, seed=9)]) if smooth else None
   qcfg = quantize_lib.quantized_config(cfg, mode, embedding=embedding)
   qparams = quantize_lib.quantize_params(params, qcfg, ranges)
   ref = np.asarray(_forward(_graphdef(cfg), params, tokens))
@@ -175,7 +181,7 @@ def test_exported_generation_equals_in_process_generation(float_model, tmp_path)
   qcfg = quantize_lib.quantized_config(cfg, "w8a16", embedding=True)
   qparams = quantize_lib.quantize_params(params, qcfg)
   save_servable(str(tmp_path), _graphdef(qcfg), qparams, qcfg, batch=None, seq_len=8, step=0,
-                generate_tokens=6)
+                generate_tokens=6, serving_graphdef=programs.serving_mdef(_plan(qcfg)).graphdef)
   servable = Servable(str(tmp_path))
   prompts, lengths = left_pad([[5, 9, 2], [7, 7, 1, 4, 30, 12, 8, 3], [11]], width=8)
   expected = make_generate_fn(_graphdef(qcfg), max_new_tokens=6, temperature=0.0)(
@@ -258,9 +264,14 @@ def test_quantized_generation_with_kv_cache_equals_greedy_full_forward(w8a8_chec
     tokens[:, t] = np.asarray(_forward(graphdef, params, tokens))[:, t - 1].argmax(-1)
   np.testing.assert_array_equal(generated, tokens)
   # The serving layout (per-layer weights, lm/serving.py) generates the same tokens.
-  served = make_generate_fn(loaded.cfg.model, max_new_tokens=new, temperature=0.0)(
+  served = make_generate_fn(programs.serving_mdef(loaded.plan).graphdef, max_new_tokens=new, temperature=0.0)(
       serving_params(params, loaded.cfg.model.compute_dtype), prompt, jax.random.key(0))
   np.testing.assert_array_equal(served, tokens)
+  # And the programs launch.generate runs (launch/run/programs.Generation) generate them too.
+  run = programs.Generation(loaded.plan, max_new_tokens=new)
+  through_plan = run(programs.serving_params(loaded.plan, params), prompt, jax.random.key(0),
+                     np.full((2,), 5, np.int32))
+  np.testing.assert_array_equal(through_plan, tokens)
 
 
 def test_generate_command_streams_a_prompts_file(w8a8_checkpoint, tmp_path):
@@ -286,7 +297,7 @@ def test_missing_float_checkpoint_is_a_clear_error(tmp_path):
 def test_zero_calibration_batches_is_a_clear_error(float_model, tmp_path):
   cfg, params = float_model
   with pytest.raises(ValueError, match="zero batches"):
-    calibrate_lib.calibrate(cfg, params, [])
+    calibrate_lib.calibrate(_plan(cfg), params, [])
   with pytest.raises(ValueError, match="calibration_batches=0"):  # before anything is loaded
     quantize_checkpoint(str(tmp_path / "nowhere"), str(tmp_path / "out"), mode="w8a8", calibration_batches=0)
 

@@ -14,6 +14,7 @@ import pytest
 from configs.smoke import get_config
 from launch.run import checkpoint as ckpt_lib
 from launch.run import state as ts
+from launch.run import programs
 from launch.run import step as step_lib
 from launch.run.config import validate, with_overrides
 from launch.run.plan import decide, make_plan
@@ -63,11 +64,10 @@ def loss_and_grads(cfg, params):
   plan = make_plan(cfg)
   params = jax.device_put(params, plan.shardings.params)
   strategy = cfg.mesh.sequence_attention
-  shards = plan.sequence.zigzag_shards
-  fn = jax.jit(jax.value_and_grad(lambda p, b: step_lib._loss(p, b, plan.mdef, shards)[0]))
+  fn = jax.jit(jax.value_and_grad(lambda p, b: step_lib._loss(p, b, plan.mdef)[0]))
   sharding = step_lib.batch_sharding(plan.mesh, plan.rules)
   batch = {k: jax.device_put(v, sharding) for k, v in host_batch().items()}
-  lowered = step_lib.under_plan(fn, plan).lower(params, batch)
+  lowered = programs.Program(fn, plan).lower(params, batch)
   if plan.mesh.shape["sequence"] > 1:
     assert COLLECTIVE[strategy] in lowered.as_text()
   loss, grads = lowered.compile()(params, batch)
@@ -105,7 +105,7 @@ def test_train_step_with_gradient_accumulation(params, reference):
   cfg = make_config(**{"mesh.sequence": 4, "mesh.data": 2, "train.grad_accum_steps": 2})
   plan = make_plan(cfg)
   state = ts.train_state_from_params(jax.device_put(params, plan.shardings.params), plan.tx, plan.shardings)
-  step = step_lib.jit_train_step(plan)
+  step = programs.train_step(plan)
   sharding = step_lib.batch_sharding(plan.mesh, plan.rules)
   _, metrics = step(state, {k: jax.device_put(v, sharding) for k, v in host_batch().items()})
   ref_norm = float(np.sqrt(sum(np.sum(np.square(g)) for g in jax.tree.leaves(reference[1]))))
@@ -170,7 +170,7 @@ def test_checkpoint_from_sequence_mesh_evaluates_and_generates(tmp_path, params,
   rows = {k: v for k, v in host_batch().items() if k != "segment_ids"}
   losses = {}
   for name, c in (("split", split), ("single", single)):
-    eval_fn = step_lib.jit_eval_step(c)
+    eval_fn = programs.eval_step(c)
     sharding = step_lib.batch_sharding(c.mesh, c.rules)
     out = eval_fn(restored[name], {k: jax.device_put(v, sharding) for k, v in rows.items()})
     losses[name] = float(out["loss_sum"] / out["tokens"])
@@ -212,7 +212,9 @@ def test_model_with_splash_blocks_equals_single_device(params):
   2 x 2 x 128 long and the heads are 64 wide. (The natural layout, which a loss hook's model calls
   see, is checked on the kernel alone in test_ring_attention.py and for its wiring below.)"""
   # One layer: the hook runs per layer, and Pallas' interpreter is slow.
-  shape = {"data.seq_len": 512, "model.head_dim": 64, "model.max_seq_len": 512, "model.num_layers": 1}
+  # float32 on both sides: a plan for TPU devices would compute model.dtype=auto in bfloat16.
+  shape = {"data.seq_len": 512, "model.head_dim": 64, "model.max_seq_len": 512, "model.num_layers": 1,
+           "model.dtype": "float32"}
   cfg = make_config(**shape, **{"mesh.num_devices": 1})
   plan = make_plan(cfg)
   params = jax.device_get(ts.init_train_state(plan.mdef, plan.tx, plan.shardings, seed=0).params)
@@ -225,10 +227,9 @@ def test_model_with_splash_blocks_equals_single_device(params):
   for name, changes, platform in (("single", {"mesh.num_devices": 1}, None),
                                   ("zigzag", {"mesh.sequence": 2, "mesh.data": 2}, "tpu")):
     c = make_plan(make_config(**shape, **changes), platform=platform)
-    shards = c.sequence.zigzag_shards
-    fn = jax.jit(jax.value_and_grad(lambda p, b: step_lib._loss(p, b, c.mdef, shards)[0]))
+    fn = jax.jit(jax.value_and_grad(lambda p, b, c=c: step_lib._loss(p, b, c.mdef)[0]))
     sharding = step_lib.batch_sharding(c.mesh, c.rules)
-    traced = step_lib.under_plan(fn, c)
+    traced = programs.Program(fn, c)
     lowered = traced.lower(jax.device_put(params, c.shardings.params),
                            {k: jax.device_put(v, sharding) for k, v in batch.items()})
     if name != "single":
@@ -255,8 +256,9 @@ def test_ring_blocks_are_told_the_layout_they_run_in(params, monkeypatch):
   assert plan.sequence.layout == "zigzag"
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in host_batch().items()}
   state = ts.abstract_state(plan.mdef, plan.tx, plan.shardings)
-  hook = step_lib.LossHook(lambda p, b, extra: step_lib._loss(p, b, plan.mdef), None, None)
+  natural = plan.natural_order_mdef()  # the model a loss hook calls
+  hook = step_lib.LossHook(lambda p, b, extra: step_lib._loss(p, b, natural), None, None)
   for loss_hook, layout in ((None, "zigzag"), (hook, "natural")):
     seen.clear()
-    step_lib.jit_train_step(plan, loss_hook).lower(state, batch)
+    programs.train_step(plan, loss_hook).lower(state, batch)
     assert seen and set(seen) == {layout}

@@ -17,7 +17,8 @@ from launch.run import checkpoint as ckpt_lib
 from launch.run import state as ts
 from launch.run.config import validate
 from launch.run.plan import make_plan
-from launch.run.step import batch_sharding, jit_train_step
+from launch.run import programs
+from launch.run.step import batch_sharding
 from sharding import mesh as mesh_lib
 from sharding import rules as rules_lib
 
@@ -47,7 +48,7 @@ def run(cfg):
   """Trains STEPS steps from seed 0; returns (losses, final state, context)."""
   plan = make_plan(cfg)
   state = ts.init_train_state(plan.mdef, plan.tx, plan.shardings, seed=0)
-  step = jit_train_step(plan)
+  step = programs.train_step(plan)
   losses = []
   for batch in batches():
     state, metrics = step(state, jax.device_put(batch, batch_sharding(plan.mesh, plan.rules)))

@@ -8,6 +8,7 @@ import pytest
 
 from configs.bench import get_config as bench_config
 from configs.smoke import get_config as smoke_config
+from launch.run import programs
 from launch.run import step as step_lib
 from launch.run import state as ts
 from launch.run import loop
@@ -76,7 +77,7 @@ def test_chunk_size_must_divide_sequence():
 
 def test_train_loop_compiles_the_step_exactly_once(tmp_path, monkeypatch):
   traces, jitted = [], []
-  original_step, original_jit = step_lib.train_step, loop.jit_train_step
+  original_step, original_jit = step_lib.train_step, programs.train_step
 
   def counting_step(*args, **kwargs):
     traces.append(1)
@@ -87,7 +88,7 @@ def test_train_loop_compiles_the_step_exactly_once(tmp_path, monkeypatch):
     return jitted[-1]
 
   monkeypatch.setattr(step_lib, "train_step", counting_step)
-  monkeypatch.setattr(loop, "jit_train_step", capture)
+  monkeypatch.setattr(programs, "train_step", capture)
   c = smoke_config()
   c.data.data_dir = str(tmp_path / "data")
   c.train.update(dict(steps=5, log_every=1, eval_batches=1, tensorboard=False))
@@ -119,7 +120,7 @@ def test_gradient_accumulation_matches_one_big_batch():
     c.mesh.update(dict(num_devices=1, data=1))
     plan = make_plan(validate(c))
     state = ts.init_train_state(plan.mdef, plan.tx, plan.shardings, seed=0)
-    step = step_lib.jit_train_step(plan)
+    step = programs.train_step(plan)
     batch = random_batch(plan)
     for _ in range(2):
       state, metrics = step(state, batch)

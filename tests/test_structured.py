@@ -17,8 +17,14 @@ from launch.run import state as ts
 from launch.run.config import validate
 from lm.config import ModelConfig
 from lm.model_def import define
+from launch.run.plan import config_for_model, make_plan
 
 CFG = dataclasses.replace(validate(get_config()).model, dtype="float32", num_layers=3)
+
+
+def plan_for(cfg):
+  """A one-device run plan of `cfg`'s model: the calibration forwards run from it."""
+  return make_plan(config_for_model(cfg))
 
 
 def _logits(cfg: ModelConfig, params, tokens_BxL):
@@ -41,12 +47,12 @@ def _prune(prune_cfg_changes, params, batches, cfg=CFG):
   for k, v in prune_cfg_changes.items():
     raw.prune[k] = v
   target = structured.target_config(cfg, validate(raw).prune)
-  return target, *structured.prune_params(cfg, params, batches, target)
+  return target, *structured.prune_params(plan_for(cfg), params, batches, target)
 
 
 def test_stats_forward_is_the_models_forward(setup):
   params, batches = setup
-  stats = structured.make_width_stats(CFG)(params, batches[0]["inputs"])
+  stats = structured.make_width_stats(plan_for(CFG), CFG)(params, batches[0]["inputs"])
   graphdef = ts.model_def(CFG).graphdef
   hidden, _ = jax.jit(lambda p, t: nnx.merge(graphdef, p).hidden_states(t))(params, batches[0]["inputs"])
   np.testing.assert_allclose(np.asarray(stats["hidden"]), np.asarray(hidden), rtol=1e-5, atol=1e-5)
@@ -61,10 +67,10 @@ def test_zero_importance_units_are_removed_without_changing_outputs(setup):
   p["blocks"]["attention"]["value"]["kernel"][:, :, 1] = 0   # KV head 1 of every layer: [L, D, G, K]
   p["blocks"]["attention"]["out"]["kernel"][1] = 0           # layer 1 writes nothing to the residual
   p["blocks"]["mlp"]["down"]["kernel"][1] = 0
-  imp = structured.width_importance(CFG, p, batches)
+  imp = structured.width_importance(plan_for(CFG), CFG, p, batches)
   assert np.all(imp["mlp"][:, 5] == 0) and np.all(imp["groups"][:, 1] == 0)
   assert np.all(imp["mlp"][:, np.arange(CFG.mlp_dim) != 5] > 0)
-  assert structured.layer_importance(CFG, p, batches)[1] == pytest.approx(0, abs=1e-6)
+  assert structured.layer_importance(plan_for(CFG), CFG, p, batches)[1] == pytest.approx(0, abs=1e-6)
 
   target, small, report = _prune(dict(mlp_dim=CFG.mlp_dim - 1, num_kv_heads=1), p, batches)
   assert small["blocks"]["mlp"]["up"]["kernel"].shape == (3, CFG.d_model, CFG.mlp_dim - 1)
@@ -106,7 +112,7 @@ def test_embedding_channels_that_carry_zeros_go_without_changing_outputs(setup):
   p["embed"]["table"][:, dead] = 0
   p["blocks"]["attention"]["out"]["kernel"][..., dead] = 0
   p["blocks"]["mlp"]["down"]["kernel"][..., dead] = 0
-  imp = structured.width_importance(CFG, p, batches)
+  imp = structured.width_importance(plan_for(CFG), CFG, p, batches)
   assert np.all(imp["embed"][dead] == 0) and np.sum(imp["embed"] == 0) == len(dead)
   target, small, _ = _prune(dict(d_model=CFG.d_model - len(dead)), p, batches)
   assert small["embed"]["table"].shape == (CFG.vocab_size, CFG.d_model - len(dead))

@@ -224,3 +224,26 @@ def test_the_estimate_check_refuses_an_unknown_remat_before_compiling(tmp_path):
   assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr[-2000:]
   assert proc.stderr.startswith("error: model.remat='sometimes' is not a remat policy")
   assert not (tmp_path / "out").exists()
+
+
+def test_the_smoke_configs_tpu_plan_computes_in_bfloat16_and_its_estimate_stays_below_the_peak(monkeypatch):
+  """The plan of configs/smoke.py for a v5p slice, made on this CPU host, is a TPU's: model.dtype=auto
+  computes in bfloat16, the MFU's peak is the chip's bf16 rate, and XLA's estimate of the 2-layer step
+  (compiled again with the layers unrolled: the loop extrapolation is known to be far off for tiny
+  models) gives an MFU in (0, 100%]."""
+  from launch.measure.aot import train_estimate
+  from launch.run.throughput import plan_peak
+  devices = topology_devices("v5p:2x2x1")
+  plan = make_plan(validate(get_config()), devices, platform="tpu")
+  assert plan.cfg.model.dtype == "bfloat16" and "compute bfloat16" in plan.describe()[1]
+  peak, source = plan_peak(plan)
+  assert peak == 459e12 * 4 and "TPU v5p spec sheet" in source
+  train = compile_programs(plan, ("train",))[0]
+  estimate = train_estimate(train, plan)
+  assert estimate["method"] == "compiled again with its 2 layers unrolled"
+  assert 0 < estimate["mfu"] <= 1
+  # A step time that would claim more than the peak (a cost model gone wrong) is not given, and says why.
+  from launch.measure import aot
+  monkeypatch.setattr(aot, "estimated_step_seconds", lambda report, plan: (estimate["step_s"] / 1e3, "a test"))
+  impossible = aot.train_estimate(train, plan)
+  assert impossible["step_s"] is None and "which no program reaches" in impossible["why"]

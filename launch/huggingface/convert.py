@@ -23,6 +23,7 @@ from launch.run.config import validate
 from launch.run.plan import make_plan
 from launch.run.restore import WEIGHT_FIELDS, restore_params, saved_config
 from lm.data import tokenizer as tokenizer_lib
+from lm.model_def import for_shapes
 
 # The files of a Hugging Face tokenizer (and its generation settings) that travel with the weights:
 # import copies them to <checkpoint>/tokenizer/, export copies them next to the exported weights.
@@ -108,7 +109,7 @@ def export_hf(ckpt_dir: str, out: str, step: int | None = None, dtype: str | Non
     raise ValueError(f"{ckpt_dir} step {meta['step']} is quantized (model.quant={cfg.quant!r}); "
                      "export the float checkpoint it was made from.")
   checkpointer.close()
-  mdef = ts.model_def(cfg)
+  mdef = ts.model_def(for_shapes(cfg))  # read the parameters onto the host; nothing runs
   try:
     device = jax.devices("cpu")[0]
   except RuntimeError:  # JAX_PLATFORMS without cpu

@@ -22,7 +22,6 @@ one ValueError that names the chip, its HBM and the compiler's numbers.
 """
 
 import dataclasses
-import functools
 import re
 import time
 
@@ -34,10 +33,10 @@ from launch.measure.collectives import collective_bytes_per_step, visit_per_step
 from launch.measure.memory import MemoryReport, compile_train_step, format_bytes, per_device_bytes
 from launch.run import state as ts
 from launch.run.plan import RunPlan, make_plan
-from launch.run.step import batch_sharding, jit_eval_step, under_plan
+from launch.run import programs as programs_lib
+from launch.run.step import batch_sharding
 from launch.run.throughput import throughput
 from launch.run.topology import chip_of
-from lm import decoding
 from lm.attention import SPLASH_KERNEL_BLOCK
 
 PROGRAMS = ("train", "eval", "prefill", "decode")
@@ -164,20 +163,21 @@ def prompt_length(plan: RunPlan) -> int:
   return max(plan.cfg.data.seq_len // 2, 1)
 
 
-def _prefill_fn(params, prompt_BxP, *, graphdef, cache_len: int):
-  return decoding.prefill(decoding.build_model(graphdef, params), prompt_BxP, cache_len)
-
-
-def _decode_fn(params, cache, token_B, *, graphdef, start: int):
-  greedy = lambda logits_BxV, step: jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-  return decoding.decode_steps(decoding.build_model(graphdef, params), cache, token_B,
-                              jnp.zeros(token_B.shape, bool), start=start, steps=1, sample=greedy)
+def program_attention(plan: RunPlan, program: str) -> str:
+  """The attention kernel `program` (a PROGRAMS name) runs at the length compile_programs builds it for."""
+  attention, length = plan.attention, plan.cfg.data.seq_len
+  if program in ("train", "eval"):
+    return attention.training.for_length(length)
+  if program == "prefill":
+    return attention.prefill.for_length(prompt_length(plan))
+  return attention.decode.implementation
 
 
 def compile_programs(plan: RunPlan, programs=PROGRAMS, check_fit: bool = True) -> list[ProgramReport]:
   """Compiles each of `programs` (names from PROGRAMS) for the plan's devices; returns their reports
-  in that order. Inference programs use the training batch's rows: prefill a prompt of
-  `prompt_length(plan)` tokens into a cache of data.seq_len columns, decode one token against it.
+  in that order. Inference programs are launch.generate's (`launch.run.programs.Generation`, serving
+  layout, greedy) at the training batch's rows: prefill a left-padded prompt of `prompt_length(plan)`
+  tokens into a cache of data.seq_len columns, then the decode loop to fill it.
 
   Raises ValueError for an unknown program name, or one that does not fit the chip's HBM: refused
   by the compiler, or (`check_fit`) compiled with a peak above the chip's HBM.
@@ -187,33 +187,30 @@ def compile_programs(plan: RunPlan, programs=PROGRAMS, check_fit: bool = True) -
     raise ValueError(f"unknown program(s) {unknown}; choose from {', '.join(PROGRAMS)}.")
   cfg, reports = plan.cfg, []
   batch, length = cfg.train.global_batch_size, cfg.data.seq_len
-  params = _abstract_params(plan)
-  prefill = decode_start = None
+  generation = prompt = lengths = serving = None
   for name in programs:
     if name == "train":
       reports.append(_compile(plan, name, lambda: _Lowered(compile_train_step, plan)))
     elif name == "eval":
       batch_in = {k: _tokens(plan, batch, length) for k in ("inputs", "targets", "segment_ids")}
-      reports.append(_compile(plan, name, lambda: jit_eval_step(plan).lower(params, batch_in)))
+      params = _abstract_params(plan)
+      reports.append(_compile(plan, name, lambda: programs_lib.eval_step(plan).lower(params, batch_in)))
     else:
-      decode_start = prompt_length(plan)
-      if prefill is None:
-        prefill = under_plan(jax.jit(functools.partial(_prefill_fn, graphdef=plan.mdef.graphdef,
-                                                       cache_len=length)), plan)
-      prompt = _tokens(plan, batch, decode_start)
+      if generation is None:  # the programs launch.generate runs, at the training batch's rows
+        generation = programs_lib.Generation(plan, max_new_tokens=length - prompt_length(plan))
+        serving = programs_lib.abstract_serving_params(plan)
+        prompt = jax.ShapeDtypeStruct((batch, prompt_length(plan)), jnp.int32,
+                                      sharding=generation.tokens_sharding)
+        lengths = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=programs_lib.rows_sharding(plan))
       if name == "prefill":
-        reports.append(_compile(plan, name, lambda: prefill.lower(params, prompt)))
+        reports.append(_compile(plan, name, lambda: generation.prefill.lower(serving, prompt, lengths)))
       else:
-        lowered_prefill = prefill.lower(params, prompt)
-        _, cache_shape = lowered_prefill.out_info
-        cache = jax.tree.map(
-            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=s.sharding if isinstance(
-                s.sharding, NamedSharding) else NamedSharding(plan.mesh, PartitionSpec())), cache_shape)
-        rows = batch_sharding(plan.mesh, plan.rules).spec[0]
-        token = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=NamedSharding(plan.mesh, PartitionSpec(rows)))
-        decode = under_plan(jax.jit(functools.partial(_decode_fn, graphdef=plan.mdef.graphdef,
-                                                      start=decode_start)), plan)
-        reports.append(_compile(plan, name, lambda: decode.lower(params, cache, token)))
+        logits_shape, cache_shape = generation.prefill.lower(serving, prompt, lengths).out_info
+        placed = lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding)
+        cache = jax.tree.map(placed, cache_shape, generation.cache_shardings)
+        logits = placed(logits_shape, generation.logits_sharding)
+        rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+        reports.append(_compile(plan, name, lambda: generation.decode.lower(serving, cache, logits, lengths, rng)))
   if check_fit:
     for report in reports:
       check_fits(report, plan)
@@ -281,32 +278,53 @@ def attention_kernel_seconds(report: ProgramReport, plan: RunPlan) -> float:
   return attention_kernel_flops(report, plan) / (chip_of(list(plan.mesh.devices.flat)).bf16_tflops * 1e12)
 
 
-def estimated_step_seconds(report: ProgramReport, plan: RunPlan) -> float | None:
-  """XLA's estimate of one whole train step, in seconds; None without an estimate or for a pipeline.
+# Up to this many layers, the estimate compiles the step with no loop over layers (XLA then prices
+# every layer); deeper models extrapolate from two loop-priced-once compiles. The extrapolation was
+# checked to 5-18% on an 8-layer 0.75B step (launch.reproduce.tpu_estimate) but overshoots several
+# fold on tiny models, whose per-layer time is lost among fixed costs.
+UNROLLED_ESTIMATE_MAX_LAYERS = 8
 
-  `cost_analysis()` prices a while loop's body once, not once per iteration, so for the layer scan
-  the compiled step's `optimal_seconds` is t_base + u * t_layer (u = model.scan_unroll layers per
-  iteration), whatever the depth. The same step is compiled again with 2u layers per iteration
-  (t_base + 2u * t_layer); the two give t_layer, and the step is t_base + num_layers * t_layer.
-  Against the same 8-layer step compiled with no loop, this overshoots XLA's own estimate by 5-18%
-  (launch.reproduce.tpu_estimate, docs/tpu.md). The splash kernels, which XLA prices at nothing, are added at the chip's peak
-  (`attention_kernel_seconds`). Compiles once more; the result is a cost model, not a measurement.
+
+def estimated_step_seconds(report: ProgramReport, plan: RunPlan) -> tuple[float | None, str]:
+  """XLA's estimate of one whole train step in seconds, and how it was made; (None, why) when none.
+
+  `cost_analysis()` prices a while loop's body once, not once per iteration. Up to
+  UNROLLED_ESTIMATE_MAX_LAYERS layers the step is compiled again with every layer unrolled (XLA
+  prices each); deeper, the step compiled with u = model.scan_unroll layers per iteration
+  (t_base + u * t_layer) and again with 2u give t_layer, and the step is t_base + num_layers *
+  t_layer (5-18% above XLA's unrolled estimate on an 8-layer 0.75B step, docs/tpu.md). The splash
+  kernels, which XLA prices at nothing, are added at the chip's peak (`attention_kernel_seconds`).
+  A cost model, not a measurement.
   """
   m = plan.cfg.model
   unroll = m.scan_unroll
-  if report.estimated_s is None or plan.pipeline is not None:
-    return None
+  if report.estimated_s is None:
+    return None, "the compiler gave no cost estimate"
+  if plan.pipeline is not None:
+    return None, "a pipeline's step is not estimated (its bubble is not in XLA's cost model)"
   attention = attention_kernel_seconds(report, plan)
   if unroll == m.num_layers:  # no loop over layers: the estimate already prices every layer
-    return report.estimated_s + attention
+    return report.estimated_s + attention, "every layer priced (no layer loop)"
+  if m.num_layers <= UNROLLED_ESTIMATE_MAX_LAYERS:
+    unrolled = _recompiled_estimate(plan, m.num_layers)
+    if unrolled is None:
+      return None, "the unrolled step gave no cost estimate"
+    return unrolled + attention, f"compiled again with its {m.num_layers} layers unrolled"
   if m.num_layers % (2 * unroll):
-    return None
-  cfg = dataclasses.replace(plan.cfg, model=dataclasses.replace(m, scan_unroll=2 * unroll))
-  doubled = make_plan(cfg, list(plan.mesh.devices.flat), platform=plan.platform)
-  twice = compile_programs(doubled, ("train",), check_fit=False)[0].estimated_s
+    return None, (f"model.num_layers={m.num_layers} is not a multiple of 2 x model.scan_unroll, so "
+                  "the per-layer time cannot be extrapolated")
+  twice = _recompiled_estimate(plan, 2 * unroll)
   if twice is None:
-    return None
-  return over_layers(report.estimated_s, twice, unroll, m.num_layers) + attention
+    return None, "the step compiled with twice the layers per iteration gave no cost estimate"
+  return (over_layers(report.estimated_s, twice, unroll, m.num_layers) + attention,
+          f"extrapolated over {m.num_layers} layers from {unroll} and {2 * unroll} layers per loop iteration")
+
+
+def _recompiled_estimate(plan: RunPlan, scan_unroll: int) -> float | None:
+  """XLA's estimate of the plan's train step compiled with `scan_unroll` layers per scan iteration."""
+  cfg = dataclasses.replace(plan.cfg, model=dataclasses.replace(plan.cfg.model, scan_unroll=scan_unroll))
+  other = make_plan(cfg, list(plan.mesh.devices.flat), platform=plan.platform)
+  return compile_programs(other, ("train",), check_fit=False)[0].estimated_s
 
 
 def over_layers(at_unroll: float, at_twice: float, unroll: int, layers: int) -> float:
@@ -316,17 +334,22 @@ def over_layers(at_unroll: float, at_twice: float, unroll: int, layers: int) -> 
   return at_unroll + (layers - unroll) * per_layer
 
 
-def train_estimate(report: ProgramReport, plan: RunPlan) -> dict | None:
+def train_estimate(report: ProgramReport, plan: RunPlan) -> dict:
   """XLA's estimate for the train step: {"step_s", "attention_s", "tokens_per_s", "mfu",
-  "model_tflops"} from `estimated_step_seconds` with launch.run.throughput (spec-sheet peak of the
-  topology's chip x chips); `attention_s` is the part of step_s that prices the splash kernels
-  (closed form, `attention_kernel_seconds`). None when the compiler gave no estimate. Every number
-  is an estimate, not a measurement."""
-  step_s = estimated_step_seconds(report, plan)
+  "model_tflops", "method"} from `estimated_step_seconds` with launch.run.throughput (the spec-sheet
+  peak of the topology's chip x chips); `attention_s` is the part of step_s that prices the splash
+  kernels (closed form, `attention_kernel_seconds`), `method` how the layers were priced. Every
+  number is an estimate, not a measurement. Without an estimate, or when it would claim more than
+  the peak (an MFU above 100%, which no program reaches), {"step_s": None, "why": ...}: never a
+  figure that cannot be true."""
+  step_s, method = estimated_step_seconds(report, plan)
   if step_s is None:
-    return None
-  speed = throughput(plan.cfg, step_s, list(plan.mesh.devices.flat))
-  return {"step_s": step_s, "attention_s": attention_kernel_seconds(report, plan),
+    return {"step_s": None, "why": method}
+  speed = throughput(plan, step_s)
+  if not 0 < speed["mfu"] <= 1:
+    return {"step_s": None, "why": (f"the estimate ({method}) gives {speed['mfu']:.1%} of the peak "
+                                    f"({speed['peak_source']}), which no program reaches")}
+  return {"step_s": step_s, "attention_s": attention_kernel_seconds(report, plan), "method": method,
           "tokens_per_s": speed["tokens_per_s"], "mfu": speed["mfu"], "model_tflops": speed["model_tflops"]}
 
 

@@ -21,11 +21,13 @@ import numpy as np
 from compress.quantize import quantize_params, quantized_config
 from launch.measure.timing import time_calls
 from launch.run import chips
+from launch.run import programs
 from launch.run import state as ts
+from launch.run.config import Config
+from launch.run.plan import RunPlan, make_plan
 from lm import flops, kv_cache
-from lm import decoding, sampling
-from lm.serving import serving_params
 from lm.config import ModelConfig
+from lm.serving import serving_params
 
 Params = dict[str, Any]
 
@@ -71,25 +73,33 @@ def kv_cache_bytes(cfg: ModelConfig, batch: int, length: int) -> int:
 
 @dataclasses.dataclass
 class Variant:
-  """One way of serving the model: its config, what builds it (`lm.decoding.build_model`), parameters."""
+  """One way of serving the model: its run plan (one device; the weights' config), the layout the
+  generation programs run (launch/run/programs.Generation: serving | stacked), and its parameters."""
   name: str
-  cfg: ModelConfig
-  graphdef: Any
+  plan: RunPlan
+  layout: str
   params: Params
 
+  @property
+  def cfg(self) -> ModelConfig:
+    return self.plan.cfg.model
 
-def make_variants(cfg: ModelConfig, modes: list[str], seed: int = 0) -> list[Variant]:
-  """Random float parameters of `cfg`, and for each of `modes` the model that serves them.
+
+def make_variants(cfg: Config, modes: list[str], seed: int = 0) -> list[Variant]:
+  """Random float parameters of `cfg`'s model, and for each of `modes` the plan that serves them on
+  this host's first device.
 
   "float": weights cast once to the compute dtype and laid out per layer (`lm.serving`), the path
   `launch.generate` takes; "w8a16", "w8a8": int8 weights (embedding included) quantized from the same
   float weights, per layer. A ":stacked" suffix runs the training layout instead (the `Transformer`
   scanning over stacked weights, cast once), and "float:stored" the training layout with weights
   left in model.param_dtype (each layer casts them on every call): the paths before issue 17.
-  With `cfg.kv_cache_dtype` int8 every name says "+ int8 KV".
+  With model.kv_cache_dtype int8 every name says "+ int8 KV".
   """
-  float_mdef = ts.model_def(cfg)
-  float_params = jax.jit(lambda rng: ts.init_params(float_mdef, rng))(jax.random.key(seed))
+  device = jax.devices()[:1]
+  float_plan = make_plan(cfg, device)
+  m = float_plan.cfg.model
+  float_params = jax.jit(lambda rng: ts.init_params(float_plan.mdef, rng))(jax.random.key(seed))
   variants = []
   for mode in modes:
     weights, _, layout = mode.partition(":")
@@ -98,21 +108,20 @@ def make_variants(cfg: ModelConfig, modes: list[str], seed: int = 0) -> list[Var
       raise ValueError(f"weights mode {mode!r}: choose float, w8a16 or w8a8, optionally with "
                        "':stacked' (or 'float:stored').")
     if weights == "float":
-      mcfg, graphdef, params = cfg, float_mdef.graphdef, float_params
+      plan, params = float_plan, float_params
     else:
-      mcfg = quantized_config(cfg, weights, embedding=True)
+      mcfg = quantized_config(m, weights, embedding=True)
+      plan = make_plan(dataclasses.replace(float_plan.cfg, model=mcfg), device)
       params = jax.jit(lambda p, q=mcfg: quantize_params(p, q))(float_params)
-      graphdef = ts.model_def(mcfg).graphdef
-    name = weights if weights != "float" else f"float {cfg.dtype}"
-    name += " + int8 KV" if cfg.kv_cache_dtype == "int8" else ""
+    name = weights if weights != "float" else f"float {m.dtype}"
+    name += " + int8 KV" if m.kv_cache_dtype == "int8" else ""
     if layout == "stored":
-      variants.append(Variant(f"{name} ({cfg.param_dtype} stored, stacked)", mcfg, graphdef, params))
+      variants.append(Variant(f"{name} ({m.param_dtype} stored, stacked)", plan, "stacked", params))
     elif layout == "stacked":
-      params = jax.jit(lambda p: serving_params(p, cfg.compute_dtype, unstack=False))(params)
-      variants.append(Variant(f"{name} (stacked)", mcfg, graphdef, params))
+      params = jax.jit(lambda p: serving_params(p, m.compute_dtype, unstack=False))(params)
+      variants.append(Variant(f"{name} (stacked)", plan, "stacked", params))
     else:
-      params = serving_params(params, cfg.compute_dtype)
-      variants.append(Variant(name, mcfg, mcfg, params))
+      variants.append(Variant(name, plan, "serving", programs.serving_params(plan, params)))
   del float_params
   return variants
 
@@ -122,31 +131,11 @@ def _best_and_median(fn: Callable[[], Any], repeats: int, warmup: int) -> tuple[
   return min(times), statistics.median(times)
 
 
-def compile_decode(variant: Variant, batch: int, prompt_len: int, new_tokens: int, *,
-                   temperature: float, top_k: int):
-  """Compiles (prefill, decode) for one shape; returns both compiled functions.
-
-  prefill(params, prompt_BxP) -> (logits_BxV, cache); decode(params, cache, token_B) -> tokens
-  [B, new_tokens] and the cache (within the loop the cache is updated in place).
-  """
-  graphdef, cache_len = variant.graphdef, prompt_len + new_tokens + 1
-
-  def prefill(params, prompt_BxP):
-    return decoding.prefill(decoding.build_model(graphdef, params), prompt_BxP, cache_len)
-
-  def decode(params, cache, token_B):
-    sample = lambda logits_BxV, step: sampling.sample_logits(
-        logits_BxV, jax.random.fold_in(jax.random.key(0), step), temperature=temperature, top_k=top_k)
-    return decoding.decode_steps(decoding.build_model(graphdef, params), cache, token_B,
-                                jnp.zeros((batch,), bool), start=prompt_len, steps=new_tokens,
-                                sample=sample)
-
-  prompt = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32)
-  prefill_c = jax.jit(prefill).lower(variant.params, prompt).compile()
-  _, cache_shape = jax.eval_shape(prefill, variant.params, prompt)
-  token = jax.ShapeDtypeStruct((batch,), jnp.int32)
-  decode_c = jax.jit(decode).lower(variant.params, cache_shape, token).compile()
-  return prefill_c, decode_c
+def generation(variant: Variant, new_tokens: int, *, temperature: float, top_k: int) -> programs.Generation:
+  """The variant's generation programs (launch/run/programs.py) for a prefill and `new_tokens`
+  decode steps after it; decode keeps its input cache, so every timed run can start from one."""
+  return programs.Generation(variant.plan, max_new_tokens=new_tokens + 1, layout=variant.layout,
+                             sampling=programs.Sampling(temperature, top_k), donate_cache=False)
 
 
 def decode_flops(cfg: ModelConfig, batch: int, context: float) -> float:
@@ -165,21 +154,22 @@ def decode_row(variant: Variant, batch: int, prompt_len: int, new_tokens: int, b
   `profile_dir`, traces one more decode run.
   """
   cfg = variant.cfg
-  prefill_c, decode_c = compile_decode(variant, batch, prompt_len, new_tokens,
-                                       temperature=temperature, top_k=top_k)
+  programs_ = generation(variant, new_tokens, temperature=temperature, top_k=top_k)
   rng = np.random.default_rng(0)
-  prompt_BxP = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, prompt_len)), jnp.int32)
-  token_B = jnp.zeros((batch,), jnp.int32)
+  prompt_BxP = np.asarray(rng.integers(0, cfg.vocab_size, (batch, prompt_len)), np.int32)
+  lengths_B = np.full((batch,), prompt_len, np.int32)
+  key = jax.random.key(0)
   # The warm-up prefill's cache serves every timed decode run: the decode loop copies it once at its
   # start (not donated), which costs far less than its steps and saves a prefill per run.
-  _, cache = jax.block_until_ready(prefill_c(variant.params, prompt_BxP))
-  prefill_best, _ = _best_and_median(lambda: prefill_c(variant.params, prompt_BxP), repeats, warmup=0)
-  decode_best, decode_median = _best_and_median(lambda: decode_c(variant.params, cache, token_B), repeats,
-                                                warmup=1)
+  prefill = lambda: programs_.prefill(variant.params, prompt_BxP, lengths_B)
+  logits, cache = jax.block_until_ready(prefill())
+  decode = lambda: programs_.decode(variant.params, cache, logits, lengths_B, key)
+  prefill_best, _ = _best_and_median(prefill, repeats, warmup=0)
+  decode_best, decode_median = _best_and_median(decode, repeats, warmup=1)
   decode_times = [decode_best, decode_median]
   if profile_dir:
     with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
-      jax.block_until_ready(decode_c(variant.params, cache, token_B))
+      jax.block_until_ready(decode())
   step_s = min(decode_times) / new_tokens
   weights = weight_read_bytes(cfg, variant.params)
   # Mean KV bytes a step reads: every written column of every layer, P + 1 .. P + new_tokens.
@@ -198,7 +188,7 @@ def decode_row(variant: Variant, batch: int, prompt_len: int, new_tokens: int, b
         f"decode {row['decode_ms_tok']:8.2f} ms/step ({row['decode_tok_s']:8.0f} tok/s)  "
         f"floor {row['floor_ms']:7.2f} ms  x{row['x_floor']:.1f}  KV {row['kv_cache_MB']:.1f} MB",
         flush=True)
-  return row, decode_c
+  return row, programs_.decode.lower(variant.params, cache, logits, lengths_B, key).compile()
 
 
 def export_row(variant: Variant, batch: int, prompt_len: int, new_tokens: int, *,
@@ -207,18 +197,18 @@ def export_row(variant: Variant, batch: int, prompt_len: int, new_tokens: int, *
   `jax.export` artifact's function (`compress.export.export_generate`, deserialized); returns a row."""
   from compress.export import export_generate  # compress/export.py imports the restore machinery
   cfg = variant.cfg
-  exported, flat = export_generate(cfg, variant.params, batch=None, prompt_len=prompt_len,
-                                   max_new_tokens=new_tokens)
+  # The artifact lays stacked weights out for serving itself (serving ones it takes as they are).
+  exported, flat = export_generate(cfg, variant.params, serving_graphdef=programs.serving_mdef(variant.plan).graphdef,
+                                   batch=None, prompt_len=prompt_len, max_new_tokens=new_tokens)
   exported = jax.export.deserialize(exported.serialize())
   rng = np.random.default_rng(0)
-  prompt_BxP = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, prompt_len)), jnp.int32)
-  lengths_B = jnp.full((batch,), prompt_len, jnp.int32)
-  in_process = jax.jit(decoding.make_generate_fn(variant.graphdef, max_new_tokens=new_tokens,
-                                                temperature=0.0))
+  prompt_BxP = np.asarray(rng.integers(0, cfg.vocab_size, (batch, prompt_len)), np.int32)
+  lengths_B = np.full((batch,), prompt_len, np.int32)
+  in_process = programs.Generation(variant.plan, max_new_tokens=new_tokens, layout=variant.layout)
   run_in_process = lambda: in_process(variant.params, prompt_BxP, jax.random.key(0), lengths_B)
   run_exported = jax.jit(lambda *args: exported.call(*args))
   args = (*flat, prompt_BxP, lengths_B, jnp.int32(0))
-  same = bool(jnp.all(run_in_process() == run_exported(*args)))
+  same = bool(np.all(run_in_process() == np.asarray(run_exported(*args))))
   # The `same` check above compiled and warmed both.
   best_in, _ = _best_and_median(run_in_process, repeats, warmup=0)
   best_ex, _ = _best_and_median(lambda: run_exported(*args), repeats, warmup=0)

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 from launch.run import state as ts
 from launch.run.config import Config
 from launch.run.plan import RunPlan, make_plan
-from launch.run.step import batch_sharding, jit_train_step
+from launch.run import programs
+from launch.run.step import batch_sharding
 
 
 @dataclasses.dataclass
@@ -42,7 +43,7 @@ def per_device_bytes(abstract_tree) -> int:
 def compile_train_step(plan: RunPlan):
   """Lowers and compiles the train step for abstract inputs; returns (compiled, abstract state)."""
   cfg = plan.cfg
-  step = jit_train_step(plan)
+  step = programs.train_step(plan)
   abstract = ts.abstract_state(plan.mdef, plan.tx, plan.shardings)
   tokens = jax.ShapeDtypeStruct((cfg.train.global_batch_size, cfg.data.seq_len), jnp.int32,
                                 sharding=batch_sharding(plan.mesh, plan.rules))

@@ -65,7 +65,7 @@ def measure_on_topology(plan: RunPlan) -> dict:
          "collective_bytes": train.collective_bytes, "mosaic_kernels": train.mosaic_kernels,
          "tokens_per_step": cfg.train.global_batch_size * cfg.data.seq_len}
   estimate = train_estimate(train, plan) if row["fits"] else None  # (a second compile)
-  if estimate:
+  if estimate and estimate["step_s"] is not None:
     row.update(est_step_s=estimate["step_s"], est_attention_s=estimate["attention_s"],
                est_tokens_per_s=estimate["tokens_per_s"], est_mfu=estimate["mfu"])
   return row
@@ -75,7 +75,7 @@ def measure_speed(plan: RunPlan, steps: int, warmup: int) -> dict:
   """Times the train step as launch.bench does; returns step_s (median), tokens/s over the mesh, MFU."""
   compiled, _ = compile_train_step(plan)
   timing = time_train_step(plan, steps=steps, warmup=warmup, step_fn=compiled)
-  speed = throughput(plan.cfg, timing.median_s, list(plan.mesh.devices.flat))
+  speed = throughput(plan, timing.median_s)
   return dict(step_s=timing.median_s, spread=timing.spread, **speed)
 
 

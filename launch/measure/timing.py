@@ -14,7 +14,8 @@ from launch.run import state as ts
 from launch.run.config import Config
 from launch.run.plan import RunPlan, make_plan
 from launch.measure.memory import compile_train_step
-from launch.run.step import batch_sharding, jit_train_step
+from launch.run import programs
+from launch.run.step import batch_sharding
 
 
 @dataclasses.dataclass
@@ -51,7 +52,7 @@ def time_train_step(plan: RunPlan, steps: int = 5, warmup: int = 2, step_fn=None
   Each timed step is waited for (block_until_ready) so a step's time is its own.
   """
   state = ts.init_train_state(plan.mdef, plan.tx, plan.shardings, seed=0)
-  step_fn = step_fn or jit_train_step(plan)
+  step_fn = step_fn or programs.train_step(plan)
   batch = random_batch(plan)
   start = time.perf_counter()
   state, metrics = step_fn(state, batch)
@@ -72,7 +73,7 @@ def time_train_step(plan: RunPlan, steps: int = 5, warmup: int = 2, step_fn=None
 def train_step_runner(plan: RunPlan) -> Callable[[], None]:
   """A zero-argument function that runs one jitted train step of plan's model on random tokens and waits
   for it (the state carries over from call to call); the first call compiles."""
-  step_fn = jit_train_step(plan)
+  step_fn = programs.train_step(plan)
   batch = random_batch(plan)
   holder = [ts.init_train_state(plan.mdef, plan.tx, plan.shardings, seed=0)]
 
@@ -148,7 +149,8 @@ def bench_row(label: str, cfg: Config, steps: int, warmup: int, profile_dir: str
   plan = make_plan(cfg)
   compiled, _ = compile_train_step(plan)
   timing = time_train_step(plan, steps=steps, warmup=warmup, step_fn=compiled)
-  speed = throughput(cfg, timing.median_s, list(plan.mesh.devices.flat))
+  speed = throughput(plan, timing.median_s)
+  cfg = plan.cfg
   stats = plan.mesh.devices.flat[0].memory_stats() or {}
   peak_bytes = stats.get("peak_bytes_in_use")
   row = {"config": label, "devices": plan.num_devices, "mesh": mesh_label(plan),

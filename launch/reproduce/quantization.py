@@ -29,8 +29,9 @@ from launch.run.evaluation import eval_checkpoint
 from launch.run.restore import load_checkpoint
 from lm import kv_cache
 from lm.data import loader
-from lm.decoding import build_model, cached_log_probs, make_generate_fn
-from lm.serving import serving_params
+from launch.run import programs
+from launch.run.plan import make_plan
+from lm.decoding import cached_log_probs
 
 flags.DEFINE_string("checkpoint_dir", None, "The trained float run's checkpoint directory.")
 flags.DEFINE_string("out", "docs/results/quantization", "Output path prefix for .md and .csv.")
@@ -60,18 +61,21 @@ def _median_seconds(fn, repeats: int) -> float:
 def _speed(checkpoint_dir: str, repeats: int, new_tokens: int) -> dict:
   """Forward latency of one [global_batch, seq_len] batch and generation tokens/s, on one device."""
   loaded = load_checkpoint(checkpoint_dir, devices=jax.devices()[:1])
-  cfg, graphdef, params = loaded.cfg, loaded.plan.mdef.graphdef, loaded.params
+  cfg, params = loaded.cfg, loaded.params
   rng = np.random.RandomState(0)
   batch, seq_len = cfg.train.global_batch_size, cfg.data.seq_len
   tokens = rng.randint(0, cfg.model.vocab_size, (batch, seq_len)).astype(np.int32)
-  forward = jax.jit(lambda p, t: loaded.plan.mdef.bind(p)(t))
+  forward = programs.logits(loaded.plan)
   result = {"forward_ms": 1e3 * _median_seconds(lambda: forward(params, tokens), repeats),
             "forward_shape": f"{batch}x{seq_len}"}
   prompt_len = min(16, cfg.model.max_seq_len - new_tokens)
-  generate = make_generate_fn(graphdef, max_new_tokens=new_tokens, temperature=0.0)
+  # The training layout (stacked weights in the stored dtype), as these rows have always timed.
+  generate = programs.Generation(loaded.plan, max_new_tokens=new_tokens, layout="stacked")
   for rows in (1, 8):
     prompt = rng.randint(0, cfg.model.vocab_size, (rows, prompt_len)).astype(np.int32)
-    seconds = _median_seconds(lambda: generate(params, prompt, jax.random.key(0)), max(repeats // 2, 3))
+    lengths = np.full((rows,), prompt_len, np.int32)
+    seconds = _median_seconds(lambda: generate(params, prompt, jax.random.key(0), lengths),
+                              max(repeats // 2, 3))
     result[f"gen_tok_s_b{rows}"] = rows * new_tokens / seconds
   return result
 
@@ -80,14 +84,17 @@ def _kv_cache_rows(checkpoint_dir: str, name: str, batches: int, prefix_len: int
   """Perplexity of the first `batches` validation batches read through a compute-dtype and an int8
   KV cache (served as launch.generate serves: lm/serving.py), one row per cache."""
   loaded = load_checkpoint(checkpoint_dir, devices=jax.devices()[:1])
-  cfg, params = loaded.cfg, serving_params(loaded.params, loaded.cfg.model.compute_dtype)
+  cfg = loaded.cfg
   tokens = [b["inputs"] for b in loader.eval_batches(
       inputs.local_data(cfg.data).data_dir, loaded.tokenizer, seq_len=cfg.data.seq_len,
       global_batch_size=cfg.train.global_batch_size, max_batches=batches)]
   rows = []
   for cache_dtype in ("compute", "int8"):
     model_cfg = dataclasses.replace(cfg.model, kv_cache_dtype=cache_dtype)
-    score = jax.jit(lambda p, t, c=model_cfg: cached_log_probs(build_model(c, p), t, prefix_len))
+    plan = make_plan(dataclasses.replace(cfg, model=model_cfg), jax.devices()[:1])
+    params = programs.serving_params(plan, loaded.params)
+    score = programs.forward(plan, lambda mdef, p, t: cached_log_probs(mdef.bind(p), t, prefix_len),
+                             programs.serving_mdef(plan))
     log_probs = np.concatenate([np.asarray(score(params, t)).ravel() for t in tokens])
     rows.append({"variant": name, "kv_cache": cache_dtype if cache_dtype == "int8" else model_cfg.dtype,
                  "cached_perplexity": math.exp(-log_probs.mean()), "scored_tokens": log_probs.size,

@@ -36,7 +36,7 @@ from launch.run.devices import simulate_cpu_devices
 from launch.run.evaluation import eval_checkpoint
 from launch.run.loop import train
 from launch.run.restore import load_checkpoint, read_saved_config
-from lm.decoding import make_generate_fn
+from launch.run import programs
 
 flags.DEFINE_string("teacher", "runs/demo/checkpoints", "The trained teacher's checkpoint directory.")
 flags.DEFINE_string("out", "docs/results/structured", "Output path prefix for .md and .csv.")
@@ -78,9 +78,10 @@ def decode_runner(checkpoint_dir: str):
   """A zero-argument function: one greedy generation of --new_tokens tokens, batch 1 after a 16-token
   prompt, KV cache, on one device, waited for (the first call compiles)."""
   loaded = load_checkpoint(checkpoint_dir, devices=jax.devices()[:1])
-  fn = make_generate_fn(loaded.plan.mdef.graphdef, max_new_tokens=FLAGS.new_tokens, temperature=0.0)
+  # The training layout, as this column has always timed (launch/run/programs.Generation).
+  fn = programs.Generation(loaded.plan, max_new_tokens=FLAGS.new_tokens, layout="stacked")
   prompt = np.random.RandomState(0).randint(0, loaded.cfg.model.vocab_size, (1, 16)).astype(np.int32)
-  return lambda: jax.block_until_ready(fn(loaded.params, prompt, jax.random.key(0)))
+  return lambda: fn(loaded.params, prompt, jax.random.key(0), np.array([16], np.int32))
 
 
 def ppl(loss: float) -> str:

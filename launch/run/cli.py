@@ -18,6 +18,7 @@ from ml_collections import config_flags
 from launch.run.config import Config, unknown_key_error, validate
 from launch.run.devices import skip_absent_tpu
 from launch.run.errors import RunError, storage_reason
+from sharding.mesh import MESH_AXES
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file with get_config(); override keys with --config.section.key=value.",
@@ -102,6 +103,34 @@ def define_checkpoint_flags(what: str = "A run's checkpoint directory (<workdir>
   """Defines --checkpoint_dir (described by `what`) and --step, shared by the commands that read one."""
   flags.DEFINE_string("checkpoint_dir", None, what)
   flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+
+
+def define_mesh_flags() -> None:
+  """Defines --mesh and --rules: run a checkpoint on another mesh than the one it was saved from."""
+  flags.DEFINE_string("mesh", "", "Mesh to run on instead of the checkpoint's, as axis=size pairs, e.g. "
+                      "'tensor=8' or 'fsdp=2,tensor=4' (axes not named are 1, data absorbs the rest); needs --rules.")
+  flags.DEFINE_string("rules", "", "The rule table for --mesh (mesh.rules: dp | fsdp | tp | fsdp_tp | ...).")
+
+
+def mesh_overrides() -> dict:
+  """The config overrides --mesh and --rules stand for ({} without them); ValueError for bad ones."""
+  if not FLAGS.mesh:
+    if FLAGS.rules:
+      return {"mesh.rules": FLAGS.rules, "mesh.custom_rules": ""}
+    return {}
+  if not FLAGS.rules:
+    raise ValueError(f"--mesh={FLAGS.mesh!r} needs --rules, the table that places the parameters on it "
+                     "(e.g. --rules=tp for tensor parallelism).")
+  sizes = {name: 1 for name in MESH_AXES} | {"data": -1}
+  for pair in FLAGS.mesh.split(","):
+    name, _, size = pair.strip().partition("=")
+    if name not in MESH_AXES or not size.strip().lstrip("-").isdigit():
+      raise ValueError(f"--mesh={FLAGS.mesh!r}: {pair.strip()!r} is not axis=size with an axis of "
+                       f"{list(MESH_AXES)}.")
+    sizes[name] = int(size)
+  return ({f"mesh.{name}": size for name, size in sizes.items()}
+          | {f"mesh.dcn_{name}": 1 for name in MESH_AXES}
+          | {"mesh.rules": FLAGS.rules, "mesh.custom_rules": "", "mesh.num_devices": 0})
 
 
 def require(*names: str) -> None:

@@ -90,10 +90,7 @@ def check_plan(raw_config, devices: int, hosts: int, platform: str) -> CheckedJo
 
   Returns the CheckedJob; raises ValueError naming what does not fit and how to fix it.
   """
-  raw = raw_config.to_dict()
-  if raw["model"]["dtype"] == "auto":  # resolved on the cluster's accelerators, not on this machine
-    raw["model"]["dtype"] = "bfloat16"
-  cfg = validate(raw)
+  cfg = validate(raw_config.to_dict())
   if cfg.mesh.num_devices not in (0, devices):
     raise ValueError(f"mesh.num_devices={cfg.mesh.num_devices} but the job has {devices} devices; "
                      "set --config.mesh.num_devices=0 to use them all.")
@@ -101,15 +98,16 @@ def check_plan(raw_config, devices: int, hosts: int, platform: str) -> CheckedJo
   if slices > 1 and hosts != slices:
     raise ValueError(f"mesh.dcn_* = {cfg.mesh.dcn_shape()} asks for {slices} slices/hosts but the job has "
                      f"{hosts} processes; make the product of the mesh.dcn_* sizes equal {hosts}.")
-  mesh = decide(cfg, devices, platform).mesh_shape.shape
+  decided = decide(cfg, devices, platform)  # model.dtype "auto" settled for the cluster's chips
+  mesh = decided.mesh_shape.shape
   rules = rules_lib.get_rules(cfg.mesh.rules, cfg.mesh.custom_rules, pipelined=mesh["stage"] > 1,
                               sequenced=mesh["sequence"] > 1)
-  mdef = ts.model_def(cfg.model)
+  mdef = ts.model_def(dataclasses.replace(cfg.model, dtype=decided.dtype))
   rules_lib.tree_specs(mdef.logical_names, mdef.abstract_params, mesh, rules)
   params = cfg.model.num_params()
   shape = " x ".join(f"{k}={v}" for k, v in mesh.items())
   summary = (f"{params / 1e9:.2f}B parameters on {devices} devices ({hosts} host(s)); mesh {shape}, "
-             f"rules={cfg.mesh.custom_rules or cfg.mesh.rules}, remat={cfg.model.remat}, dtype={cfg.model.dtype}; "
+             f"rules={cfg.mesh.custom_rules or cfg.mesh.rules}, remat={cfg.model.remat}, dtype={decided.dtype}; "
              f"global batch {cfg.train.global_batch_size} x {cfg.data.seq_len} tokens, {cfg.train.steps} steps")
   return CheckedJob(devices, hosts, mesh, params, summary)
 

@@ -172,15 +172,6 @@ def _typed(section: str, cls, values: dict):
   return cls(**kwargs)
 
 
-def default_compute_dtype() -> str:
-  """What model.dtype="auto" means here: bfloat16 on GPU/TPU (parameters stay float32), float32 on CPU.
-
-  Asks jax for the default backend, so call it after any jax.distributed.initialize.
-  """
-  import jax
-  return "bfloat16" if jax.default_backend() in ("gpu", "tpu") else "float32"
-
-
 def with_overrides(raw: ml_collections.ConfigDict | dict, changes: dict[str, Any]) -> dict:
   """Returns a copy of `raw` as nested dicts with dotted-key `changes` applied, e.g. {"mesh.rules": "fsdp"}.
 
@@ -200,10 +191,11 @@ def with_overrides(raw: ml_collections.ConfigDict | dict, changes: dict[str, Any
 
 
 def model_config(**changes) -> ModelConfig:
-  """A ModelConfig from the defaults of configs/base.py with `changes` (dtype "auto" resolved here)."""
+  """A ModelConfig from the defaults of configs/base.py with `changes`, for a model built without a
+  run plan (tests, tools): dtype "auto" computes in float32 unless `changes` name a dtype."""
   fields = {**base_config().model.to_dict(), **changes}
   if fields["dtype"] == "auto":
-    fields["dtype"] = default_compute_dtype()
+    fields["dtype"] = "float32"
   return ModelConfig(**fields)
 
 
@@ -211,8 +203,6 @@ def validate(raw: ml_collections.ConfigDict | dict) -> Config:
   """Checks a raw config completely and returns the frozen `Config`; raises ValueError on any problem."""
   raw_dict = raw.to_dict() if isinstance(raw, ml_collections.ConfigDict) else dict(raw)
   _check_keys(raw_dict, base_config().to_dict())
-  if raw_dict["model"]["dtype"] == "auto":
-    raw_dict["model"] = {**raw_dict["model"], "dtype": default_compute_dtype()}
   sections = {name: _typed(name, cls, raw_dict[name]) for name, cls in _SECTIONS.items()}
   seed = raw_dict["seed"]
   if not isinstance(seed, int):

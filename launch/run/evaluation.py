@@ -6,7 +6,8 @@ import jax
 
 from launch.run import inputs
 from launch.run.restore import load_checkpoint
-from launch.run.step import batch_sharding, global_batch, jit_eval_step
+from launch.run import programs
+from launch.run.step import batch_sharding, global_batch
 from lm.data import baseline, loader
 
 
@@ -30,11 +31,14 @@ def evaluate(eval_fn, params, cfg, tokenizer, data_sharding) -> float:
   return loss_sum / tokens
 
 
-def eval_checkpoint(checkpoint_dir: str, step: int | None = None, eval_batches: int = 0) -> dict:
-  """Returns {"step", "val_loss", "val_perplexity", "unigram_perplexity"} for a checkpoint."""
-  loaded = load_checkpoint(checkpoint_dir, step, overrides={"train.eval_batches": eval_batches})
+def eval_checkpoint(checkpoint_dir: str, step: int | None = None, eval_batches: int = 0,
+                    overrides: dict | None = None) -> dict:
+  """Returns {"step", "val_loss", "val_perplexity", "unigram_perplexity"} for a checkpoint, under its
+  own mesh and rules or those `overrides` name (e.g. {"mesh.fsdp": 8, "mesh.rules": "fsdp"})."""
+  loaded = load_checkpoint(checkpoint_dir, step, overrides={"train.eval_batches": eval_batches,
+                                                           **(overrides or {})})
   plan = loaded.plan
-  eval_fn = jit_eval_step(plan)
+  eval_fn = programs.eval_step(plan)
   loss = evaluate(eval_fn, loaded.params, loaded.cfg, loaded.tokenizer, batch_sharding(plan.mesh, plan.rules))
   unigram = baseline.unigram_perplexity(inputs.local_data(loaded.cfg.data).data_dir, loaded.tokenizer,
                                         loaded.cfg.data.seq_len)

@@ -23,14 +23,15 @@ from launch.run import data_state as data_states
 from launch.run import throughput as throughput_lib
 from launch.run import state as ts
 from launch.run.config import Config
-from launch.run.plan import RunPlan, make_plan
+from launch.run.plan import RunPlan, make_plan, with_dtype
 from launch.run.errors import NonFiniteError
 from launch.run.evaluation import evaluate
 from launch.run.logger import MetricLogger, plot_loss_curve
 from launch.run.preemption import StopRequest
 from launch.run.prefetch import Prefetcher
 from launch.run.restore import check_compatible, inherit_tokenizer, init_from_checkpoint, saved_config
-from launch.run.step import LossHook, batch_sharding, global_batch, jit_eval_step, jit_train_step
+from launch.run import programs
+from launch.run.step import LossHook, batch_sharding, global_batch
 from launch.run.workdir_lock import WorkdirLock
 from lm.data import loader
 
@@ -124,6 +125,7 @@ def train(cfg: Config, workdir: str, *, resume: bool = False, resume_step: int |
                      "Train (or fine-tune) the float model, then run python -m launch.quantize.")
   cfg = inherit_tokenizer(cfg)  # issue 14: a converted checkpoint's tokenizer, unless cfg names one
   plan = plan or make_plan(cfg)  # mesh and batch checks first: a bad plan writes nothing
+  cfg = with_dtype(cfg, plan.cfg.model.dtype)  # model.dtype as the plan settled it for the devices
   with WorkdirLock(workdir):
     return _train_locked(cfg, workdir, resume=resume or resume_step is not None, resume_step=resume_step,
                          stop=stop or StopRequest(), on_step=on_step, plan=plan, init_state=init_state,
@@ -163,12 +165,11 @@ def _loop(cfg: Config, workdir: str, checkpointer: ckpt_lib.Checkpointer, state,
   if data_state is not None:
     train_iter.set_state(data_state)
   batches = Prefetcher(train_iter)
-  step_fn = jit_train_step(plan, loss_hook)
-  eval_fn = jit_eval_step(plan)
+  step_fn = programs.train_step(plan, loss_hook)
+  eval_fn = programs.eval_step(plan)
   data_sharding = batch_sharding(plan.mesh, plan.rules)
 
-  devices = list(plan.mesh.devices.flat)
-  peak, peak_source = throughput_lib.run_peak_flops(cfg, devices)
+  peak, peak_source = throughput_lib.plan_peak(plan)
 
   logger = MetricLogger(workdir, total_steps=cfg.train.steps, start_step=start_step,
                         tensorboard=cfg.train.tensorboard, primary=primary)
@@ -232,7 +233,7 @@ def _loop(cfg: Config, workdir: str, checkpointer: ckpt_lib.Checkpointer, state,
     if timer["steps"]:
       step_time = (now - timer["start"]) / timer["steps"]
       step_times.append(step_time)
-      speed = throughput_lib.throughput(cfg, step_time, devices)
+      speed = throughput_lib.throughput(plan, step_time)
       values.update(step_time_s=step_time, tokens_per_s=speed["tokens_per_s"], mfu=speed["mfu"])
       timer["start"], timer["steps"] = now, 0
     logger.log(done_step, values)
@@ -282,7 +283,7 @@ def _loop(cfg: Config, workdir: str, checkpointer: ckpt_lib.Checkpointer, state,
   if primary:
     plot_loss_curve(workdir)
   step_time = float(np.median(step_times)) if step_times else float("nan")
-  speed = throughput_lib.throughput(cfg, step_time, devices)
+  speed = throughput_lib.throughput(plan, step_time)
   return TrainResult(workdir=workdir, final_step=step, train_loss=last_loss, val_loss=val_loss,
                      val_perplexity=math.exp(val_loss) if not math.isnan(val_loss) else float("nan"),
                      tokens_per_s=speed["tokens_per_s"], step_time_s=step_time,

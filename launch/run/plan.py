@@ -26,7 +26,9 @@ from jax.sharding import Mesh
 
 from launch.run import optimizer as optimizer_lib
 from launch.run import state as ts
-from launch.run.config import Config
+from configs.base import base_config
+from launch.run.config import Config, validate
+from lm.config import ModelConfig
 from lm import attention as attention_lib
 from sharding import mesh as mesh_lib
 from sharding import pipeline as pipeline_lib
@@ -62,10 +64,23 @@ class SequencePlan:
     return self.shards if self.layout == "zigzag" else 0
 
 
+# What model.dtype = "auto" computes in, per target platform: bfloat16 on accelerators (parameters
+# stay in model.param_dtype), float32 on a CPU, whose bfloat16 matmuls gain little.
+AUTO_DTYPE = {"cpu": "float32", "cuda": "bfloat16", "rocm": "bfloat16", "tpu": "bfloat16"}
+
+
+def compute_dtype_for(requested: str, platform: str) -> str:
+  """model.dtype for `platform` (cpu | cuda | rocm | tpu): "auto" resolved by AUTO_DTYPE, else as given."""
+  return AUTO_DTYPE[platform] if requested == "auto" else requested
+
+
 @dataclasses.dataclass(frozen=True)
 class Decisions:
-  """What `decide` settles for a device count and platform, before any device object is touched."""
+  """What `decide` settles for a device count and platform, before any device object is touched.
+
+  `dtype`: the compute dtype (model.dtype, "auto" resolved for the platform)."""
   platform: str
+  dtype: str
   mesh_shape: MeshShape
   pipeline: pipeline_lib.Pipeline | None
   sequence: SequencePlan
@@ -78,8 +93,9 @@ class RunPlan:
 
   Decisions: `platform` (the target devices': cpu | cuda | rocm | tpu), `mesh_shape`, `pipeline`
   (None without stages), `sequence`, `attention` (the kernel per place, each with its reason); remat,
-  compute and storage dtypes and the loss chunking are the config's (`cfg.model`), shown by
-  `describe`. Built from them: `mesh`, `rules`, `mdef` (the model definition; its graph carries the
+  storage dtype and the loss chunking are the config's, and the compute dtype is the config's with
+  `auto` resolved for the target (`cfg` is the validated Config with that dtype filled in, so
+  `plan.cfg.model.dtype` is never "auto"), shown by `describe`. Built from them: `mesh`, `rules`, `mdef` (the model definition; its graph carries the
   attention plan), `tx`, `schedule`, `shardings` (a NamedSharding per TrainState leaf).
   """
   cfg: Config
@@ -94,10 +110,37 @@ class RunPlan:
   tx: optax.GradientTransformation
   schedule: optax.Schedule
   shardings: ts.TrainState
+  teacher: attention_lib.AttentionPlan | None = None  # a distillation teacher's kernels (`with_teacher`)
 
   @property
   def num_devices(self) -> int:
     return self.mesh.devices.size
+
+  def natural_order_mdef(self) -> ts.ModelDef:
+    """The plan's model for callers that keep sequences in natural order (a loss hook): same
+    kernels, the ring reading natural order."""
+    return ts.model_def(self.cfg.model, self.pipeline, self.attention.in_natural_order())
+
+  def model_for(self, model: ModelConfig) -> ModelConfig:
+    """Another model (a teacher, a calibration variant) as it computes on this plan's devices:
+    model.dtype "auto" settled for this platform."""
+    return dataclasses.replace(model, dtype=compute_dtype_for(model.dtype, self.platform))
+
+  def attention_for(self, model: ModelConfig) -> attention_lib.AttentionPlan:
+    """The kernels another model (a teacher) runs on this plan's devices, planned by the same rule:
+    its shapes and compute dtype (`auto` resolved for this platform), this plan's sequence split,
+    in natural order (it only reads what the caller feeds it)."""
+    return attention_lib.plan_attention(
+        model.attention, platform=self.platform, dtype=self.model_for(model).dtype,
+        head_dim=model.head_dim, seq_len=self.cfg.data.seq_len,
+        compute_capability=getattr(self.mesh.devices.flat[0], "compute_capability", None),
+        sequence_shards=self.sequence.shards, sequence_strategy=self.sequence.strategy,
+        interpret=self.attention.interpret)
+
+  def with_teacher(self, teacher: ModelConfig) -> "RunPlan":
+    """This plan with a distillation teacher's kernels (`attention_for`), printed and stored beside
+    the student's."""
+    return dataclasses.replace(self, teacher=self.attention_for(teacher))
 
   def describe(self) -> list[str]:
     """The start-up log's lines: what this plan decided, one fact a line."""
@@ -113,13 +156,19 @@ class RunPlan:
     if self.sequence.shards > 1:
       lines.append(f"plan: sequence split over {self.sequence.shards} devices by "
                    f"{self.sequence.strategy}, {self.sequence.layout} layout")
-    return lines + self.attention.messages()
+    lines += self.attention.messages()
+    if self.teacher is not None:
+      lines += ["teacher " + line for line in self.teacher.messages()]
+    return lines
 
   def meta(self) -> dict:
     """Plain data for a checkpoint's meta: the decisions, as `describe` prints them."""
-    return {"platform": self.platform, "mesh": dict(self.mesh.shape),
+    meta = {"platform": self.platform, "mesh": dict(self.mesh.shape),
             "pipeline": None if self.pipeline is None else dataclasses.asdict(self.pipeline),
             "sequence": dataclasses.asdict(self.sequence), "attention": self.attention.to_dict()}
+    if self.teacher is not None:
+      meta["teacher_attention"] = self.teacher.to_dict()
+    return meta
 
 
 def select_devices(cfg: Config) -> list:
@@ -144,6 +193,9 @@ def decide(cfg: Config, num_devices: int, platform: str, compute_capability: str
   Raises ValueError naming what does not fit and how to fix it.
   """
   platform = "cuda" if platform == "gpu" else platform
+  if platform not in AUTO_DTYPE:
+    raise ValueError(f"unknown platform {platform!r}; expected one of {sorted(AUTO_DTYPE)} (or gpu).")
+  dtype = compute_dtype_for(cfg.model.dtype, platform)
   dcn = cfg.mesh.dcn_shape()
   num_dcn = math.prod(dcn.values())
   if num_devices % num_dcn:
@@ -158,10 +210,10 @@ def decide(cfg: Config, num_devices: int, platform: str, compute_capability: str
   sequence = _sequence(cfg, shape)
   m = cfg.model
   attention = attention_lib.plan_attention(
-      m.attention, platform=platform, dtype=m.dtype, head_dim=m.head_dim, seq_len=cfg.data.seq_len,
+      m.attention, platform=platform, dtype=dtype, head_dim=m.head_dim, seq_len=cfg.data.seq_len,
       compute_capability=compute_capability, sequence_shards=sequence.shards,
-      sequence_strategy=sequence.strategy, interpret=interpret)
-  return Decisions(platform, mesh_shape, pipeline, sequence, attention)
+      sequence_strategy=sequence.strategy, sequence_layout=sequence.layout, interpret=interpret)
+  return Decisions(platform, dtype, mesh_shape, pipeline, sequence, attention)
 
 
 def _check_batch(cfg: Config, shape: dict[str, int]) -> None:
@@ -216,6 +268,23 @@ def _sequence(cfg: Config, shape: dict[str, int]) -> SequencePlan:
   return SequencePlan(shards, strategy, "zigzag" if strategy == "ring" else "natural")
 
 
+def with_dtype(cfg: Config, dtype: str) -> Config:
+  """`cfg` computing in `dtype` (what the plan made of model.dtype)."""
+  return cfg if cfg.model.dtype == dtype else dataclasses.replace(
+      cfg, model=dataclasses.replace(cfg.model, dtype=dtype))
+
+
+def config_for_model(model: ModelConfig, num_devices: int = 1) -> Config:
+  """A validated Config that runs `model` on the first `num_devices` devices with the defaults of
+  configs/base.py otherwise (sequences as long as the model allows, up to the default length): for
+  tools and notebooks that hold a model, not a run. Raises ValueError for a model that is not valid."""
+  raw = base_config().to_dict()
+  raw["model"] = dataclasses.asdict(model)
+  raw["data"]["seq_len"] = min(raw["data"]["seq_len"], model.max_seq_len)
+  raw["mesh"]["num_devices"] = num_devices
+  return validate(raw)
+
+
 def make_plan(cfg: Config, devices: list | None = None, platform: str | None = None) -> RunPlan:
   """The run's plan for `devices` (default: the host's, `select_devices`); raises ValueError early.
 
@@ -229,6 +298,7 @@ def make_plan(cfg: Config, devices: list | None = None, platform: str | None = N
   # Pallas kernels lower for their own platform only; described devices run them interpreted.
   interpret = platform == "tpu" and devices[0].platform != "tpu"
   decided = decide(cfg, len(devices), platform, capability, interpret)
+  cfg = with_dtype(cfg, decided.dtype)
   mesh = mesh_lib.make_mesh(decided.mesh_shape.ici, devices, decided.mesh_shape.dcn)
   rules = rules_lib.get_rules(cfg.mesh.rules, cfg.mesh.custom_rules, pipelined=decided.pipeline is not None,
                               sequenced=decided.sequence.shards > 1)

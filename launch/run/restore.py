@@ -15,9 +15,9 @@ from launch.run import inputs
 from launch.run import paths
 from launch.run import state as ts
 from launch.run.config import Config, validate, with_overrides
-from launch.run.plan import RunPlan, make_plan
+from launch.run import programs
+from launch.run.plan import RunPlan, make_plan, with_dtype
 from lm.generate import generate_text
-from lm.serving import serving_params
 
 # Which model.* keys a run that reads a checkpoint may set differently from the run that saved it:
 # one rule for every reader (docs/training.md, "What a checkpoint fixes").
@@ -157,13 +157,17 @@ class LoadedModel:
   tokenizer: object
   step: int
 
-  def generate(self, prompts: list[str], **sampling) -> list[str]:
-    """lm.generate.generate_text with this checkpoint's model and tokenizer, through the serving layout
-    `launch.generate` uses (lm/serving.py); `sampling`: max_new_tokens, temperature, top_k, top_p,
-    seed, batch_size, stop_ids, echo. Returns one string per prompt (prompt included unless echo=False)."""
-    model = self.cfg.model
-    return generate_text(model, serving_params(self.params, model.compute_dtype), self.tokenizer, prompts,
-                         max_seq_len=model.max_seq_len, attention=self.plan.attention, **sampling)
+  def generate(self, prompts: list[str], *, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+               top_p: float = 1.0, **batching) -> list[str]:
+    """lm.generate.generate_text with this checkpoint's model and tokenizer, through the programs
+    `launch.generate` runs (launch/run/programs.py: the serving layout under the plan's mesh);
+    `batching`: seed, batch_size, stop_ids, echo. Returns one string per prompt (prompt included
+    unless echo=False)."""
+    params = programs.serving_params(self.plan, self.params)
+    generator = programs.text_generator(self.plan, params, max_new_tokens=max_new_tokens,
+                                        temperature=temperature, top_k=top_k, top_p=top_p)
+    return generate_text(generator, self.tokenizer, prompts, max_seq_len=self.cfg.model.max_seq_len,
+                         max_new_tokens=max_new_tokens, **batching)
 
 
 def load_checkpoint(checkpoint_dir: str, step: int | None = None, devices: list | None = None,
@@ -177,5 +181,6 @@ def load_checkpoint(checkpoint_dir: str, step: int | None = None, devices: list 
   cfg, step = read_saved_config(checkpoint_dir, step, overrides)
   tokenizer = inputs.prepare(cfg.data, cfg.model.vocab_size)
   plan = make_plan(cfg, devices)
+  cfg = with_dtype(cfg, plan.cfg.model.dtype)
   params, _ = restore_params(checkpoint_dir, plan.mdef, plan.shardings.params, step)
   return LoadedModel(cfg, plan, params, tokenizer, step)

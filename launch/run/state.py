@@ -31,12 +31,13 @@ class TrainState(struct.PyTreeNode):
 
 
 def model_def(cfg: ModelConfig, pipeline: pipeline_lib.Pipeline | None = None,
-              attention: AttentionPlan | None = None) -> ModelDef:
+              attention: AttentionPlan | None = None, per_layer: bool = False) -> ModelDef:
   """Traces the model's shapes without allocating; cfg.remat picks the remat policy, `pipeline` (when
   the mesh has stages) how the layer stack runs, `attention` (a run plan's) the kernel per place,
-  which the graphdef then carries to every model rebuilt from it. Parameters are the same either way."""
+  which the graphdef then carries to every model rebuilt from it. Parameters are the same either way,
+  except `per_layer` (the serving layout: one tree per layer, lm/serving.py)."""
   runner = None if pipeline is None else functools.partial(pipeline_lib.run_pipelined, pipeline)
-  return define(cfg, attention, remat_lib.remat_wrapper(cfg.remat), runner)
+  return define(cfg, attention, remat_lib.remat_wrapper(cfg.remat), runner, per_layer)
 
 
 def init_params(mdef: ModelDef, rng: jax.Array) -> Params:

@@ -1,9 +1,9 @@
-"""The jitted train and eval steps: pure functions of (state, batch)."""
+"""The train and eval steps as pure functions of (state, batch); launch/run/programs.py jits them
+from the run plan."""
 
-import contextlib
 import dataclasses
 import functools
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -11,17 +11,12 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from lm import attention as attention_lib
 from lm import axes
 from lm.loss import chunked_cross_entropy
 from lm.transformer import positions_in_documents
 from launch.run.state import ModelDef, TrainState
 from sharding import rules as rules_lib
-from sharding import sequence as sequence_lib
 from sharding import zigzag
-
-if TYPE_CHECKING:  # the plan imports this module's users, not this module
-  from launch.run.plan import RunPlan
 
 # {"inputs": int32 [B, L], "targets": int32 [B, L], "segment_ids": int32 [B, L], "loss_weights":
 # float32 [B, L]}; segment_ids (the document index of each token within its packed row) may be absent:
@@ -41,9 +36,12 @@ class LossHook:
   extra_shardings: Any
 
 
-def _loss(params, batch: Batch, mdef: ModelDef, zigzag_shards: int = 0):
+def _loss(params, batch: Batch, mdef: ModelDef):
+  """(mean loss, (loss_sum, tokens)); the sequence order is the model's own plan's (`ring_layout`):
+  under the ring's zigzag layout the batch is reordered here, so order and mask cannot disagree."""
   model = mdef.bind(params)
   positions_BxL = None
+  zigzag_shards = mdef.attention.zigzag_shards
   if zigzag_shards > 1:
     order_L = zigzag.zigzag_order(batch["inputs"].shape[1], zigzag_shards)
     batch, positions_BxL = reorder_sequence(batch, order_L)
@@ -72,12 +70,11 @@ def reorder_sequence(batch: Batch, order_L: np.ndarray) -> tuple[Batch, jax.Arra
 
 def train_step(state: TrainState, batch: Batch, extra=None, *, mdef: ModelDef,
                tx: optax.GradientTransformation, schedule: optax.Schedule, accum_steps: int,
-               loss_fn: Callable | None = None, skip_nonfinite: bool = False,
-               zigzag_shards: int = 0) -> tuple[TrainState, dict]:
+               loss_fn: Callable | None = None, skip_nonfinite: bool = False) -> tuple[TrainState, dict]:
   """One optimizer update over the global batch, split into `accum_steps` micro-batches.
 
-  `zigzag_shards` > 1: the cross-entropy loss reads each sequence in the zigzag order over that many
-  sequence shards (the plan's `SequencePlan.zigzag_shards`); loss hooks read the natural order.
+  The cross-entropy loss reads each sequence in the order `mdef`'s attention plan names (zigzag
+  under the ring); a loss hook's model calls read the natural order (their mdef's plan says so).
 
   `loss_fn(params, batch, extra)` (a LossHook's) replaces the cross-entropy when given. With
   `skip_nonfinite`, a step whose loss or gradient norm is NaN/inf leaves params and optimizer state
@@ -85,7 +82,7 @@ def train_step(state: TrainState, batch: Batch, extra=None, *, mdef: ModelDef,
   Returns (new state, metrics dict of float32 scalars: loss, grad_norm, learning_rate, tokens,
   nonfinite (1.0 when loss or grad_norm is NaN/inf; the host reads it one step late, like the rest)).
   """
-  loss = (functools.partial(_loss, mdef=mdef, zigzag_shards=zigzag_shards) if loss_fn is None
+  loss = (functools.partial(_loss, mdef=mdef) if loss_fn is None
           else lambda params, b: loss_fn(params, b, extra))
   grad_fn = jax.value_and_grad(loss, has_aux=True)
   if accum_steps == 1:
@@ -121,9 +118,9 @@ def train_step(state: TrainState, batch: Batch, extra=None, *, mdef: ModelDef,
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(params, batch: Batch, *, mdef: ModelDef, zigzag_shards: int = 0) -> dict:
+def eval_step(params, batch: Batch, *, mdef: ModelDef) -> dict:
   """Returns {"loss_sum", "tokens"} for one batch (sums, so batches combine exactly)."""
-  _, (loss_sum, tokens) = _loss(params, batch, mdef, zigzag_shards)
+  _, (loss_sum, tokens) = _loss(params, batch, mdef)
   return {"loss_sum": loss_sum, "tokens": tokens}
 
 
@@ -139,91 +136,3 @@ def batch_sharding(mesh: Mesh, rules: rules_lib.Rules) -> NamedSharding:
 def global_batch(local_batch: dict, sharding: NamedSharding) -> Batch:
   """Assembles global arrays from this process's rows (the same call works single- or multi-host)."""
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
-
-
-def activation_constraint(mesh: Mesh, rules: rules_lib.Rules):
-  """The constraint function lm.axes.constrain calls while the steps are traced."""
-  def constrain(x, names):
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, rules_lib.logical_to_spec(names, rules)))
-  return constrain
-
-
-def per_shard_map(mesh: Mesh, rules: rules_lib.Rules):
-  """The wrapper lm.axes.per_shard calls while the steps are traced: a shard_map by logical names.
-
-  Kernels GSPMD cannot split (Pallas splash attention) run once per device on its block.
-  """
-  def wrap(fn, in_names, out_names):
-    specs = lambda names: rules_lib.logical_to_spec(names, rules)
-    return jax.shard_map(fn, mesh=mesh, in_specs=tuple(specs(n) for n in in_names),
-                         out_specs=specs(out_names), check_vma=False)
-  return wrap
-
-
-def jit_train_step(plan: "RunPlan", loss_hook: LossHook | None = None):
-  """Returns the plan's train step, compiled on first call, with explicit shardings and the state donated.
-
-  Everything comes from the plan: the model and its kernels, optimizer, gradient accumulation,
-  train.nonfinite, and on a mesh with a sequence axis how attention crosses its shards and the layout
-  the loss reads (zigzag under the ring; a `loss_hook`'s model calls read natural order). Called as
-  step(state, batch); a `loss_hook`'s extra inputs are passed for you.
-  """
-  cfg = plan.cfg
-  layout = "natural" if loss_hook is not None else plan.sequence.layout
-  step = functools.partial(train_step, mdef=plan.mdef, tx=plan.tx, schedule=plan.schedule,
-                           accum_steps=cfg.train.grad_accum_steps, loss_fn=loss_hook and loss_hook.fn,
-                           skip_nonfinite=cfg.train.nonfinite == "skip_step",
-                           zigzag_shards=plan.sequence.zigzag_shards)
-  in_shardings = (plan.shardings, batch_sharding(plan.mesh, plan.rules))
-  if loss_hook is not None:
-    in_shardings += (loss_hook.extra_shardings,)
-  jitted = jax.jit(step, in_shardings=in_shardings, out_shardings=(plan.shardings, None),
-                   donate_argnums=(0,))
-  return under_plan(jitted, plan, () if loss_hook is None else (loss_hook.extra,), layout=layout)
-
-
-def jit_eval_step(plan: "RunPlan"):
-  """Returns the plan's jitted eval step over sharded parameters and a sharded batch."""
-  jitted = jax.jit(functools.partial(eval_step, mdef=plan.mdef, zigzag_shards=plan.sequence.zigzag_shards),
-                   in_shardings=(plan.shardings.params, batch_sharding(plan.mesh, plan.rules)))
-  return under_plan(jitted, plan)
-
-
-class under_plan:
-  """Calls a jitted function with the plan's tracing hooks installed (lm/axes.py): the activation
-  sharding rules, the per-device wrapper of kernels GSPMD cannot split, and, on a mesh that splits
-  sequences, attention across sequence shards, its block kernel the plan's
-  (`plan.attention.ring_block`) and its layout `layout` (default: the plan's `sequence.layout`; a
-  function whose sequences are in natural order passes "natural"). The hooks carry functions built
-  from the plan, never a decision of their own.
-  """
-
-  def __init__(self, jitted, plan: "RunPlan", bound_args: tuple = (), layout: str | None = None):
-    self.jitted, self.constraint = jitted, activation_constraint(plan.mesh, plan.rules)
-    self.per_shard = per_shard_map(plan.mesh, plan.rules)
-    attention = plan.attention
-    self.across_shards = (None if attention.ring_block is None else
-                          sequence_lib.sequence_attention_fn(
-                              plan.mesh, plan.rules, plan.sequence.strategy, attention_lib.xla_attention,
-                              block_kernel=attention.ring_block.implementation,
-                              layout=layout or plan.sequence.layout, interpret=attention.interpret))
-    self.bound_args = bound_args  # trailing arguments passed on every call (a LossHook's extra)
-
-  def _hooks(self):
-    stack = contextlib.ExitStack()
-    stack.enter_context(axes.use_constraint(self.constraint))
-    stack.enter_context(axes.use_per_shard(self.per_shard))
-    stack.enter_context(axes.use_sequence_attention(self.across_shards))
-    return stack
-
-  def __call__(self, *args):
-    with self._hooks():
-      return self.jitted(*args, *self.bound_args)
-
-  def lower(self, *args):
-    with self._hooks():
-      return self.jitted.lower(*args, *self.bound_args)
-
-  def trace(self, *args):
-    with self._hooks():
-      return self.jitted.trace(*args, *self.bound_args)
