@@ -24,8 +24,8 @@ import jax
 import orbax.checkpoint as ocp
 
 from launch.run import checksum
-from launch.run import paths
 from launch.run.errors import NonFiniteError, SaveError, storage_reason
+from launch.storage import paths
 
 ITEMS = ("params", "opt_state", "meta")
 PARAMS_ONLY = "params_only"  # meta key of a step saved by save_params
