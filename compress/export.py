@@ -22,10 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from launch.run import bucket
-from launch.run import paths
 from launch.run import programs
 from launch.run.restore import load_checkpoint
+from launch.storage import bucket
+from launch.storage import paths
 from lm.config import ModelConfig
 from lm.decoding import generate
 from lm.sampling import check_sampling_args

@@ -15,8 +15,8 @@ from compress import quantize as quantize_lib
 from launch.run import checkpoint as ckpt_lib
 from launch.run import inputs
 from launch.run import state as ts
-from launch.run import paths
 from launch.run.restore import LoadedModel, load_checkpoint
+from launch.storage import paths
 from lm.config import DENSE_LAYERS
 from lm.data import loader
 

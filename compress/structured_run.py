@@ -15,11 +15,11 @@ import numpy as np
 from compress import structured
 from launch.run import checkpoint as ckpt_lib
 from launch.run import inputs
-from launch.run import paths
 from launch.run import state as ts
 from launch.run.config import Config
 from launch.run.plan import make_plan
 from launch.run.restore import check_compatible, read_saved_config, restore_params
+from launch.storage import paths
 from lm.data import loader
 
 

@@ -14,11 +14,11 @@ import jax
 from absl import flags
 
 from launch.run import cli, inputs
-from launch.run import paths
 from launch.run.devices import simulate_cpu_devices
 from launch.run.loop import train
 from launch.run.preemption import StopRequest
 from launch.run.restore import load_checkpoint
+from launch.storage import paths
 from lm.data import baseline
 
 flags.DEFINE_string("workdir", "runs/demo", "Directory for checkpoints, metrics and plots.")

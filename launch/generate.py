@@ -31,9 +31,9 @@ from absl import flags
 
 from launch.measure.memory import format_bytes, per_device_bytes
 from launch.run import cli
-from launch.run import paths
 from launch.run import programs
 from launch.run.restore import load_checkpoint
+from launch.storage import paths
 from lm.config import DTYPES, KV_CACHE_DTYPES
 from lm.data.chat import chat_format
 from lm.generate import stream_text

@@ -18,9 +18,9 @@ from absl import flags
 
 from launch.measure.sweep_point import run_point
 from launch.run import cli
-from launch.run import paths
 from launch.run.devices import simulate_cpu_devices
 from launch.run.topology import topology_devices
+from launch.storage import paths
 
 flags.DEFINE_string("out", None, "Write the point's JSON result here.")
 flags.DEFINE_bool("compile_only", False, "Compile and read memory; run no steps.")

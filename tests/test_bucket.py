@@ -27,13 +27,13 @@ import pytest
 import gcs_emulator
 from configs.smoke import get_config
 from launch.run import checkpoint as ckpt_lib
-from launch.run import paths
 from launch.run.config import validate, with_overrides
 from launch.run.errors import WorkdirLocked
 from launch.run.logger import read_metrics
 from launch.run.loop import train
 from launch.run.preemption import StopRequest
-from launch.run.workdir_lock import WorkdirLock
+from launch.storage import paths
+from launch.storage.workdir_lock import WorkdirLock
 from lm.model_def import for_shapes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -140,7 +140,7 @@ def test_resume_after_sigkill_during_a_save_is_bitwise_equal(run, data_dir):
   ckpt_dir = f"{workdir}/checkpoints"
   proc = _train_process(data_dir, workdir, "--config.checkpoint.save_every=1", "--config.checkpoint.keep=2",
                         "--config.train.tensorboard=False")
-  from launch.run import bucket as bucket_lib
+  from launch.storage import bucket as bucket_lib
   storage = bucket_lib.client().bucket(BUCKET)
   partial, deadline = [], time.time() + 120
   while time.time() < deadline and proc.poll() is None and not partial:  # a save in progress, after one
@@ -163,7 +163,7 @@ def test_resume_after_sigkill_during_a_save_is_bitwise_equal(run, data_dir):
 
 
 def test_second_run_on_a_locked_bucket_workdir_is_refused_naming_the_holder(bucket):
-  from launch.run import bucket as bucket_lib
+  from launch.storage import bucket as bucket_lib
   url = f"{bucket}/runs/locked/run.lock"
   blob = bucket_lib.client().bucket(BUCKET).blob("runs/locked/run.lock")
   blob.upload_from_string(json.dumps({"host": "other-host", "pid": 4242, "since": time.time(),
@@ -234,8 +234,8 @@ def test_no_credentials_is_one_error_line_naming_the_bucket(tmp_path):
 def test_a_lock_silent_past_the_stale_threshold_is_taken_over_and_a_beating_one_is_kept(bucket, monkeypatch):
   """bucket_lock.py's rule at a 2 s threshold instead of 300 s: the lock object's age is its last write
   on the server's clock; a heartbeat (here every 0.5 s) keeps a live holder's lock fresh."""
-  from launch.run import bucket as bucket_lib
-  from launch.run import bucket_lock
+  from launch.storage import bucket as bucket_lib
+  from launch.storage import bucket_lock
   monkeypatch.setattr(bucket_lock, "STALE_S", 2.0)
   monkeypatch.setattr(bucket_lock, "HEARTBEAT_S", 0.5)
   url = f"{bucket}/runs/stale/run.lock"
@@ -353,8 +353,8 @@ def data_in_bucket(bucket, tmp_path_factory):
 
 
 def test_data_dir_in_the_bucket_is_prepared_here_then_published_marker_last(data_in_bucket):
-  from launch.run import published_corpus
   from launch.run.restore import read_saved_config
+  from launch.storage import published_corpus
   url, _, result, printed = data_in_bucket
   assert result.final_step == 2 and math.isfinite(result.val_loss)
   assert f"data: published the corpus prepared in {paths.cache_path(url)} to {url}" in printed, printed
@@ -374,7 +374,7 @@ def test_a_second_host_downloads_the_published_corpus_instead_of_preparing_it(da
   downloaded (sizes, mtimes) still matches after the run, so nothing was prepared (no tokenizer trained,
   no shard written) over the download, and nothing was published again. Evaluating the checkpoint
   (launch.eval) reads the same copy."""
-  from launch.run import published_corpus
+  from launch.storage import published_corpus
   url, first_workdir, first, _ = data_in_bucket
   monkeypatch.setenv("SHARDLM_GCS_CACHE", str(tmp_path / "other-host-cache"))
   local = paths.cache_path(url)
@@ -398,7 +398,7 @@ def test_a_data_dir_in_the_bucket_without_the_marker_is_never_read(bucket, tmp_p
   """Objects under a gs:// data_dir with no marker (a half-finished upload): the corpus is prepared
   locally, as for an empty prefix, and published over them, marker last."""
   from launch.run import inputs
-  from launch.run import published_corpus
+  from launch.storage import published_corpus
   url = f"{bucket}/half-uploaded"
   paths.write_bytes(f"{url}/tokenizer_sp512.model", b"not a sentencepiece model")
   paths.write_text(f"{url}/shakespeare/1.0.0/dataset_info.json", "{")

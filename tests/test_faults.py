@@ -1,6 +1,6 @@
 """Nothing lost, nothing silent: the NaN guard, checksummed checkpoints, resume fallback, the workdir
 lock, storage errors and one-line errors at every entry point (launch/run/{loop,checkpoint,checksum,
-workdir_lock,errors,cli}.py)."""
+errors,cli}.py, launch/storage/workdir_lock.py)."""
 
 import errno
 import functools
@@ -27,7 +27,7 @@ from launch.run.logger import read_metrics
 from launch.run.loop import train
 from launch.run.restore import load_checkpoint
 from launch.run.step import train_step
-from launch.run.workdir_lock import LOCK_NAME, WorkdirLock
+from launch.storage.workdir_lock import LOCK_NAME, WorkdirLock
 from launch.run.plan import make_plan
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

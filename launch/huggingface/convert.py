@@ -15,13 +15,13 @@ import jax
 
 from configs.base import base_config
 from launch.huggingface import checkpoint as hf_lib
-from launch.run import bucket
 from launch.run import checkpoint as ckpt_lib
-from launch.run import paths
 from launch.run import state as ts
 from launch.run.config import validate
 from launch.run.plan import make_plan
 from launch.run.restore import WEIGHT_FIELDS, restore_params, saved_config
+from launch.storage import bucket
+from launch.storage import paths
 from lm.data import tokenizer as tokenizer_lib
 from lm.model_def import for_shapes
 

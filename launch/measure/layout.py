@@ -2,9 +2,9 @@
 
 import jax
 
-from launch.run import paths
 from launch.run.plan import RunPlan
 from launch.run.step import batch_sharding
+from launch.storage import paths
 
 
 def layout_rows(plan: RunPlan) -> list[tuple[str, tuple, tuple, str, tuple]]:

@@ -6,7 +6,7 @@ get a status and reason and the sweep goes on (a crashed point is first retried 
 Results: <out>/points/<point>.json (+ .log), <out>/results.csv, results.md and PNG plots
 (sweep_report.py). Rerunning skips recorded points (retry_failed reruns error/timeout/oom ones; a
 compile-only record is redone when steps are wanted). `out` may be a gs:// URL: every file goes
-through launch/run/paths.py (a point's log is written locally while it runs, then uploaded), and
+through launch/storage/paths.py (a point's log is written locally while it runs, then uploaded), and
 its bucket is probed before any point runs.
 """
 
@@ -22,10 +22,10 @@ import tempfile
 import time
 
 from launch.measure import sweep_report
-from launch.run import bucket
-from launch.run import paths
 from launch.run.cli import config_from_file
 from launch.run.topology import topology_devices
+from launch.storage import bucket
+from launch.storage import paths
 from sharding.mesh import MESH_AXES
 from sharding.rules import preset_for_mesh
 

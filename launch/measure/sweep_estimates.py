@@ -8,7 +8,7 @@ Writes estimates.md / estimates.csv (launch/measure/tables.py) and estimates.png
 """
 
 from launch.measure.tables import write_table
-from launch.run import paths
+from launch.storage import paths
 
 GIB = 2 ** 30
 

@@ -6,7 +6,7 @@ columns launch/sweep_point.py measured (bytes per device, seconds, tokens/s over
 
 from launch.measure import sweep_estimates
 from launch.measure import tables
-from launch.run import paths
+from launch.storage import paths
 
 MIB = 1024 ** 2
 MEASURED = ["devices", "mesh_shape", "rules", "params_bytes", "optimizer_bytes", "argument_bytes",

@@ -1,12 +1,12 @@
 """Result tables: every benchmark writes its rows as CSV and Markdown, with the command that made them.
 
-Every path may be local or gs:// (launch/run/paths.py): a table is made in memory and written once.
+Every path may be local or gs:// (launch/storage/paths.py): a table is made in memory and written once.
 """
 
 import csv
 import io
 
-from launch.run import paths
+from launch.storage import paths
 
 
 def write_csv(path: str, rows: list, columns: list[str] | None = None, *, extra_columns: str = "raise") -> None:

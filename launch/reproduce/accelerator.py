@@ -21,7 +21,8 @@ import sys
 from absl import flags
 
 from launch.measure.tables import write_table
-from launch.run import cli, paths
+from launch.run import cli
+from launch.storage import paths
 
 flags.DEFINE_string("out", "docs/results/accelerator", "Output directory.")
 flags.DEFINE_integer("timeout", 150, "Seconds per variant (compile + 2 warm-up + 5 timed steps).")

@@ -20,10 +20,11 @@ from absl import flags
 from launch.measure.tables import write_table
 from launch.measure.timing import call_seconds
 from launch.run import checkpoint as ckpt_lib
-from launch.run import checksum, cli, paths
+from launch.run import checksum, cli
 from launch.run import state as ts
 from launch.run.config import validate, with_overrides
 from launch.run.plan import make_plan
+from launch.storage import paths
 
 flags.DEFINE_list("configs", ["demo", "llama_125m"], "Config names under configs/.")
 flags.DEFINE_integer("repeats", 3, "Timed save+restore pairs per mode (the median is reported).")

@@ -22,12 +22,13 @@ from absl import app, flags
 from compress.distill_run import distill
 from compress.prune_run import prune, prune_one_shot
 from launch.measure.tables import write_csv
-from launch.run import cli, paths
+from launch.run import cli
 from launch.run.config import Config, validate, with_overrides
 from launch.run.devices import simulate_cpu_devices
 from launch.run.evaluation import eval_checkpoint
 from launch.run.loop import train
 from launch.run.restore import read_saved_config
+from launch.storage import paths
 
 flags.DEFINE_string("teacher", "runs/demo/checkpoints", "The trained teacher's checkpoint directory.")
 flags.DEFINE_string("out", "docs/results/compression", "Output path prefix for .md and .csv.")

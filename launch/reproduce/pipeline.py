@@ -20,7 +20,8 @@ from absl import flags
 from launch.measure.layout import draw_pipeline_timeline
 from launch.measure.sweep import run_sweep
 from launch.measure.tables import write_table
-from launch.run import cli, paths
+from launch.run import cli
+from launch.storage import paths
 from sharding.pipeline import Pipeline
 
 flags.DEFINE_string("out", "docs/results/pipeline", "Output directory (the sweep's points go to <out>/sweep).")

@@ -24,9 +24,10 @@ from absl import app, flags
 from compress.quantize_run import checkpoint_bytes, quantize_checkpoint
 from launch.measure.tables import write_csv
 from launch.measure.timing import time_calls
-from launch.run import cli, inputs, paths
+from launch.run import cli, inputs
 from launch.run.evaluation import eval_checkpoint
 from launch.run.restore import load_checkpoint
+from launch.storage import paths
 from lm import kv_cache
 from lm.data import loader
 from launch.run import programs

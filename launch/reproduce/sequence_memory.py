@@ -24,7 +24,8 @@ from absl import flags
 
 from launch.measure.sweep import run_sweep
 from launch.measure.tables import write_table
-from launch.run import cli, paths
+from launch.run import cli
+from launch.storage import paths
 
 flags.DEFINE_string("out", "docs/results/sequence_memory", "Output directory (sweep points under <out>/sweep).")
 flags.DEFINE_string("lengths", "8192,32768,131072", "Sequence lengths to compile (comma-separated).")

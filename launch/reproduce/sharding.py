@@ -23,10 +23,11 @@ from configs.demo import get_config
 from launch.run import state as ts
 from launch.measure.tables import write_table
 from launch.measure.timing import time_train_step
-from launch.run import cli, paths
+from launch.run import cli
 from launch.run.devices import simulate_cpu_devices
 from launch.run.config import validate, with_overrides
 from launch.run.plan import make_plan
+from launch.storage import paths
 from lm.loss import cross_entropy
 
 flags.DEFINE_string("out", "docs/results/sharding", "Output directory.")

@@ -29,7 +29,7 @@ from compress.quantize_run import checkpoint_bytes
 from compress.structured_run import prune_structured
 from launch.measure.timing import median_ratio, time_interleaved, train_step_runner
 from launch.measure.tables import write_csv
-from launch.run import cli, paths
+from launch.run import cli
 from launch.run.config import Config, validate, with_overrides
 from launch.run.plan import make_plan
 from launch.run.devices import simulate_cpu_devices
@@ -37,6 +37,7 @@ from launch.run.evaluation import eval_checkpoint
 from launch.run.loop import train
 from launch.run.restore import load_checkpoint, read_saved_config
 from launch.run import programs
+from launch.storage import paths
 
 flags.DEFINE_string("teacher", "runs/demo/checkpoints", "The trained teacher's checkpoint directory.")
 flags.DEFINE_string("out", "docs/results/structured", "Output path prefix for .md and .csv.")

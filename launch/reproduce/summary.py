@@ -19,7 +19,7 @@ import sys
 
 from absl import app, flags
 
-from launch.run import paths
+from launch.storage import paths
 
 # (header substring, kind, relative tolerance); the first match wins, case-insensitive.
 # "judged" numbers fail beyond the tolerance; "timing" and unmatched numeric columns are reported.

@@ -9,30 +9,28 @@ deletion never leaves a half-deleted step among the listed ones.
 
 On object storage (a gs:// directory) there is no rename: orbax writes the step in place and marks it
 done last with `commit_success.txt`, and a step counts only with every marker present. Old steps are
-deleted here (not by orbax) marker first, so a kill during a deletion leaves a step without its
-marker, which is never listed, and set-aside steps are copied whole before their markers go. Every restore recomputes the
+deleted marker first, so a kill during a deletion leaves a step without its marker, which is never
+listed, and set-aside steps are copied whole before their markers go. Those rules are the directory's
+step store (launch/storage/step_store.py), chosen once from its URL. Every restore recomputes the
 checksums of what it read and refuses a mismatch, naming the array and the step.
 """
 
 import json
-import os
 import re
-import shutil
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
 from launch.run import checksum
-from launch.run import paths
 from launch.run.errors import NonFiniteError, SaveError, storage_reason
+from launch.storage import paths
+from launch.storage.step_store import COMMIT, open_step_store
 
 ITEMS = ("params", "opt_state", "meta")
 PARAMS_ONLY = "params_only"  # meta key of a step saved by save_params
 CHECKSUMS = "checksums"      # meta key: {item: {array path: [hex checksum, dtype]}}
-DELETING = ".deleting"       # old steps are renamed here (atomic) before they are removed
-COMMIT = "commit_success.txt"  # orbax's marker of a finished step or item on object storage
-STEP_MARKERS = (COMMIT, "_CHECKPOINT_METADATA")  # removed first when a step is deleted from a bucket
+DELETING = ".deleting"       # a local directory's old steps are renamed here (atomic) before they are removed
 
 
 class CheckpointError(ValueError):
@@ -51,7 +49,7 @@ class Checkpointer:
   def __init__(self, directory: str, *, keep: int | None = None, async_save: bool = False, read_only: bool = False,
                checksums: bool = True):
     self.directory = paths.normalize(directory)
-    self.on_bucket = paths.is_url(self.directory)
+    self.store = open_step_store(self.directory, trash=DELETING)
     self.keep = keep
     self.checksums = checksums
     self.read_only = read_only
@@ -60,11 +58,9 @@ class Checkpointer:
     if read_only and not paths.isdir(self.directory):
       raise CheckpointError(f"No checkpoint directory at {self.directory}; pass the run's checkpoint "
                             "directory (<workdir>/checkpoints) or train first.")
-    # On a bucket orbax would delete old steps object by object in any order: we do it marker first.
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=None if self.on_bucket else keep, create=not read_only, read_only=read_only,
-        enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only,
-        todelete_subdir=None if read_only or self.on_bucket else DELETING)
+        create=not read_only, read_only=read_only, enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=not read_only, **self.store.manager_options(keep, read_only))
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
     if not read_only:
       self._remove_partial_steps()
@@ -79,16 +75,16 @@ class Checkpointer:
     root = paths.join(self.directory, str(step))
     def has(*parts):
       return paths.exists(paths.join(root, *parts))
-    if self.on_bucket and not has(COMMIT):
+    if not self.store.committed(step):
       return False
-    if not (has("_CHECKPOINT_METADATA") and has("meta", "metadata") and has("meta", "commit_success.txt")):
+    if not (has("_CHECKPOINT_METADATA") and has("meta", "metadata") and has("meta", COMMIT)):
       return False
     try:
       params_only = json.loads(paths.read_text(paths.join(root, "meta", "metadata"))).get(PARAMS_ONLY, False)
     except (OSError, ValueError):
       return False
     arrays = ("params",) if params_only else ("params", "opt_state")
-    return all(has(item, name) for item in arrays for name in ("_METADATA", "manifest.ocdbt", "commit_success.txt"))
+    return all(has(item, name) for item in arrays for name in ("_METADATA", "manifest.ocdbt", COMMIT))
 
   def save(self, step: int, state, meta: dict[str, Any]) -> None:
     """Starts saving `state` (a TrainState) and `meta` at `step`; returns before the write ends if async.
@@ -148,41 +144,18 @@ class Checkpointer:
         "start). Free space or fix the permissions, then continue with --resume.") from error
 
   def _purge_deleted(self) -> None:
-    """Removes the steps orbax renamed into .deleting/ (only process 0 renames or removes); on a
-    bucket, deletes the whole steps beyond the newest `keep`, each marker first."""
+    """Removes the steps no longer kept, as the store's rules say (only process 0 renames or removes):
+    locally those orbax renamed into .deleting/, on a bucket the whole steps beyond the newest `keep`."""
     if not self.primary or self.read_only:
       return
-    if self.on_bucket:
-      whole = self.steps()
-      old = whole[:-self.keep] if self.keep else []
-      for step in old:
-        self._delete_from_bucket(paths.join(self.directory, str(step)))
-      if old:
-        self.manager.reload()
-      return
-    trash = os.path.join(self.directory, DELETING)
-    if os.path.isdir(trash):
-      for name in os.listdir(trash):
-        shutil.rmtree(os.path.join(trash, name), ignore_errors=True)
-
-  def _remove_partial_steps(self) -> None:
-    """On a bucket, deletes what an interrupted save left (a step directory without its markers), as
-    orbax removes its temporary directories on disk, so the step can be saved again cleanly."""
-    if not (self.on_bucket and self.primary):
-      return
-    partial = [name for name in (paths.listdir(self.directory) if paths.isdir(self.directory) else [])
-               if name.isdigit() and not self._whole(int(name))]
-    for name in partial:
-      self._delete_from_bucket(paths.join(self.directory, name))
-    if partial:
+    if self.store.prune(self.steps, self.keep):
       self.manager.reload()
 
-  @staticmethod
-  def _delete_from_bucket(step_dir: str) -> None:
-    """Deletes a step on object storage so that no listing ever sees it half-deleted but whole."""
-    for marker in STEP_MARKERS:
-      paths.remove(paths.join(step_dir, marker))
-    paths.rmtree(step_dir)
+  def _remove_partial_steps(self) -> None:
+    """Deletes what an interrupted save left where orbax does not (a bucket's step without its markers),
+    so the step can be saved again cleanly."""
+    if self.primary and self.store.remove_partial(self._whole):
+      self.manager.reload()
 
   def _last_good(self) -> str:
     steps = self.steps()
@@ -205,12 +178,7 @@ class Checkpointer:
         dest, n = paths.join(target, str(step)), 1
         while paths.exists(dest):
           dest, n = paths.join(target, f"{step}.{n}"), n + 1
-        source = paths.join(self.directory, str(step))
-        if self.on_bucket:  # no rename: a whole copy first, then the original, marker first
-          paths.copy_tree(source, dest)
-          self._delete_from_bucket(source)
-        else:
-          os.rename(source, dest)
+        self.store.move(step, dest)  # a bucket has no rename: a whole copy first, then the original
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices("shardlm:set_aside")

@@ -2,10 +2,10 @@
 
 SentencePiece, `tokenizers`, safetensors and the corpus readers (lm/data/sources.py) take a local
 path. A config whose data.tokenizer_path, data.path or data.validation_path is a gs:// URL (or glob)
-gets those objects copied into the local cache (launch/run/paths.py: `local_copy`, under
+gets those objects copied into the local cache (launch/storage/paths.py: `local_copy`, under
 $SHARDLM_GCS_CACHE) and the keys pointed at the copies, just before the data loader reads them; lm/
 never sees a URL.
-A gs:// data.data_dir is a prepared corpus published in the bucket (launch/run/published_corpus.py):
+A gs:// data.data_dir is a prepared corpus published in the bucket (launch/storage/published_corpus.py):
 it is prepared or downloaded into a local cache directory, and every reader gets that directory
 (`local_data`). `prepare` is the one call that readies a config's data before anything reads it.
 """
@@ -15,10 +15,10 @@ import os
 
 import jax
 
-from launch.run import bucket
-from launch.run import paths
-from launch.run import published_corpus
 from launch.run.config import DataConfig
+from launch.storage import bucket
+from launch.storage import paths
+from launch.storage import published_corpus
 from lm.data import loader
 from lm.data import tokenizer as tokenizer_lib
 

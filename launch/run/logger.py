@@ -1,7 +1,7 @@
 """Progress and metrics for long runs: a console bar with ETA, JSON lines, TensorBoard, a loss plot.
 
 A local workdir gets <workdir>/metrics.jsonl (appended) and tensorboard/; a workdir in a bucket gets
-immutable objects per flush period instead (launch/run/metric_chunks.py), and `read_metrics` reads both.
+immutable objects per flush period instead (launch/storage/metric_chunks.py), and `read_metrics` reads both.
 """
 
 import io
@@ -11,8 +11,8 @@ import sys
 
 from tqdm import tqdm
 
-from launch.run import paths
-from launch.run.metric_chunks import ChunkWriter, read_chunks
+from launch.storage import paths
+from launch.storage.metric_chunks import ChunkWriter, read_chunks
 
 
 class MetricLogger:

@@ -15,10 +15,8 @@ import time
 import jax
 import numpy as np
 
-from launch.run import bucket
 from launch.run import checkpoint as ckpt_lib
 from launch.run import inputs
-from launch.run import paths
 from launch.run import data_state as data_states
 from launch.run import throughput as throughput_lib
 from launch.run import state as ts
@@ -32,7 +30,9 @@ from launch.run.prefetch import Prefetcher
 from launch.run.restore import check_compatible, inherit_tokenizer, init_from_checkpoint, saved_config
 from launch.run import programs
 from launch.run.step import LossHook, batch_sharding, global_batch
-from launch.run.workdir_lock import WorkdirLock
+from launch.storage import bucket
+from launch.storage import paths
+from launch.storage.workdir_lock import WorkdirLock
 from lm.data import loader
 
 @dataclasses.dataclass

@@ -12,11 +12,11 @@ from typing import Any
 from configs.base import base_config
 from launch.run import checkpoint as ckpt_lib
 from launch.run import inputs
-from launch.run import paths
 from launch.run import state as ts
 from launch.run.config import Config, validate, with_overrides
 from launch.run import programs
 from launch.run.plan import RunPlan, make_plan, with_dtype
+from launch.storage import paths
 from lm.generate import generate_text
 
 # Which model.* keys a run that reads a checkpoint may set differently from the run that saved it:

@@ -26,7 +26,7 @@ import hashlib
 import json
 import os
 
-from launch.run import paths
+from launch.storage import paths
 
 MARKER = "corpus.published.json"
 VERSION = 1

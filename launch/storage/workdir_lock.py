@@ -5,7 +5,7 @@ so the second one stops at once and names the first. A lock left by a process th
 power loss) is recognised when its pid no longer runs on this host, and taken over with a note. A
 lock from another host cannot be checked from here: the message says which file to delete if that
 run is gone. In a multi-process run only process 0 takes the lock; the others learn its outcome.
-A workdir in a bucket (gs://) gets a lock object instead (launch/run/bucket_lock.py: create-if-absent
+A workdir in a bucket (gs://) gets a lock object instead (launch/storage/bucket_lock.py: create-if-absent
 with a heartbeat, and its own stale rule).
 """
 
@@ -17,8 +17,8 @@ import time
 import jax
 import numpy as np
 
-from launch.run import paths
 from launch.run.errors import WorkdirLocked
+from launch.storage import paths
 
 LOCK_NAME = "run.lock"
 
@@ -49,7 +49,7 @@ class WorkdirLock:
     self.held = False
     self.bucket_lock = None
     if paths.is_url(self.path) and jax.process_index() == 0:
-      from launch.run.bucket_lock import BucketLock
+      from launch.storage.bucket_lock import BucketLock
       self.bucket_lock = BucketLock(self.path)
 
   def _try_create(self) -> bool:

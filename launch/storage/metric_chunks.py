@@ -19,7 +19,7 @@ import shutil
 import tempfile
 import time
 
-from launch.run import paths
+from launch.storage import paths
 
 METRICS_DIR = "metrics"
 TENSORBOARD_DIR = "tensorboard"

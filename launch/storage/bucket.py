@@ -12,7 +12,7 @@ import os
 import socket
 import uuid
 
-from launch.run import paths
+from launch.storage import paths
 
 TIMEOUT_S = 15.0  # one request; the probe makes two
 

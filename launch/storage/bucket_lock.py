@@ -18,9 +18,9 @@ import threading
 import time
 from datetime import datetime, timezone
 
-from launch.run import bucket as bucket_lib
-from launch.run import paths
 from launch.run.errors import RunError, WorkdirLocked
+from launch.storage import bucket as bucket_lib
+from launch.storage import paths
 
 HEARTBEAT_S = 30.0
 STALE_S = 300.0  # ten missed heartbeats

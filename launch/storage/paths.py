@@ -5,8 +5,9 @@ them into `etils.epath.Path`s, the library orbax already uses, whose gs:// backe
 tf.io.gfile when TensorFlow is importable). A local path is made absolute, exactly as before; a URL
 is kept as written. Code that may see a URL never calls os.path/os.makedirs/open on it: it calls these.
 
-Object storage has no directories, no rename and no append: `makedirs` is a no-op there, and callers
-that need those (checkpoint deletion, the workdir lock, metrics) have their own object-storage rules.
+Object storage has no directories, no rename and no append: `makedirs` is a no-op there, and what
+needs those has its own object-storage rules beside this module: checkpoint steps (step_store.py),
+the workdir lock (bucket_lock.py), metrics (metric_chunks.py).
 """
 
 import io
