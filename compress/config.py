@@ -1,10 +1,13 @@
 """The typed `distill.*` and `prune.*` config sections and their checks, beside the code that reads them.
 
-The defaults and the meaning of every key are written once, in configs/base.py; launch/run/config.py
-builds these sections from it and calls `compression_errors` with the rest of its checks.
+Each field declares one key (configs/keys.py): configs/base.py derives the defaults from these
+declarations, and launch/run/config.py checks them and calls `compression_errors` with the rest of
+its checks.
 """
 
 import dataclasses
+
+from configs.keys import key
 
 # prune.method: none, unstructured magnitude, n of every m weights along the input (compress/prune.py),
 # or structured (a smaller model: compress/structured.py).
@@ -15,29 +18,33 @@ STRUCTURED_TARGET_KEYS = ("num_layers", "d_model", "num_heads", "num_kv_heads", 
 
 @dataclasses.dataclass(frozen=True)
 class DistillConfig:
-  teacher_checkpoint: str
-  alpha: float
-  temperature: float
-  hidden_weight: float
+  """Knowledge distillation (python -m launch.distill)."""
+  teacher_checkpoint: str = key("", 'the teacher run\'s <workdir>/checkpoints ("": no distillation)')
+  alpha: float = key(0.5, "weight of T^2 * KL(teacher || student); 1 - alpha weighs the CE")
+  temperature: float = key(2.0, "T > 0 softens both distributions")
+  hidden_weight: float = key(0.0, "MSE on final hidden states (same d_model only); 0 disables")
 
 
 @dataclasses.dataclass(frozen=True)
 class PruneConfig:
-  method: str
-  sparsity: float
-  n: int
-  m: int
-  init_checkpoint: str
-  start_step: int
-  end_step: int
-  frequency: int
-  # structured pruning's target shape (0: keep) and calibration (compress/structured.py)
-  num_layers: int
-  d_model: int
-  num_heads: int
-  num_kv_heads: int
-  mlp_dim: int
-  calibration_batches: int
+  """Magnitude, N:M or structured pruning (python -m launch.prune)."""
+  method: str = key("none", "magnitude: unstructured; n_m: n of every m along the input; structured: "
+                    "remove layers/heads/neurons/channels (a smaller model)", choices=PRUNE_METHODS)
+  sparsity: float = key(0.5, "final fraction of zeros in each kernel (magnitude only)")
+  n: int = key(2, "n_m: weights kept in every group of m")
+  m: int = key(4, "n_m: the group size")
+  init_checkpoint: str = key("", 'start from this run\'s checkpoint ("": fresh init)')
+  start_step: int = key(0, "optimizer update where sparsity starts rising (cubic schedule)")
+  end_step: int = key(0, "update where it reaches its target (0 with start 0: one shot)")
+  frequency: int = key(10, "updates between mask recomputations")
+  # structured pruning's target shape (0: keep the model's; heads go with their KV head) and its
+  # calibration (compress/structured.py)
+  num_layers: int = key(0, "structured: layers kept (those whose removal raises calibration loss most)")
+  d_model: int = key(0, "structured: embedding channels kept")
+  num_heads: int = key(0, "structured: query heads kept (0 with num_kv_heads set: keep the group ratio)")
+  num_kv_heads: int = key(0, "structured: KV heads (query groups) kept")
+  mlp_dim: int = key(0, "structured: MLP neurons kept per layer")
+  calibration_batches: int = key(8, "structured: training batches whose activations rank what is kept")
 
 
 def compression_errors(kd: DistillConfig, p: PruneConfig, train_steps: int,
@@ -55,8 +62,6 @@ def compression_errors(kd: DistillConfig, p: PruneConfig, train_steps: int,
     errors.append(f"distill.alpha={kd.alpha}: must be in [0, 1] (1: only the teacher, 0: only the tokens).")
   if kd.hidden_weight < 0:
     errors.append(f"distill.hidden_weight={kd.hidden_weight}: must be >= 0 (0 disables it).")
-  if p.method not in PRUNE_METHODS:
-    errors.append(f"prune.method={p.method!r}: choose one of {list(PRUNE_METHODS)}.")
   if not 0 <= p.sparsity < 1:
     errors.append(f"prune.sparsity={p.sparsity}: must be in [0, 1), e.g. 0.5 for half the weights zero.")
   if not (p.m >= 2 and 0 < p.n < p.m):

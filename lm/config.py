@@ -4,6 +4,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from configs.keys import choice_errors, key
 from lm.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -14,6 +15,10 @@ QUANT_MODES = ("none", "w8a16", "w8a8", "observe")
 KV_CACHE_DTYPES = ("compute", "int8")
 # How the rotary inverse frequencies are rescaled (lm/layers.rope_inv_freq; Hugging Face's rope types).
 ROPE_SCALINGS = ("none", "linear", "llama3")
+# What a decoder block keeps for the backward pass, by name. The names live here so the model's config
+# can check them without importing sharding/; sharding/remat.py maps each to a jax checkpoint policy
+# (tests/test_sharding.py keeps the two in step).
+REMAT_POLICY_NAMES = ("none", "full", "dots", "dots_no_batch", "save_qkv_mlp", "offload_qkv_mlp")
 # The dense layers `model.quant_skip` may name; each name covers that layer in every block.
 DENSE_LAYERS = ("attention.query", "attention.key", "attention.value", "attention.out",
                 "mlp.gate", "mlp.up", "mlp.down", "unembed")
@@ -21,38 +26,47 @@ DENSE_LAYERS = ("attention.query", "attention.key", "attention.value", "attentio
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Shapes and numerics of a decoder-only transformer.
+  """The network's shapes and numerics (a decoder-only transformer).
 
-  Every field is required: the defaults and the meaning of each key are written once, in
-  configs/base.py (`launch.run.config.model_config(**changes)` builds one from them).
+  Each field declares one `model.*` key (configs/keys.py): configs/base.py and docs/config.md are
+  derived from these declarations. model.dtype "auto" stays "auto" until the run plan settles it for
+  the target devices (`launch.run.plan.make_plan`; `compute_dtype` refuses it before then);
+  `launch.run.config.model_config(**changes)` builds one for a model run without a plan (float32).
   """
-  vocab_size: int
-  d_model: int
-  num_layers: int
-  num_heads: int
-  num_kv_heads: int
-  head_dim: int
-  mlp_dim: int
-  max_seq_len: int
-  rope_theta: float
-  rope_scaling: str            # none | linear | llama3: rescaled rotary frequencies (ROPE_SCALINGS)
-  rope_factor: float
-  rope_low_freq_factor: float
-  rope_high_freq_factor: float
-  rope_original_max_len: int
-  qkv_bias: bool               # a bias on the query, key and value projections (Qwen2)
-  norm_eps: float
-  tie_embeddings: bool
-  dtype: str
-  param_dtype: str
-  remat: str
-  attention: str  # auto | xla | cudnn | splash (lm/attention.py)
-  scan_unroll: int
-  logits_chunk_size: int
-  quant: str
-  quant_embedding: bool
-  quant_skip: str
-  kv_cache_dtype: str          # compute | int8 (KV_CACHE_DTYPES); changes no weight
+  vocab_size: int = key(2048, "must equal the tokenizer's vocabulary size")
+  d_model: int = key(128, "residual stream width (embed)")
+  num_layers: int = key(2, "decoder blocks")
+  num_heads: int = key(4, "query heads")
+  num_kv_heads: int = key(4, "key/value heads; < num_heads gives grouped-query attention")
+  head_dim: int = key(32, "per-head width; d_model need not equal num_heads * head_dim")
+  mlp_dim: int = key(512, "SwiGLU hidden width")
+  max_seq_len: int = key(128, "longest sequence rotary tables and the KV cache are sized for")
+  rope_theta: float = key(10_000.0, "rotary embedding base wavelength")
+  rope_scaling: str = key("none", "rescaled rotary frequencies (llama3: Llama 3.1+)", choices=ROPE_SCALINGS)
+  rope_factor: float = key(1.0, "linear, llama3: how much longer the context is than the original")
+  rope_low_freq_factor: float = key(
+      1.0, "llama3: wavelengths above original_max_len / this are divided by factor")
+  rope_high_freq_factor: float = key(4.0, "llama3: wavelengths below original_max_len / this are kept")
+  rope_original_max_len: int = key(8192, "llama3: the context length before scaling")
+  qkv_bias: bool = key(False, "a bias on the query/key/value projections (Qwen2, Qwen2.5)")
+  norm_eps: float = key(1e-5, "RMSNorm epsilon")
+  tie_embeddings: bool = key(True, "output projection shares the input embedding matrix")
+  dtype: str = key("auto", "matmul compute dtype; auto: the run plan picks for the target devices, "
+                   "bfloat16 on GPU/TPU, float32 on CPU", choices=("auto", *DTYPES))
+  param_dtype: str = key("float32", "storage dtype of parameters", choices=tuple(DTYPES))
+  remat: str = key("none", "what a block recomputes in the backward pass (sharding/remat.py); "
+                   "offload_qkv_mlp: GPU/TPU only", choices=REMAT_POLICY_NAMES)
+  attention: str = key("auto", "attention kernel (lm/attention.py); auto: cuDNN on NVIDIA GPUs, splash on "
+                       "TPU, XLA on CPU", choices=ATTENTION_IMPLEMENTATIONS)
+  scan_unroll: int = key(1, "layers per scan iteration")
+  logits_chunk_size: int = key(
+      0, ">0: score the sequence this many positions at a time (big vocabularies)")
+  quant: str = key("none", "int8 inference (set by python -m launch.quantize; observe: calibration)",
+                   choices=QUANT_MODES)
+  quant_embedding: bool = key(False, "also int8 the embedding table (and so a tied output projection)")
+  quant_skip: str = key("", 'dense layers left in float, comma-separated: "mlp.down,unembed"')
+  kv_cache_dtype: str = key("compute", "KV cache in the compute dtype, or int8 + a scale per (token, kv "
+                            "head); changes no weight", choices=KV_CACHE_DTYPES)
 
   @property
   def quant_skip_layers(self) -> tuple[str, ...]:
@@ -112,15 +126,10 @@ def model_config_errors(cfg: ModelConfig) -> list[str]:
         "pick num_kv_heads that divides num_heads.")
   if cfg.head_dim % 2:
     errors.append(f"model.head_dim={cfg.head_dim} must be even (rotary embeddings rotate pairs).")
-  if cfg.dtype != "auto" and cfg.dtype not in DTYPES:
-    errors.append(f"model.dtype={cfg.dtype!r}: choose one of {['auto', *sorted(DTYPES)]}.")
-  if cfg.param_dtype not in DTYPES:
-    errors.append(f"model.param_dtype={cfg.param_dtype!r}: choose one of {sorted(DTYPES)}.")
+  errors += choice_errors("model", cfg)
   if cfg.rope_theta <= 0:
     errors.append(f"model.rope_theta={cfg.rope_theta}: must be positive.")
-  if cfg.rope_scaling not in ROPE_SCALINGS:
-    errors.append(f"model.rope_scaling={cfg.rope_scaling!r}: choose one of {list(ROPE_SCALINGS)}.")
-  elif cfg.rope_scaling != "none" and not cfg.rope_factor >= 1:
+  if cfg.rope_scaling in ("linear", "llama3") and not cfg.rope_factor >= 1:
     errors.append(f"model.rope_factor={cfg.rope_factor}: must be >= 1 with model.rope_scaling="
                   f"{cfg.rope_scaling!r}.")
   elif cfg.rope_scaling == "llama3" and not (
@@ -134,13 +143,6 @@ def model_config_errors(cfg: ModelConfig) -> list[str]:
     errors.append(f"model.logits_chunk_size={cfg.logits_chunk_size}: must be >= 0 (0 disables chunking).")
   if cfg.scan_unroll > cfg.num_layers or (cfg.num_layers % cfg.scan_unroll):
     errors.append(f"model.scan_unroll={cfg.scan_unroll} must divide model.num_layers={cfg.num_layers}.")
-  if cfg.attention not in ATTENTION_IMPLEMENTATIONS:
-    errors.append(f"model.attention={cfg.attention!r}: choose one of {list(ATTENTION_IMPLEMENTATIONS)}.")
-  if cfg.quant not in QUANT_MODES:
-    errors.append(f"model.quant={cfg.quant!r}: choose one of {list(QUANT_MODES)}.")
-  if cfg.kv_cache_dtype not in KV_CACHE_DTYPES:
-    errors.append(f"model.kv_cache_dtype={cfg.kv_cache_dtype!r}: choose one of {list(KV_CACHE_DTYPES)} "
-                  "(--config.model.kv_cache_dtype=int8 halves the cache of a bf16 model).")
   known = DENSE_LAYERS[:-1] if cfg.tie_embeddings else DENSE_LAYERS
   for name in cfg.quant_skip_layers:
     if name not in known:

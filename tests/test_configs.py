@@ -1,12 +1,16 @@
 """Every preset validates, the real-size presets fit their intended meshes, and bad configs fail clearly."""
 
+import dataclasses
 import importlib
 
 import jax
 import pytest
 
+from configs import keys
+from configs.base import base_config
 from launch.run import state as ts
 from launch.run.config import validate
+from launch.run.sections import Config
 from launch.run.plan import decide, make_plan
 from sharding import mesh as mesh_lib
 from sharding import rules as rules_lib
@@ -39,6 +43,40 @@ def test_real_size_presets_fit_their_meshes(name, devices, expected_millions):
   mdef = ts.model_def(cfg.model)
   specs = rules_lib.tree_specs(mdef.logical_names, mdef.abstract_params, shape, rules_lib.get_rules(cfg.mesh.rules))
   assert len(jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))) == 12 - cfg.model.tie_embeddings
+
+
+def test_base_config_is_the_declared_defaults():
+  # Read straight from the dataclass fields, not through configs.keys.defaults.
+  declared = {f.name: {g.name: g.default for g in dataclasses.fields(f.type)}
+              if dataclasses.is_dataclass(f.type) else f.default for f in dataclasses.fields(Config)}
+  c = base_config()
+  assert c.to_dict() == declared
+  assert sorted(c) == ["checkpoint", "data", "distill", "mesh", "model", "prune", "seed", "train"]
+  assert (c.seed, c.model.vocab_size, c.model.dtype, c.mesh.data, c.data.data_dir, c.prune.method) == (
+      0, 2048, "auto", -1, "runs/data", "none")
+  assert type(c.model.rope_theta) is float and type(c.train.tensorboard) is bool  # types as declared
+
+
+SECTIONS = keys.sections(Config)
+ENUMS = [(section, k) for section, cls in SECTIONS.items() for k in keys.keys(cls) if k.choices]
+
+
+@pytest.mark.parametrize("section", SECTIONS)
+def test_every_key_is_described_and_defaults_to_one_of_its_choices(section):
+  for k in keys.keys(SECTIONS[section]):
+    assert k.doc and "\n" not in k.doc
+    if k.choices and (section, k.name) != ("model", "dtype"):  # "auto" is resolved before the check
+      assert k.default in k.choices, f"{section}.{k.name}"
+
+
+@pytest.mark.parametrize("section,k", ENUMS, ids=[f"{s}.{k.name}" for s, k in ENUMS])
+def test_every_enum_refuses_an_unknown_value_in_one_line(section, k):
+  c = load("smoke")
+  c[section][k.name] = "bogus"
+  with pytest.raises(ValueError) as err:
+    validate(c)
+  lines = [line.strip() for line in str(err.value).splitlines()]
+  assert f"{section}.{k.name}='bogus': choose one of {list(k.choices)}." in lines
 
 
 def test_unknown_key_names_the_key():

@@ -19,7 +19,9 @@ from launch.run.config import validate
 from launch.run.plan import make_plan
 from launch.run import programs
 from launch.run.step import batch_sharding
+from lm.config import REMAT_POLICY_NAMES
 from sharding import mesh as mesh_lib
+from sharding import remat as remat_lib
 from sharding import rules as rules_lib
 
 VOCAB, STEPS = 512, 3
@@ -228,3 +230,8 @@ def test_layout_command_simulates_its_devices_before_anything_starts_jax(tmp_pat
   out = subprocess.run(cmd, cwd=REPO, env={**env, "PYTHONPATH": REPO}, capture_output=True, text=True)
   assert out.returncode == 0, out.stderr[-2000:]
   assert "'fsdp': 8" in out.stdout and png.stat().st_size > 0
+
+
+def test_remat_policies_are_the_names_model_remat_accepts():
+  # lm/config.py declares model.remat's choices without importing sharding/; the two lists must agree.
+  assert tuple(remat_lib.REMAT_POLICIES) == REMAT_POLICY_NAMES

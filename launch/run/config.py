@@ -9,117 +9,16 @@ from typing import Any
 
 import ml_collections
 
-from compress.config import DistillConfig, PruneConfig, compression_errors
+from compress.config import compression_errors
+from configs import keys
 from configs.base import base_config
+from launch.run.sections import Config, DataConfig
 from lm.config import ModelConfig
 from lm.data.sources import KINDS as FILE_CORPORA
-from lm.data.tokenizer import KINDS as TOKENIZERS
-from sharding.mesh import MESH_AXES
-from sharding.remat import REMAT_POLICIES
-from sharding.rules import RULE_PRESETS, parse_rules
-from sharding.sequence import STRATEGIES as SEQUENCE_STRATEGIES
+from sharding.rules import parse_rules
 
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-  corpus: str
-  path: str
-  field: str
-  prompt_field: str
-  validation_path: str
-  validation_fraction: float
-  data_dir: str
-  tokenizer: str
-  tokenizer_path: str
-  seq_len: int
-  shuffle_buffer_docs: bool
-  num_workers: int
-  process_sharding: str
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-  steps: int
-  global_batch_size: int
-  grad_accum_steps: int
-  learning_rate: float
-  warmup_steps: int
-  min_lr_ratio: float
-  weight_decay: float
-  b1: float
-  b2: float
-  eps: float
-  clip_grad_norm: float
-  log_every: int
-  eval_every: int
-  eval_batches: int
-  tensorboard: bool
-  init_checkpoint: str
-  microbatches: int
-  pipeline_schedule: str
-  pipeline_repeats: int
-  nonfinite: str
-  nonfinite_skip_limit: int
-  resume_fallback: bool
-
-
-@dataclasses.dataclass(frozen=True)
-class CheckpointConfig:
-  save_every: int
-  keep: int
-  async_save: bool
-
-
-@dataclasses.dataclass(frozen=True)
-class MeshConfig:
-  stage: int
-  data: int
-  fsdp: int
-  sequence: int
-  tensor: int
-  sequence_attention: str
-  rules: str
-  num_devices: int
-  custom_rules: str
-  dcn_stage: int
-  dcn_data: int
-  dcn_fsdp: int
-  dcn_sequence: int
-  dcn_tensor: int
-
-  def requested_shape(self) -> dict[str, int]:
-    """Axis sizes within a slice (ICI); one may be -1."""
-    return {name: getattr(self, name) for name in MESH_AXES}
-
-  def dcn_shape(self) -> dict[str, int]:
-    """Axis sizes across slices or hosts (DCN); all 1 for a single slice."""
-    return {name: getattr(self, f"dcn_{name}") for name in MESH_AXES}
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-  seed: int
-  model: ModelConfig
-  data: DataConfig
-  train: TrainConfig
-  checkpoint: CheckpointConfig
-  mesh: MeshConfig
-  distill: DistillConfig
-  prune: PruneConfig
-
-  def to_dict(self) -> dict[str, Any]:
-    """Returns the config as nested plain dicts (what checkpoints store)."""
-    return dataclasses.asdict(self)
-
-
-_SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
-             "checkpoint": CheckpointConfig, "mesh": MeshConfig, "distill": DistillConfig,
-             "prune": PruneConfig}
-CORPORA = ("shakespeare", *FILE_CORPORA)
-# mesh.sequence_attention: how attention crosses sequence shards (docs/sharding.md).
-SEQUENCE_ATTENTION = SEQUENCE_STRATEGIES
-# train.nonfinite: what a step with a NaN/inf loss or gradient norm does (docs/training.md).
-NONFINITE_POLICIES = ("stop", "skip_step")
+# Every section (model, data, train, ...) by name, each a dataclass of keys (configs/keys.py).
+_SECTIONS = keys.sections(Config)
 
 
 def _dotted_keys(tree: dict, prefix: str = "") -> list[str]:
@@ -135,7 +34,7 @@ def unknown_key_error(key: str, where: str = "") -> ValueError:
   close = difflib.get_close_matches(key, _dotted_keys(base_config().to_dict()), n=1, cutoff=0.5)
   hint = f" Did you mean --config.{close[0]}?" if close else ""
   where = f" in {where!r}" if where else ""
-  return ValueError(f"Unknown config key '{key}'{where}.{hint} Every key is listed in configs/base.py.")
+  return ValueError(f"Unknown config key '{key}'{where}.{hint} Every key is listed in docs/config.md.")
 
 
 def _check_keys(raw: dict, reference: dict, prefix: str = "") -> None:
@@ -175,7 +74,7 @@ def _typed(section: str, cls, values: dict):
 def with_overrides(raw: ml_collections.ConfigDict | dict, changes: dict[str, Any]) -> dict:
   """Returns a copy of `raw` as nested dicts with dotted-key `changes` applied, e.g. {"mesh.rules": "fsdp"}.
 
-  Raises ValueError for a key that is not in the config (every key is listed in configs/base.py).
+  Raises ValueError for a key that is not in the config (every key is listed in docs/config.md).
   """
   out = raw.to_dict() if isinstance(raw, ml_collections.ConfigDict) else raw
   out = {k: dict(v) if isinstance(v, dict) else v for k, v in out.items()}
@@ -208,25 +107,19 @@ def validate(raw: ml_collections.ConfigDict | dict) -> Config:
   if not isinstance(seed, int):
     raise ValueError(f"seed={seed!r} must be an integer.")
   cfg = Config(seed=seed, **sections)
-  errors = _cross_checks(cfg)
+  errors = [e for name, section in sections.items() for e in keys.choice_errors(name, section)]
+  errors += _cross_checks(cfg)
   if errors:
     raise ValueError("Invalid config:\n  " + "\n  ".join(errors))
   return cfg
 
 
 def _cross_checks(cfg: Config) -> list[str]:
-  """Returns messages for values that are fine alone but impossible together."""
+  """Returns messages for values that are impossible together, or out of range (a key outside its
+  declared choices is reported by `configs.keys.choice_errors`, before these)."""
   errors = []
   m, d, t, c, mesh = cfg.model, cfg.data, cfg.train, cfg.checkpoint, cfg.mesh
-  if m.remat not in REMAT_POLICIES:
-    errors.append(f"model.remat={m.remat!r}: choose one of {sorted(REMAT_POLICIES)}.")
-  if d.corpus not in CORPORA:
-    errors.append(f"data.corpus={d.corpus!r}: choose one of {list(CORPORA)}.")
-  if d.tokenizer not in TOKENIZERS:
-    errors.append(f"data.tokenizer={d.tokenizer!r}: choose one of {list(TOKENIZERS)}.")
   errors += _corpus_source_errors(d)
-  if d.process_sharding not in ("documents", "rows"):
-    errors.append(f"data.process_sharding={d.process_sharding!r}: choose 'documents' or 'rows'.")
   if d.seq_len < 2:
     errors.append(f"data.seq_len={d.seq_len}: must be at least 2.")
   if m.logits_chunk_size and d.seq_len % m.logits_chunk_size:
@@ -250,19 +143,12 @@ def _cross_checks(cfg: Config) -> list[str]:
     errors.append(f"train.min_lr_ratio={t.min_lr_ratio}: must be in [0, 1].")
   if not (0 <= t.b1 < 1 and 0 <= t.b2 < 1):
     errors.append(f"train.b1={t.b1}, train.b2={t.b2}: Adam betas must be in [0, 1).")
-  if t.nonfinite not in NONFINITE_POLICIES:
-    errors.append(f"train.nonfinite={t.nonfinite!r}: choose one of {list(NONFINITE_POLICIES)}.")
   if t.nonfinite_skip_limit < 1:
     errors.append(f"train.nonfinite_skip_limit={t.nonfinite_skip_limit}: must be at least 1.")
   if t.clip_grad_norm < 0 or t.weight_decay < 0:
     errors.append("train.clip_grad_norm and train.weight_decay must be >= 0.")
   if c.save_every < 1 or c.keep < 1:
     errors.append(f"checkpoint.save_every={c.save_every}, checkpoint.keep={c.keep}: both must be >= 1.")
-  if mesh.rules not in RULE_PRESETS:
-    errors.append(f"mesh.rules={mesh.rules!r}: choose one of {sorted(RULE_PRESETS)}.")
-  if mesh.sequence_attention not in SEQUENCE_ATTENTION:
-    errors.append(f"mesh.sequence_attention={mesh.sequence_attention!r}: choose one of "
-                  f"{list(SEQUENCE_ATTENTION)}.")
   if mesh.custom_rules:
     try:
       parse_rules(mesh.custom_rules)
