@@ -6,10 +6,12 @@ with `use_constraint`. Without one installed, `constrain` is the identity, so th
 unchanged on one device and in tests. Two more hooks work the same way: `per_shard` (a kernel run on
 each device's block) and `sequence_attention` (attention across a sequence split over devices).
 
-These hooks carry *functions*, never decisions: what they do (the rule table, the ring's block
-kernel, strategy and layout) was settled once by the run plan (`launch.run.plan`), and the step
-builders install functions built from it (`launch.run.step.under_plan`). Nothing here has a
-default that could disagree with the config: with nothing installed, the model runs unsharded.
+These hooks carry *functions*, never decisions: how to reach the mesh (the rule table's constraint,
+a shard_map by logical names, a shard_map over the sequence axis), built from the run plan's mesh and
+rules and installed by the program builders (`launch.run.programs.Program`). What a kernel, a
+sequence strategy or a layout is, the model reads from its own attention plan and passes in. Nothing
+here has a default that could disagree with the config: with nothing installed, the model runs
+unsharded (and a model whose plan splits the sequence refuses to).
 """
 
 import contextlib
@@ -70,7 +72,8 @@ def use_per_shard(wrap: PerShardFn | None):
 
 
 # Attention of a sequence split over devices (mesh.sequence > 1): (q [B, L, N, K], k, v [B, L, G, K],
-# positions [B, L], segment ids [B, L] or None, recompute=bool) -> [B, L, N, K]. Each token's
+# positions [B, L], segment ids [B, L] or None, *, strategy, block_kernel, layout, interpret,
+# recompute) -> [B, L, N, K], the keyword arguments the calling model's attention plan. Each token's
 # position orders it (the causal mask), because the step may have reordered the sequence.
 SequenceAttentionFn = Callable[..., jax.Array]
 _sequence_attention: contextvars.ContextVar[SequenceAttentionFn | None] = contextvars.ContextVar(
@@ -80,7 +83,8 @@ _sequence_attention: contextvars.ContextVar[SequenceAttentionFn | None] = contex
 def sequence_attention() -> SequenceAttentionFn | None:
   """The installed attention across sequence shards, or None (the sequence is whole on each device).
 
-  Called as fn(q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, positions_BxL, segment_ids_BxL, recompute=...)
+  Called as fn(q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, positions_BxL, segment_ids_BxL, strategy=...,
+  block_kernel=..., layout=..., interpret=..., recompute=...) with the model's own attention plan,
   and returns out_BxLxNxK, causal by position and within one segment.
   """
   return _sequence_attention.get()

@@ -142,8 +142,9 @@ def test_bad_distill_inputs_are_named(teacher_dir, tmp_path):
     distill(config(distill__teacher_checkpoint=str(tmp_path / "nothing")), str(tmp_path))
 
 
-def test_distilled_student_is_an_ordinary_checkpoint(teacher_dir, tmp_path_factory):
-  """launch.distill end to end on the corpus; launch.eval and launch.generate read the student."""
+def test_distilled_student_is_an_ordinary_checkpoint(teacher_dir, tmp_path_factory, capsys):
+  """launch.distill end to end on the corpus; launch.eval and launch.generate read the student. The
+  run prints and stores the teacher's kernels (planned for the student's devices) beside its own."""
   from launch.run.evaluation import eval_checkpoint
   from launch.run.restore import load_checkpoint
 
@@ -152,6 +153,14 @@ def test_distilled_student_is_an_ordinary_checkpoint(teacher_dir, tmp_path_facto
                train__eval_batches=1, checkpoint__async_save=False, **STUDENT)
   result = distill(cfg, str(tmp_path_factory.mktemp("student")))
   assert result.final_step == 3 and np.isfinite(result.val_loss)
+  printed = capsys.readouterr()
+  reader = ckpt_lib.Checkpointer(result.checkpoint_dir, read_only=True)
+  stored = reader.read_meta()["plan"]
+  reader.close()
+  teacher = stored["teacher_attention"]
+  assert set(teacher) == {"whole sequence", "prefill", "decode"} and "attention" in stored
+  for place, selection in teacher.items():
+    assert f"teacher attention [{place}]: {selection['implementation']}" in printed.out + printed.err
   assert eval_checkpoint(result.checkpoint_dir, eval_batches=1)["val_loss"] == pytest.approx(result.val_loss,
                                                                                              rel=1e-5)
   loaded = load_checkpoint(result.checkpoint_dir)
