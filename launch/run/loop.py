@@ -9,11 +9,10 @@ The command-line entry point is launch/train.py.
 """
 
 import dataclasses
+import functools
 import math
-import time
 
 import jax
-import numpy as np
 
 from launch.run import checkpoint as ckpt_lib
 from launch.run import inputs
@@ -22,7 +21,6 @@ from launch.run import throughput as throughput_lib
 from launch.run import state as ts
 from launch.run.config import Config
 from launch.run.plan import RunPlan, make_plan, with_dtype
-from launch.run.errors import NonFiniteError
 from launch.run.evaluation import evaluate
 from launch.run.logger import MetricLogger, plot_loss_curve
 from launch.run.preemption import StopRequest
@@ -30,6 +28,7 @@ from launch.run.prefetch import Prefetcher
 from launch.run.restore import check_compatible, inherit_tokenizer, init_from_checkpoint, saved_config
 from launch.run import programs
 from launch.run.step import LossHook, batch_sharding, global_batch
+from launch.run.step_metrics import MetricsReader, NonFiniteGuard, StepClock
 from launch.storage import bucket
 from launch.storage import paths
 from launch.storage.workdir_lock import WorkdirLock
@@ -153,6 +152,12 @@ def _train_locked(cfg: Config, workdir: str, *, resume: bool, resume_step: int |
     raise
 
 
+def _log_eval(logger: MetricLogger, step: int, val_loss: float) -> float:
+  """Logs a validation loss (and its perplexity) at `step`; returns it."""
+  logger.log(step, {"val_loss": val_loss, "val_perplexity": math.exp(val_loss)})
+  return val_loss
+
+
 def _loop(cfg: Config, workdir: str, checkpointer: ckpt_lib.Checkpointer, state, data_state, tokenizer, *,
           stop: StopRequest, on_step, plan: RunPlan, loss_hook, primary: bool) -> TrainResult:
   """Steps from the state's step to cfg.train.steps; closes the checkpointer when done."""
@@ -181,63 +186,13 @@ def _loop(cfg: Config, workdir: str, checkpointer: ckpt_lib.Checkpointer, state,
     for line in plan.describe():  # what the plan decided: kernels per place, layout, pipeline
       logger.bar.write(line)
 
-  def run_eval(step):
-    loss = evaluate(eval_fn, state.params, cfg, tokenizer, data_sharding)
-    logger.log(step, {"val_loss": loss, "val_perplexity": math.exp(loss)})
-    return loss
-
-  pending = None            # (step, device metrics) read one step late so the host never stalls
-  timer = {"start": None, "steps": 0}
-  step_times, last_loss, last_data_state, step = [], float("nan"), data_state, start_step
-
-  skip = cfg.train.nonfinite == "skip_step"
-  nonfinite = {"in_a_row": 0, "total": 0}
-
-  def check_finite(done_step, values):
-    """Raises NonFiniteError at a NaN/inf loss or grad norm (train.nonfinite), or counts a skipped step."""
-    if not values.pop("nonfinite", 0.0):
-      nonfinite["in_a_row"] = 0
-      return
-    nonfinite["in_a_row"] += 1
-    nonfinite["total"] += 1
-    seen = f"step {done_step}: loss={values['loss']:.4g}, grad_norm={values['grad_norm']:.4g}"
-    limit = cfg.train.nonfinite_skip_limit
-    if skip and nonfinite["in_a_row"] < limit:
-      if logger.bar is not None:
-        logger.bar.write(f"{seen} is not finite: update skipped (train.nonfinite=skip_step; "
-                         f"{nonfinite['in_a_row']} in a row, {nonfinite['total']} in all).")
-      return
-    why = (f"made {limit} non-finite steps in a row (train.nonfinite=skip_step, "
-           f"train.nonfinite_skip_limit={limit})" if skip else "is not finite (train.nonfinite=stop)")
-    raise NonFiniteError(
-        f"{seen} {why}; the run stopped without saving that state. Last good checkpoint: "
-        f"{checkpointer.last_good()}. Lower --config.train.learning_rate (now {cfg.train.learning_rate:g}) "
-        "or raise --config.train.warmup_steps, or set --config.train.nonfinite=skip_step to drop such "
-        "steps; then continue with --resume.")
-
-  def record(done_step, device_metrics, final=False):
-    """Fetches a finished step's metrics (the device has moved on), checks they are finite and logs
-    every log_every steps."""
-    values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-    check_finite(done_step, values)
-    if skip:
-      values["skipped_steps"] = nonfinite["total"]
-    now = time.perf_counter()
-    if timer["start"] is None:   # the first step includes compilation (or an eval/save): not timed
-      timer["start"] = now
-    else:
-      timer["steps"] += 1
-    if done_step % cfg.train.log_every and not final and done_step != start_step + 1:
-      return values["loss"]
-    values["perplexity"] = math.exp(min(values["loss"], 50.0))
-    if timer["steps"]:
-      step_time = (now - timer["start"]) / timer["steps"]
-      step_times.append(step_time)
-      speed = throughput_lib.throughput(plan, step_time)
-      values.update(step_time_s=step_time, tokens_per_s=speed["tokens_per_s"], mfu=speed["mfu"])
-      timer["start"], timer["steps"] = now, 0
-    logger.log(done_step, values)
-    return values["loss"]
+  held_out_loss = functools.partial(evaluate, eval_fn, cfg=cfg, tokenizer=tokenizer,
+                                    data_sharding=data_sharding)
+  clock = StepClock()
+  guard = NonFiniteGuard(cfg.train, checkpointer.last_good,
+                         say=logger.bar.write if logger.bar is not None else None)
+  reader = MetricsReader(plan, logger, clock, guard, log_every=cfg.train.log_every, start_step=start_step)
+  last_data_state, step = data_state, start_step
 
   try:
     for step in range(start_step + 1, cfg.train.steps + 1):
@@ -245,46 +200,42 @@ def _loop(cfg: Config, workdir: str, checkpointer: ckpt_lib.Checkpointer, state,
       state, metrics = step_fn(state, global_batch(local, data_sharding))
       if on_step is not None:
         on_step(step)
-      if pending is not None:
-        last_loss = record(*pending)
-      pending = (step, metrics)
+      reader.add(step, metrics)
       logger.advance()
 
       evaluate_now = cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.steps
       save_now = step % cfg.checkpoint.save_every == 0 or step == cfg.train.steps or stop.requested
       if evaluate_now or save_now:  # read this step's metrics first: a non-finite step is never saved
-        last_loss = record(*pending, final=step == cfg.train.steps or stop.requested)
-        pending = None
+        reader.read_held(final=step == cfg.train.steps or stop.requested)
       if evaluate_now:
-        run_eval(step)
-        timer["start"], timer["steps"] = None, 0  # evaluation time is not step time
+        _log_eval(logger, step, held_out_loss(state.params))
+        clock.reset()  # evaluation time is not step time
       if save_now:
         checkpointer.save(step, state, {"data_state": data_states.gather_states(last_data_state),
                                         "config": cfg.to_dict(),
                                         "plan": plan.meta()})
         logger.flush()  # a bucket's metrics: one object per save period
-        timer["start"], timer["steps"] = None, 0
+        clock.reset()
       if stop.requested:
         if logger.bar is not None:
           logger.bar.write(f"{stop.signal_name}: saved step {step}; exiting.")
         break
 
-    if pending is not None:
-      last_loss = record(*pending, final=True)
+    reader.read_held(final=True)
   except BaseException:
     batches.close()
     logger.close()
     raise
   batches.close()
   stopped = stop.requested and step < cfg.train.steps
-  val_loss = float("nan") if stopped else run_eval(step)
+  val_loss = float("nan") if stopped else _log_eval(logger, step, held_out_loss(state.params))
   checkpointer.close()
   logger.close()
   if primary:
     plot_loss_curve(workdir)
-  step_time = float(np.median(step_times)) if step_times else float("nan")
+  step_time = clock.median()
   speed = throughput_lib.throughput(plan, step_time)
-  return TrainResult(workdir=workdir, final_step=step, train_loss=last_loss, val_loss=val_loss,
+  return TrainResult(workdir=workdir, final_step=step, train_loss=reader.last_loss, val_loss=val_loss,
                      val_perplexity=math.exp(val_loss) if not math.isnan(val_loss) else float("nan"),
                      tokens_per_s=speed["tokens_per_s"], step_time_s=step_time,
                      mfu=speed["mfu"], peak_source=peak_source,
