@@ -9,7 +9,7 @@ import jax
 from flax import nnx
 from jax.sharding import PartitionSpec
 
-from lm.attention import AttentionPlan, unplanned
+from lm.attention_plan import AttentionPlan, unplanned
 from lm.config import ModelConfig
 from lm.transformer import LayerStack, RematWrapper, Transformer
 

@@ -13,6 +13,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from lm import attention as attention_lib
 from lm import kv_cache, layers, quant
+from lm.attention_plan import AttentionPlan, unplanned
 from lm.axes import constrain, sequence_attention
 from lm.config import ModelConfig
 
@@ -27,7 +28,7 @@ LayerStack = Callable[..., jax.Array]
 class Attention(nnx.Module):
   """Causal grouped-query self-attention with rotary positions and an optional KV cache."""
 
-  def __init__(self, cfg: ModelConfig, kernels: attention_lib.AttentionPlan, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, kernels: AttentionPlan, *, rngs: nnx.Rngs):
     self.cfg = cfg
     self.kernels = kernels
     kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype, rngs=rngs)
@@ -46,7 +47,7 @@ class Attention(nnx.Module):
     With a cache, `cache_kv` is every layer's cache (a `KVCache`, lm/kv_cache.py) and `layer` this
     block's index. Without a cache, or when prefilling an empty one (`cache_index` the int 0),
     attention runs through the kernel the model's attention plan names for that place and length
-    (`self.kernels`, made by `lm.attention.plan_attention`; segment ids keep documents, or a
+    (`self.kernels`, made by `lm.attention_plan.plan_attention`; segment ids keep documents, or a
     left-padded row's padding, apart); a decode step reads the cache through XLA with
     `mask_BxLxS`. When the plan splits the sequence over devices (`self.kernels.ring_block`),
     full-sequence attention runs across the shards through the function the program installed
@@ -127,7 +128,7 @@ class Mlp(nnx.Module):
 class Block(nnx.Module):
   """One pre-norm decoder block: x + attn(norm(x)), then + mlp(norm(x))."""
 
-  def __init__(self, cfg: ModelConfig, kernels: attention_lib.AttentionPlan, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, kernels: AttentionPlan, *, rngs: nnx.Rngs):
     # remat=none keeps every activation the backward pass needs; `lean` trims that to what is
     # expensive to recompute (matmul outputs), recomputing norms, SwiGLU and attention scores.
     self.lean = cfg.remat == "none"
@@ -157,8 +158,8 @@ class Transformer(nnx.Module):
   `remat_wrapper` (from `sharding.remat`) wraps the per-layer function to choose what the backward
   pass recomputes; None keeps every activation. `layer_stack` (from `sharding.pipeline`) runs the
   layers of a full forward pass (training, evaluation) instead of one scan; the KV-cache path
-  always scans. `attention` is the run plan's attention plan (`lm.attention.plan_attention`: the
-  kernel for each place); without one the model runs XLA attention (`lm.attention.unplanned`).
+  always scans. `attention` is the run plan's attention plan (`lm.attention_plan.plan_attention`: the
+  kernel for each place); without one the model runs XLA attention (`lm.attention_plan.unplanned`).
   None of these changes the parameters' values.
 
   `per_layer` lays the weights out for serving: `layers` holds one Block per layer instead of
@@ -170,9 +171,9 @@ class Transformer(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, remat_wrapper: RematWrapper | None = None,
                layer_stack: LayerStack | None = None,
-               attention: attention_lib.AttentionPlan | None = None, per_layer: bool = False):
+               attention: AttentionPlan | None = None, per_layer: bool = False):
     self.cfg = cfg
-    kernels = attention or attention_lib.unplanned(cfg.attention)
+    kernels = attention or unplanned(cfg.attention)
     self.remat_wrapper = remat_wrapper
     self.layer_stack = layer_stack
     self.per_layer = per_layer
