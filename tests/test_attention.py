@@ -13,6 +13,7 @@ from flax import nnx
 from launch.run.config import model_config
 from launch.run.programs import per_shard_map
 from lm import attention, axes
+from lm.attention_plan import unplanned
 from lm.transformer import Transformer
 from sharding import mesh as mesh_lib
 from sharding import rules as rules_lib
@@ -93,7 +94,7 @@ def packed_model():
   nnx.use_eager_sharding(False)
   cfg = model_config(vocab_size=97, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
                      head_dim=8, mlp_dim=48, max_seq_len=32, tie_embeddings=False)
-  graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+  graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0), attention=unplanned(cfg.attention)))
   forward = jax.jit(lambda p, t, s: nnx.merge(graphdef, p)(t, segment_ids_BxL=s))
   return functools.partial(forward, params), cfg
 
