@@ -116,8 +116,9 @@ class AttentionPlan:
 
 
 def unplanned(requested: str) -> AttentionPlan:
-  """What a model built without a run plan runs (tests, shape tracing): `auto` runs XLA in every
-  place (every platform runs it); an explicit kernel runs as asked, unchecked against any device."""
+  """For tests only: the kernels a test's model runs without a run plan (a library caller plans
+  with `plan_attention` through launch/run/plan.py). `auto` runs XLA in every place (every platform
+  runs it); an explicit kernel runs as asked, unchecked against any device."""
   if requested not in IMPLEMENTATIONS:
     raise ValueError(f"model.attention={requested!r}: choose one of {list(IMPLEMENTATIONS)}.")
   kernel = "xla" if requested == "auto" else requested

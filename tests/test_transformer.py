@@ -68,6 +68,13 @@ def test_param_logical_names_are_the_documented_table():
   }
 
 
+def test_a_model_built_without_an_attention_plan_is_for_its_shapes_only():
+  mdef = ts.model_def(CFG)  # shapes, names and a graphdef need no plan
+  assert mdef.attention is None and mdef.logical_names
+  with pytest.raises(ValueError, match="built without an attention plan.*launch.run.plan.make_plan"):
+    jax.eval_shape(lambda p: mdef.bind(p)(jnp.zeros((1, 4), jnp.int32)), mdef.abstract_params)
+
+
 def test_param_count_matches_formula():
   mdef = ts.model_def(CFG)
   counted = sum(np.prod(x.shape) for x in jax.tree.leaves(mdef.abstract_params))
