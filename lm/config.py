@@ -5,7 +5,7 @@ import dataclasses
 import jax.numpy as jnp
 
 from configs.keys import choice_errors, key
-from lm.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
+from lm.attention_plan import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # "observe" is the float model recording its dense layers' input ranges (calibration, lm/quant.py).
@@ -56,8 +56,8 @@ class ModelConfig:
   param_dtype: str = key("float32", "storage dtype of parameters", choices=tuple(DTYPES))
   remat: str = key("none", "what a block recomputes in the backward pass (sharding/remat.py); "
                    "offload_qkv_mlp: GPU/TPU only", choices=REMAT_POLICY_NAMES)
-  attention: str = key("auto", "attention kernel (lm/attention.py); auto: cuDNN on NVIDIA GPUs, splash on "
-                       "TPU, XLA on CPU", choices=ATTENTION_IMPLEMENTATIONS)
+  attention: str = key("auto", "attention kernel (chosen by lm/attention_plan.py); auto: cuDNN on NVIDIA "
+                       "GPUs, splash on TPU, XLA on CPU", choices=ATTENTION_IMPLEMENTATIONS)
   scan_unroll: int = key(1, "layers per scan iteration")
   logits_chunk_size: int = key(
       0, ">0: score the sequence this many positions at a time (big vocabularies)")

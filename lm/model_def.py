@@ -9,7 +9,7 @@ import jax
 from flax import nnx
 from jax.sharding import PartitionSpec
 
-from lm.attention import AttentionPlan, unplanned
+from lm.attention_plan import AttentionPlan
 from lm.config import ModelConfig
 from lm.transformer import LayerStack, RematWrapper, Transformer
 
@@ -27,13 +27,14 @@ class ModelDef:
   them); `graphdef`: what `nnx.merge` rebuilds it from; `abstract_params`: every variable as a nested
   dict of ShapeDtypeStructs; `logical_names`: the same tree with a tuple of logical axis names per leaf;
   `attention`: the kernels per place the model runs (its graph carries them; callers read the
-  sequence layout from here, so a step's token order and the model's mask cannot disagree).
+  sequence layout from here, so a step's token order and the model's mask cannot disagree), None for
+  a model built for its shapes only (running it raises ValueError).
   """
   cfg: ModelConfig
   graphdef: Any
   abstract_params: Params
   logical_names: Params
-  attention: AttentionPlan
+  attention: AttentionPlan | None
   abstract: Any = dataclasses.field(default=None, compare=False, repr=False)
 
   def bind(self, params: Params) -> Transformer:
@@ -53,12 +54,11 @@ def define(cfg: ModelConfig, attention: AttentionPlan | None = None, remat_wrapp
            layer_stack: LayerStack | None = None, per_layer: bool = False) -> ModelDef:
   """Traces Transformer(cfg, ...) with `nnx.eval_shape` (nothing allocated) and returns its ModelDef.
 
-  `attention` (a run plan's kernels per place; None: unplanned), `remat_wrapper` and `layer_stack`
-  (a pipeline) are the Transformer's own arguments; the graphdef carries them to every model rebuilt
-  from it. The parameters are the same whatever they are, except that `per_layer` (the serving
+  `attention` (a run plan's kernels per place; None: shapes only, running it raises), `remat_wrapper`
+  and `layer_stack` (a pipeline) are the Transformer's own arguments; the graphdef carries them to
+  every model rebuilt from it. The parameters are the same whatever they are, except that `per_layer` (the serving
   layout, lm/serving.py) holds one tree per layer. Cached per argument tuple.
   """
-  attention = attention or unplanned(cfg.attention)
   abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), remat_wrapper=remat_wrapper,
                                                 layer_stack=layer_stack, attention=attention,
                                                 per_layer=per_layer))

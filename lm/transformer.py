@@ -13,6 +13,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from lm import attention as attention_lib
 from lm import kv_cache, layers, quant
+from lm.attention_plan import AttentionPlan
 from lm.axes import constrain, sequence_attention
 from lm.config import ModelConfig
 
@@ -22,12 +23,16 @@ RematWrapper = Callable[[Callable[..., Any]], Callable[..., Any]]
 # layer_stack(layer_fn, blocks, x_BxLxD, row_inputs, constrain) -> x_BxLxD, where
 # layer_fn(x, block, *rows) applies one layer and row_inputs are per-row arrays [B, ...] it reads.
 LayerStack = Callable[..., jax.Array]
+SHAPES_ONLY = ("this model was built without an attention plan (shapes only): build it from a run plan "
+               "(launch.run.plan.make_plan / launch.run.programs) or pass "
+               "attention=lm.attention_plan.unplanned(...) in a test")
 
 
 class Attention(nnx.Module):
-  """Causal grouped-query self-attention with rotary positions and an optional KV cache."""
+  """Causal grouped-query self-attention with rotary positions and an optional KV cache; `kernels`
+  None builds it for its shapes only (running it raises ValueError)."""
 
-  def __init__(self, cfg: ModelConfig, kernels: attention_lib.AttentionPlan, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, kernels: AttentionPlan | None, *, rngs: nnx.Rngs):
     self.cfg = cfg
     self.kernels = kernels
     kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype, rngs=rngs)
@@ -46,13 +51,16 @@ class Attention(nnx.Module):
     With a cache, `cache_kv` is every layer's cache (a `KVCache`, lm/kv_cache.py) and `layer` this
     block's index. Without a cache, or when prefilling an empty one (`cache_index` the int 0),
     attention runs through the kernel the model's attention plan names for that place and length
-    (`self.kernels`, made by `lm.attention.plan_attention`; segment ids keep documents, or a
+    (`self.kernels`, made by `lm.attention_plan.plan_attention`; segment ids keep documents, or a
     left-padded row's padding, apart); a decode step reads the cache through XLA with
     `mask_BxLxS`. When the plan splits the sequence over devices (`self.kernels.ring_block`),
     full-sequence attention runs across the shards through the function the program installed
     (`lm.axes.sequence_attention`: only how to reach the mesh), with this plan's strategy, block
-    kernel and layout, masking by each token's `positions_BxL`.
+    kernel and layout, masking by each token's `positions_BxL`. Raises ValueError when the model
+    was built without an attention plan (shapes only).
     """
+    if self.kernels is None:
+      raise ValueError(SHAPES_ONLY)
     q_BxLxNxK = layers.apply_rotary(self.query(x_BxLxD), sin, cos)
     k_BxLxGxK = layers.apply_rotary(self.key(x_BxLxD), sin, cos)
     v_BxLxGxK = self.value(x_BxLxD)
@@ -127,7 +135,7 @@ class Mlp(nnx.Module):
 class Block(nnx.Module):
   """One pre-norm decoder block: x + attn(norm(x)), then + mlp(norm(x))."""
 
-  def __init__(self, cfg: ModelConfig, kernels: attention_lib.AttentionPlan, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, kernels: AttentionPlan | None, *, rngs: nnx.Rngs):
     # remat=none keeps every activation the backward pass needs; `lean` trims that to what is
     # expensive to recompute (matmul outputs), recomputing norms, SwiGLU and attention scores.
     self.lean = cfg.remat == "none"
@@ -157,8 +165,9 @@ class Transformer(nnx.Module):
   `remat_wrapper` (from `sharding.remat`) wraps the per-layer function to choose what the backward
   pass recomputes; None keeps every activation. `layer_stack` (from `sharding.pipeline`) runs the
   layers of a full forward pass (training, evaluation) instead of one scan; the KV-cache path
-  always scans. `attention` is the run plan's attention plan (`lm.attention.plan_attention`: the
-  kernel for each place); without one the model runs XLA attention (`lm.attention.unplanned`).
+  always scans. `attention` is the run plan's attention plan (`lm.attention_plan.plan_attention`: the
+  kernel for each place); without one the model is for its shapes only (parameters, logical names, a
+  graphdef to restore into), and running its attention raises ValueError.
   None of these changes the parameters' values.
 
   `per_layer` lays the weights out for serving: `layers` holds one Block per layer instead of
@@ -170,9 +179,8 @@ class Transformer(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, remat_wrapper: RematWrapper | None = None,
                layer_stack: LayerStack | None = None,
-               attention: attention_lib.AttentionPlan | None = None, per_layer: bool = False):
+               attention: AttentionPlan | None = None, per_layer: bool = False):
     self.cfg = cfg
-    kernels = attention or attention_lib.unplanned(cfg.attention)
     self.remat_wrapper = remat_wrapper
     self.layer_stack = layer_stack
     self.per_layer = per_layer
@@ -182,10 +190,10 @@ class Transformer(nnx.Module):
     @nnx.split_rngs(splits=cfg.num_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def make_blocks(rngs: nnx.Rngs) -> Block:
-      return Block(cfg, kernels, rngs=rngs)
+      return Block(cfg, attention, rngs=rngs)
 
     if per_layer:
-      self.layers = nnx.List([Block(cfg, kernels, rngs=rngs) for _ in range(cfg.num_layers)])
+      self.layers = nnx.List([Block(cfg, attention, rngs=rngs) for _ in range(cfg.num_layers)])
     else:
       self.blocks = make_blocks(rngs)
     self.final_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.storage_dtype,

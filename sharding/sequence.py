@@ -10,7 +10,7 @@ communication. Attention needs every earlier key of each query; two strategies b
   * `ring`: key/value blocks travel around the ring with `ppermute` under an online softmax
     (`sharding/ring_attention.py`), so no device holds more than two blocks; with the step's
     zigzag layout (`sharding/zigzag.py`) every device does the same causal work. Each block runs
-    through the kernel the run plan chose (`lm.attention.select_sequence_block`: Pallas splash on
+    through the kernel the run plan chose (`lm.attention_plan.select_sequence_block`: Pallas splash on
     TPU, XLA otherwise).
 
 Both run inside one `shard_map` over the whole mesh, so batch and heads stay split as the rule

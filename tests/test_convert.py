@@ -21,6 +21,7 @@ from launch.run import checkpoint as ckpt_lib
 from launch.huggingface import convert
 from launch.huggingface import checkpoint as hf_lib
 from launch.run import state as ts
+from lm.attention_plan import unplanned
 from lm.model_def import for_shapes
 from launch.run.config import model_config, validate
 from launch.run.programs import activation_constraint
@@ -44,7 +45,7 @@ def imported_logits(name: str, mesh_shape: dict, rules: str):
   devices = jax.devices()[:int(np.prod(list(mesh_shape.values())))]
   mesh = mesh_lib.make_mesh(mesh_shape, devices)
   rule_table = rules_lib.get_rules(rules)
-  mdef = ts.model_def(cfg)
+  mdef = ts.model_def(cfg, None, unplanned(cfg.attention))
   shardings = ts.param_shardings(mdef, mesh, rule_table)
   with hf_lib.HfTensors(os.path.join(FIXTURES, name)) as tensors:
     hf_lib.check_tensors(tensors, cfg)

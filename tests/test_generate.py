@@ -18,13 +18,14 @@ from lm import decoding, sampling
 from lm import generate as gen_lib
 from lm import attention, kv_cache, serving
 from launch.run.config import model_config
+from lm.attention_plan import unplanned
 from lm.model_def import define
 from lm.transformer import Transformer, init_cache
 
 
 def serving_graphdef(cfg):
   """The serving layout's graphdef (one Block per layer) of `cfg`'s model."""
-  return define(cfg, per_layer=True).graphdef
+  return define(cfg, unplanned(cfg.attention), per_layer=True).graphdef
 
 nnx.use_eager_sharding(False)
 
@@ -41,7 +42,7 @@ BATCH, PROMPT_LEN, NEW_TOKENS = 3, 5, 12
 def _build(**overrides):
   """Returns (cfg, graphdef, params dict) of a freshly initialized tiny model."""
   cfg = model_config(**{**TINY, **overrides})
-  graphdef, state = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0), attention=unplanned(cfg.attention)))
   return cfg, graphdef, nnx.to_pure_dict(state)
 
 

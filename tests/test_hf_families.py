@@ -23,6 +23,7 @@ from launch.huggingface import convert
 from launch.run import state as ts
 from launch.run.config import model_config
 from launch.run.restore import load_checkpoint, read_saved_config
+from lm.attention_plan import unplanned
 from lm.data.chat import ChatFormat, chat_format
 from lm.data.tokenizer import HuggingFaceTokenizer
 from lm.decoding import make_generate_fn
@@ -35,7 +36,7 @@ def test_rope_scaling_changes_the_logits(name):
   """Without the scaling the same weights miss transformers' logits by far more than 1e-4."""
   cfg = fixture_config(name)
   assert cfg.rope_scaling == {"hf_llama3_rope": "llama3", "hf_llama_linear_rope": "linear"}[name]
-  mdef = ts.model_def(dataclasses.replace(cfg, rope_scaling="none"))
+  mdef = ts.model_def(dataclasses.replace(cfg, rope_scaling="none"), None, unplanned(cfg.attention))
   _, params, golden = imported_logits(name, {"data": 1, "fsdp": 1, "tensor": 1}, "dp")
   unscaled = np.asarray(jax.jit(lambda p, t: mdef.bind(p)(t))(params, golden["tokens"]))
   assert np.abs(unscaled - golden["logits"]).max() > 0.1
@@ -129,12 +130,13 @@ def test_qkv_bias_survives_int8_quantization():
   for proj in ("query", "key", "value"):
     np.testing.assert_array_equal(np.asarray(qparams["blocks"]["attention"][proj]["bias"]),
                                   np.asarray(params["blocks"]["attention"][proj]["bias"]))
-  qlogits = np.asarray(jax.jit(lambda p, t: ts.model_def(qcfg).bind(p)(t))(qparams, golden["tokens"]))
+  qdef = ts.model_def(qcfg, None, unplanned(qcfg.attention))
+  qlogits = np.asarray(jax.jit(lambda p, t: qdef.bind(p)(t))(qparams, golden["tokens"]))
   # int8 weights: close to the float logits (scale ~1.4), and far closer than without the biases.
   err = np.abs(qlogits - golden["logits"]).max()
   no_bias = jax.tree_util.tree_map_with_path(
       lambda path, x: x * 0 if getattr(path[-1], "key", None) == "bias" else x, qparams)
-  err_no_bias = np.abs(np.asarray(jax.jit(lambda p, t: ts.model_def(qcfg).bind(p)(t))(no_bias, golden["tokens"]))
+  err_no_bias = np.abs(np.asarray(jax.jit(lambda p, t: qdef.bind(p)(t))(no_bias, golden["tokens"]))
                        - golden["logits"]).max()
   print(f"int8 max error {err:.3f}, without the biases {err_no_bias:.3f}")
   assert err < 0.5 and 3 * err < err_no_bias

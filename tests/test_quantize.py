@@ -32,6 +32,7 @@ from launch.run.config import model_config, validate
 from launch.run.restore import load_checkpoint
 from compress.quantize_run import quantize_checkpoint
 from lm import quant
+from lm.attention_plan import unplanned
 from lm.decoding import make_generate_fn
 from lm.generate import left_pad
 from lm.serving import serving_params
@@ -54,7 +55,7 @@ def _forward(graphdef, params, tokens_BxL):
 
 
 def _graphdef(cfg):
-  return ts.model_def(cfg).graphdef
+  return ts.model_def(cfg, None, unplanned(cfg.attention)).graphdef
 
 
 def _plan(cfg):

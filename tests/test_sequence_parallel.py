@@ -18,7 +18,7 @@ from launch.run import programs
 from launch.run import step as step_lib
 from launch.run.config import validate, with_overrides
 from launch.run.plan import decide, make_plan
-from lm import attention as attention_lib
+from lm import attention_plan
 from lm.decoding import make_generate_fn
 from sharding import rules as rules_lib
 from sharding import sequence as sequence_lib
@@ -185,8 +185,8 @@ def test_checkpoint_from_sequence_mesh_evaluates_and_generates(tmp_path, params,
 
 def test_ring_block_kernel_selection():
   def pick(requested, platform, strategy, shards, seq_len):
-    chosen = attention_lib.select_sequence_block(requested, platform=platform, strategy=strategy,
-                                                 shards=shards, seq_len=seq_len)
+    chosen = attention_plan.select_sequence_block(requested, platform=platform, strategy=strategy,
+                                                  shards=shards, seq_len=seq_len)
     return chosen.implementation, chosen.reason
   # TPU: splash inside each block when a sub-block (seq_len / 2N) is whole tiles of 128, else XLA.
   assert pick("auto", "tpu", "ring", 4, 8192) == (

@@ -15,6 +15,7 @@ from compress import structured
 from configs.smoke import get_config
 from launch.run import state as ts
 from launch.run.config import validate
+from lm.attention_plan import unplanned
 from lm.config import ModelConfig
 from lm.model_def import define
 from launch.run.plan import config_for_model, make_plan
@@ -28,7 +29,7 @@ def plan_for(cfg):
 
 
 def _logits(cfg: ModelConfig, params, tokens_BxL):
-  graphdef = define(cfg).graphdef
+  graphdef = define(cfg, unplanned(cfg.attention)).graphdef
   return np.asarray(jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))(params, tokens_BxL))
 
 
@@ -53,7 +54,7 @@ def _prune(prune_cfg_changes, params, batches, cfg=CFG):
 def test_stats_forward_is_the_models_forward(setup):
   params, batches = setup
   stats = structured.make_width_stats(plan_for(CFG), CFG)(params, batches[0]["inputs"])
-  graphdef = ts.model_def(CFG).graphdef
+  graphdef = ts.model_def(CFG, None, unplanned(CFG.attention)).graphdef
   hidden, _ = jax.jit(lambda p, t: nnx.merge(graphdef, p).hidden_states(t))(params, batches[0]["inputs"])
   np.testing.assert_allclose(np.asarray(stats["hidden"]), np.asarray(hidden), rtol=1e-5, atol=1e-5)
 

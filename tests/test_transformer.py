@@ -9,6 +9,7 @@ from flax import nnx
 from launch.run import state as ts
 from lm import layers
 from launch.run.config import model_config
+from lm.attention_plan import unplanned
 from lm.config import ModelConfig
 from lm.transformer import Transformer
 
@@ -19,7 +20,7 @@ CFG = model_config(vocab_size=61, d_model=32, num_layers=2, num_heads=4, num_kv_
 @pytest.fixture(scope="module")
 def model():
   nnx.use_eager_sharding(False)
-  return Transformer(CFG, rngs=nnx.Rngs(0))
+  return Transformer(CFG, rngs=nnx.Rngs(0), attention=unplanned(CFG.attention))
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +66,13 @@ def test_param_logical_names_are_the_documented_table():
       "['final_norm']['scale']": ("embed",),
       "['unembed']['kernel']": ("embed", "vocab"),
   }
+
+
+def test_a_model_built_without_an_attention_plan_is_for_its_shapes_only():
+  mdef = ts.model_def(CFG)  # shapes, names and a graphdef need no plan
+  assert mdef.attention is None and mdef.logical_names
+  with pytest.raises(ValueError, match="built without an attention plan.*launch.run.plan.make_plan"):
+    jax.eval_shape(lambda p: mdef.bind(p)(jnp.zeros((1, 4), jnp.int32)), mdef.abstract_params)
 
 
 def test_param_count_matches_formula():
@@ -145,7 +153,7 @@ def test_rotary_preserves_norm_and_relative_positions():
 
 def test_bf16_compute_keeps_fp32_params_and_logits():
   cfg = ModelConfig(**{**CFG.__dict__, "dtype": "bfloat16"})
-  model = Transformer(cfg, rngs=nnx.Rngs(0))
+  model = Transformer(cfg, rngs=nnx.Rngs(0), attention=unplanned(cfg.attention))
   assert model.blocks.mlp.up.kernel[...].dtype == jnp.float32
   logits = model(jnp.zeros((1, 4), jnp.int32))
   assert logits.dtype == jnp.float32

@@ -20,7 +20,6 @@ import jax.numpy as jnp
 from absl import flags
 
 from configs.demo import get_config
-from launch.run import state as ts
 from launch.measure.tables import write_table
 from launch.measure.timing import time_train_step
 from launch.run import cli
@@ -119,7 +118,8 @@ def saved_activation_bytes(layers, remat, b, s, h, a):
   c.model.update(dict(vocab_size=512, d_model=h, num_layers=layers, num_heads=a, num_kv_heads=a,
                       head_dim=h // a, mlp_dim=4 * h, max_seq_len=s, dtype="bfloat16", remat=remat))
   c.data.seq_len = s
-  mdef = ts.model_def(validate(c).model)
+  c.mesh.update(dict(num_devices=1, data=1))
+  mdef = make_plan(validate(c), jax.devices()[:1]).mdef  # the kernels the run would use
   tokens = jax.ShapeDtypeStruct((b, s), jnp.int32)
 
   def loss(params, t):

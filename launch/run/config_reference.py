@@ -84,7 +84,7 @@ Notes on the keys people ask about:
 - `model.attention`: `auto` (cuDNN flash attention on NVIDIA GPUs for bf16/fp16, Pallas splash on
   TPU, XLA otherwise; the choice and any fallback reason are printed at start and saved in each
   checkpoint's meta), `xla`, `cudnn`, `splash`. An explicit kernel this machine cannot run is an
-  error before compiling; see `lm/attention.py` and docs/speed.md.
+  error before compiling; see `lm/attention_plan.py` and docs/speed.md.
 
 ## Presets
 

@@ -29,7 +29,7 @@ from launch.run import state as ts
 from configs.base import base_config
 from launch.run.config import Config, validate
 from lm.config import ModelConfig
-from lm import attention as attention_lib
+from lm import attention_plan
 from sharding import mesh as mesh_lib
 from sharding import pipeline as pipeline_lib
 from sharding import remat as remat_lib
@@ -84,7 +84,7 @@ class Decisions:
   mesh_shape: MeshShape
   pipeline: pipeline_lib.Pipeline | None
   sequence: SequencePlan
-  attention: attention_lib.AttentionPlan
+  attention: attention_plan.AttentionPlan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,14 +103,14 @@ class RunPlan:
   mesh_shape: MeshShape
   pipeline: pipeline_lib.Pipeline | None
   sequence: SequencePlan
-  attention: attention_lib.AttentionPlan
+  attention: attention_plan.AttentionPlan
   mesh: Mesh
   rules: rules_lib.Rules
   mdef: ts.ModelDef
   tx: optax.GradientTransformation
   schedule: optax.Schedule
   shardings: ts.TrainState
-  teacher: attention_lib.AttentionPlan | None = None  # a distillation teacher's kernels (`with_teacher`)
+  teacher: attention_plan.AttentionPlan | None = None  # a distillation teacher's kernels (`with_teacher`)
 
   @property
   def num_devices(self) -> int:
@@ -126,11 +126,11 @@ class RunPlan:
     model.dtype "auto" settled for this platform."""
     return dataclasses.replace(model, dtype=compute_dtype_for(model.dtype, self.platform))
 
-  def attention_for(self, model: ModelConfig) -> attention_lib.AttentionPlan:
+  def attention_for(self, model: ModelConfig) -> attention_plan.AttentionPlan:
     """The kernels another model (a teacher) runs on this plan's devices, planned by the same rule:
     its shapes and compute dtype (`auto` resolved for this platform), this plan's sequence split,
     in natural order (it only reads what the caller feeds it)."""
-    return attention_lib.plan_attention(
+    return attention_plan.plan_attention(
         model.attention, platform=self.platform, dtype=self.model_for(model).dtype,
         head_dim=model.head_dim, seq_len=self.cfg.data.seq_len,
         compute_capability=getattr(self.mesh.devices.flat[0], "compute_capability", None),
@@ -209,7 +209,7 @@ def decide(cfg: Config, num_devices: int, platform: str, compute_capability: str
   pipeline = _pipeline(cfg, shape)
   sequence = _sequence(cfg, shape)
   m = cfg.model
-  attention = attention_lib.plan_attention(
+  attention = attention_plan.plan_attention(
       m.attention, platform=platform, dtype=dtype, head_dim=m.head_dim, seq_len=cfg.data.seq_len,
       compute_capability=compute_capability, sequence_shards=sequence.shards,
       sequence_strategy=sequence.strategy, sequence_layout=sequence.layout, interpret=interpret)
@@ -292,7 +292,7 @@ def make_plan(cfg: Config, devices: list | None = None, platform: str | None = N
   test): the plan then makes that platform's choices, and Pallas kernels run in their interpreter.
   """
   devices = list(devices or select_devices(cfg))
-  own_platform = attention_lib.platform_of(devices[0])
+  own_platform = attention_plan.platform_of(devices[0])
   platform = platform or own_platform
   capability = getattr(devices[0], "compute_capability", None)
   # Pallas kernels lower for their own platform only; described devices run them interpreted.

@@ -9,7 +9,7 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lm.attention import AttentionPlan
+from lm.attention_plan import AttentionPlan
 from lm.config import ModelConfig
 from lm.model_def import ModelDef, define
 from lm.transformer import Transformer

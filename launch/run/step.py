@@ -41,7 +41,8 @@ def _loss(params, batch: Batch, mdef: ModelDef):
   under the ring's zigzag layout the batch is reordered here, so order and mask cannot disagree."""
   model = mdef.bind(params)
   positions_BxL = None
-  zigzag_shards = mdef.attention.zigzag_shards
+  # No plan (a shapes-only model, which raises when its attention runs): natural order.
+  zigzag_shards = 0 if mdef.attention is None else mdef.attention.zigzag_shards
   if zigzag_shards > 1:
     order_L = zigzag.zigzag_order(batch["inputs"].shape[1], zigzag_shards)
     batch, positions_BxL = reorder_sequence(batch, order_L)
