@@ -162,3 +162,11 @@ def test_model_dtype_auto_is_settled_for_the_target_not_the_host():
   explicit = make_plan(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype="float32")),
                        jax.devices(), platform="tpu")
   assert explicit.cfg.model.dtype == "float32"  # an explicit dtype is never changed
+
+
+def test_eval_of_a_checkpoint_under_another_mesh_equals_one_device(checkpoint):
+  from launch.run.evaluation import eval_checkpoint
+  one = eval_checkpoint(checkpoint, eval_batches=1, overrides={"mesh.num_devices": 1})
+  eight = eval_checkpoint(checkpoint, eval_batches=1, overrides=SERVE_MESH)
+  assert eight["val_loss"] == pytest.approx(one["val_loss"], rel=1e-5)
+  assert one["step"] == eight["step"] == 2
