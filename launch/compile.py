@@ -21,8 +21,8 @@ import json
 
 from absl import flags
 
-from launch.measure.aot import (PROGRAMS, compile_programs, fits_line, program_attention, prompt_length, state_bytes,
-                                train_estimate)
+from launch.measure.aot import PROGRAMS, compile_programs, fits_line, program_attention, prompt_length, state_bytes
+from launch.measure.step_estimate import train_estimate
 from launch.measure.memory import format_bytes
 from launch.run import cli
 from launch.run.plan import make_plan

@@ -21,7 +21,8 @@ if not (sys.platform == "linux" and platform.machine() in ("x86_64", "AMD64")):
   pytest.skip("libtpu (the TPU compiler) is published for Linux x86_64 only", allow_module_level=True)
 
 from configs.smoke import get_config  # noqa: E402
-from launch.measure.aot import attention_kernel_flops, compile_programs, state_bytes  # noqa: E402
+from launch.measure.aot import compile_programs, state_bytes  # noqa: E402
+from launch.measure.step_estimate import attention_kernel_flops  # noqa: E402
 from launch.run.config import validate, with_overrides  # noqa: E402
 from launch.run.plan import make_plan  # noqa: E402
 from launch.run.topology import libtpu_installed, topology_devices  # noqa: E402
@@ -231,7 +232,7 @@ def test_the_smoke_configs_tpu_plan_computes_in_bfloat16_and_its_estimate_stays_
   computes in bfloat16, the MFU's peak is the chip's bf16 rate, and XLA's estimate of the 2-layer step
   (compiled again with the layers unrolled: the loop extrapolation is known to be far off for tiny
   models) gives an MFU in (0, 100%]."""
-  from launch.measure.aot import train_estimate
+  from launch.measure.step_estimate import train_estimate
   from launch.run.throughput import plan_peak
   devices = topology_devices("v5p:2x2x1")
   plan = make_plan(validate(get_config()), devices, platform="tpu")
@@ -243,7 +244,8 @@ def test_the_smoke_configs_tpu_plan_computes_in_bfloat16_and_its_estimate_stays_
   assert estimate["method"] == "compiled again with its 2 layers unrolled"
   assert 0 < estimate["mfu"] <= 1
   # A step time that would claim more than the peak (a cost model gone wrong) is not given, and says why.
-  from launch.measure import aot
-  monkeypatch.setattr(aot, "estimated_step_seconds", lambda report, plan: (estimate["step_s"] / 1e3, "a test"))
-  impossible = aot.train_estimate(train, plan)
+  from launch.measure import step_estimate
+  monkeypatch.setattr(step_estimate, "estimated_step_seconds",
+                      lambda report, plan: (estimate["step_s"] / 1e3, "a test"))
+  impossible = step_estimate.train_estimate(train, plan)
   assert impossible["step_s"] is None and "which no program reaches" in impossible["why"]

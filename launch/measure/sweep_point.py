@@ -19,7 +19,8 @@ import sys
 import tempfile
 import traceback
 
-from launch.measure.aot import compile_programs, state_bytes, train_estimate
+from launch.measure.aot import compile_programs, state_bytes
+from launch.measure.step_estimate import train_estimate
 from launch.measure.memory import compile_train_step, memory_report
 from launch.measure.timing import mesh_label, time_train_step
 from launch.run.config import validate

@@ -20,7 +20,8 @@ import sys
 
 from absl import flags
 
-from launch.measure.aot import attention_kernel_flops, attention_kernel_seconds, compile_programs, over_layers
+from launch.measure.aot import compile_programs
+from launch.measure.step_estimate import attention_kernel_flops, attention_kernel_seconds, over_layers
 from launch.measure.tables import write_table
 from launch.run import cli
 from launch.run.plan import make_plan
@@ -75,7 +76,7 @@ def main(argv):
            f"{cfg.train.global_batch_size} x {cfg.data.seq_len}, mesh {dict(make_plan(cfg, devices, 'tpu').mesh.shape)} "
            f"on {FLAGS.topology}, compiled by the TPU compiler on a 2-core CPU host; nothing ran. `unrolled`: XLA's "
            "`optimal_seconds` and FLOPs of the step with every layer unrolled; `extrapolated`: the pod sweeps' "
-           "method (launch/measure/aot.py `estimated_step_seconds`) from 1 and 2 layers per loop iteration. Both "
+           "method (launch/measure/step_estimate.py `estimated_step_seconds`) from 1 and 2 layers per loop iteration. Both "
            "add the splash kernels at the chip's peak. A ratio above 1: the sweeps' estimate is slower than "
            "XLA's own estimate of the unrolled step.")
   command = "python -m launch.reproduce.tpu_estimate " + " ".join(shlex.quote(a) for a in sys.argv[1:])
